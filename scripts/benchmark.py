@@ -1,0 +1,107 @@
+#!/usr/bin/env python
+"""Measure this repository's models against what a user would pick instead, in the same run.
+
+    python scripts/benchmark.py [--quick] [--only glm,bart,...] [--out benchmarks/results]
+
+Every module in scripts/benchmarks/ defines `run(quick: bool) -> list[dict]`; each row names its
+`family` and `case` and usually carries `ours_ms`, `native_ms` (or `reference_ms`) and `ratio`
+(ours / theirs: below 1.0 means we are faster). Times are medians over alternating runs of ours and
+theirs, so machine noise hits both sides alike. Results go to results.json and results.md, headed
+by the machine (CPU model, cores, torch and transformers versions), since absolute times only mean
+something on a named machine.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import json
+import os
+import pkgutil
+import platform
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+
+def machine() -> dict:
+    import torch
+    import transformers
+
+    cpu = platform.processor() or platform.machine()
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    return {
+        "cpu": cpu,
+        "cores": os.cpu_count(),
+        "torch_threads": torch.get_num_threads(),
+        "torch": torch.__version__,
+        "transformers": transformers.__version__,
+        "python": platform.python_version(),
+        "cuda": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None,
+        "date": time.strftime("%Y-%m-%d"),
+    }
+
+
+def to_markdown(info: dict, rows: list[dict]) -> str:
+    lines = [
+        f"Machine: {info['cpu']}, {info['cores']} cores, torch {info['torch']}, "
+        f"transformers {info['transformers']}, {info['date']}",
+        "",
+    ]
+    by_family: dict[str, list[dict]] = {}
+    for row in rows:
+        by_family.setdefault(row["family"], []).append(row)
+    for family, family_rows in by_family.items():
+        keys = [k for k in family_rows[0] if k != "family"]
+        for row in family_rows[1:]:
+            keys += [k for k in row if k not in keys and k != "family"]
+        lines += [f"### {family}", "", "| " + " | ".join(keys) + " |", "|" + "---|" * len(keys)]
+        for row in family_rows:
+            cells = []
+            for k in keys:
+                v = row.get(k, "")
+                cells.append(f"{v:.3g}" if isinstance(v, float) else str(v))
+            lines.append("| " + " | ".join(cells) + " |")
+        lines.append("")
+    return "\n".join(lines)
+
+
+def main() -> int:
+    import benchmarks
+
+    available = [m.name for m in pkgutil.iter_modules(benchmarks.__path__)]
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--quick", action="store_true", help="small sizes and few repeats (a smoke run)")
+    parser.add_argument("--only", default=",".join(available), help=f"comma-separated subset of {available}")
+    parser.add_argument("--out", type=Path, default=Path("benchmarks/results"), help="output folder")
+    args = parser.parse_args()
+    wanted = [w.strip() for w in args.only.split(",") if w.strip()]
+    unknown = sorted(set(wanted) - set(available))
+    if unknown:
+        parser.error(f"--only: unknown benchmark(s) {unknown}; available: {available}")
+    info, rows = machine(), []
+    for name in wanted:
+        module = importlib.import_module(f"benchmarks.{name}")
+        print(f"== {name}", flush=True)
+        for row in module.run(quick=args.quick):
+            row.setdefault("family", name)
+            print("  ", {k: (round(v, 4) if isinstance(v, float) else v) for k, v in row.items()}, flush=True)
+            rows.append(row)
+    args.out.mkdir(parents=True, exist_ok=True)
+    (args.out / "results.json").write_text(json.dumps({"machine": info, "rows": rows}, indent=2) + "\n")
+    (args.out / "results.md").write_text(to_markdown(info, rows))
+    print(f"wrote {args.out / 'results.json'} and {args.out / 'results.md'}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
