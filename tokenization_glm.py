@@ -1,0 +1,690 @@
+"""GLM tokenizer: one SentencePiece tokenizer class for ChatGLM-6B and for GLM's Chinese models.
+
+`GLMTokenizer` is a slow (`PreTrainedTokenizer`) tokenizer loaded with
+`AutoTokenizer.from_pretrained(path, trust_remote_code=True)`; it works on transformers 4.57 and 5.x.
+One class, several *flavours* (the `flavour` init argument, saved in tokenizer_config.json):
+
+- `"chatglm"` reproduces THUDM's `ChatGLMTokenizer` (THUDM/chatglm-6b, `ice_text.model`, final
+  revision with `num_image_tokens=0`): before SentencePiece, `\\n` becomes `<n>`, `\\t` becomes `<|tab|>`
+  and runs of 2..80 spaces become `<|blank_N|>`; every chunk of text between special tokens gets
+  SentencePiece's dummy prefix; `build_inputs_with_special_tokens` APPENDS `[gMASK] <sop>` (and
+  `B <eop>` for a pair); decoding drops `<pad>` and the control pieces and undoes the whitespace
+  encoding, so `decode(encode(text)) == text` for text the SentencePiece normaliser leaves alone.
+  Special tokens are pieces of the SentencePiece model (ids 130000+ in ice_text).
+- `"glm-chinese"` reproduces GLM's `GLMChineseTokenizer` (glm-large-chinese / glm-10b-chinese,
+  `cog-pretrain.model`): `[CLS] + ids + <|endoftext|>`, truncation from the left, and the special
+  tokens placed after the 50000 pieces exactly as GLM's checkpoints expect: `<|endoftext|>` 50000,
+  `[SEP]` 50001, `[CLS]` 50002, `[MASK]` 50003, `[UNUSED1]` 50004, `[UNUSED2]` 50005 (placeholders that
+  keep the layout), `<|startofpiece|>` 50006, `<|endofpiece|>` 50007, `[sMASK]` 50008, `[gMASK]` 50009;
+  `[UNK]` is the SentencePiece unknown piece (id 0). Decoding puts spaces around these tokens.
+
+Both flavours follow what the references did under transformers 4.33 (the last version they ran
+on): whitespace next to a special token typed in the text is stripped, and `decode` uses
+`clean_up_tokenization_spaces` only when asked (the references' 4.33 default was True; ours is False
+so that decode reverses encode; pass `clean_up_tokenization_spaces=True` for the old output).
+One deliberate difference from THUDM: with `"chatglm"`, the literal text `[gMASK]` / `[sMASK]` is
+the special token (THUDM split it into ordinary pieces because transformers never registered it),
+so prompts and the chat template can contain those blanks; whitespace next to them is kept.
+
+How this differs from the references: the tokenizer returns `input_ids` and `attention_mask` only
+(the model builds the prefix-LM mask and the 2-D positions itself), pads on the LEFT by default
+(`padding_side="right"` per call works too), and `build_inputs_for_generation` returns causal-LM
+style labels (see its docstring).
+
+Adding a flavour: a flavour is a `_Flavour` record below plus, if it is not SentencePiece, a
+vocabulary backend with the `_SentencePieceVocab` interface (`size`, `unk_id`, `encode_pieces`,
+`piece_to_id`, `id_to_piece`, `decode_pieces`, `has_piece`, `save`). A GPT-2 BPE backend for
+`"glm-english"` (gpt2-vocab.json / gpt2-merges.txt plus GLM's special tokens after 50257) fits there.
+
+Building a new tokenizer for the `"chatglm"` flavour (e.g. a small model trained on your corpus):
+train a SentencePiece model whose pieces include
+
+- the user-defined symbols `<n>`, `<|tab|>`, `<|blank_2|>` .. `<|blank_K|>` (K = `max_blank_length`,
+  default 80; the whitespace encoding needs them as whole pieces, so they must be user_defined_symbols),
+- the pieces `[MASK]`, `[gMASK]`, `[sMASK]`, `<sop>`, `<eop>` (control_symbols, as in ice_text, so that
+  decode drops them; user_defined_symbols also work but then decode prints them), a `<pad>` piece
+  (e.g. `pad_id=3`) and the unknown piece `<unk>`,
+- `byte_fallback=True` if the vocabulary has room (unknown characters then round-trip as bytes; it
+  needs vocab_size >= ~400: 256 byte pieces plus the ~90 symbols above); without it they become `<unk>`.
+
+For example::
+
+    import sentencepiece as spm
+    spm.SentencePieceTrainer.train(
+        input="corpus.txt", model_prefix="tokenizer", vocab_size=200, model_type="unigram",
+        character_coverage=1.0, pad_id=3, unk_id=0, bos_id=1, eos_id=2,
+        control_symbols=["[MASK]", "[gMASK]", "[sMASK]", "<sop>", "<eop>"],
+        user_defined_symbols=["<n>", "<|tab|>"] + [f"<|blank_{n}|>" for n in range(2, 81)],
+    )
+    tok = GLMTokenizer("tokenizer.model", flavour="chatglm")
+    GLMTokenizer.register_for_auto_class("AutoTokenizer")
+    tok.save_pretrained("my-model")   # writes tokenizer.model, tokenizer_config.json, tokenization_glm.py
+
+The ids the model config needs are then `tok.sop_token_id` (bos), `tok.eop_token_id` (eos),
+`tok.mask_token_id`, `tok.gmask_token_id`, `tok.smask_token_id` and `tok.pad_token_id`. A missing
+required piece is reported by name when the tokenizer is built.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+from dataclasses import dataclass, field
+from typing import Any
+
+import sentencepiece as spm
+from transformers import PreTrainedTokenizer
+from transformers.tokenization_utils_base import AddedToken, BatchEncoding
+from transformers.utils import logging
+
+logger = logging.get_logger(__name__)
+
+VOCAB_FILES_NAMES = {"vocab_file": "tokenizer.model"}
+
+# ChatGLM-6B's prompt (THUDM's `chat`): a single question is sent as is; with history every turn is
+# "[Round i]\n问：q\n答：r\n" (0-indexed) and the new question "[Round n]\n问：q\n答：". With
+# add_generation_prompt the template also writes "[gMASK]<sop>", which is what encoding the prompt
+# with special tokens appends; so apply_chat_template(..., add_generation_prompt=True, tokenize=True)
+# equals tokenizer(prompt).input_ids.
+CHATGLM_CHAT_TEMPLATE = (
+    "{%- for message in messages -%}"
+    "{%- if (message['role'] == 'user') != (loop.index0 % 2 == 0) -%}"
+    "{{- raise_exception('ChatGLM-6B conversations alternate user and assistant messages, starting with user') -}}"
+    "{%- endif -%}"
+    "{%- if messages | length == 1 -%}{{- message['content'] -}}"
+    "{%- elif loop.index0 % 2 == 0 -%}"
+    "{{- '[Round ' ~ (loop.index0 // 2) ~ ']\\n问：' ~ message['content'] ~ '\\n答：' -}}"
+    "{%- else -%}{{- message['content'] ~ '\\n' -}}"
+    "{%- endif -%}"
+    "{%- endfor -%}"
+    "{%- if add_generation_prompt -%}{{- '[gMASK]<sop>' -}}{%- endif -%}"
+)
+
+
+@dataclass(frozen=True)
+class _Flavour:
+    """Everything that differs between the reference tokenizers."""
+
+    name: str
+    named_tokens: dict[str, str]  # bos/eos/unk/pad/cls/sep/mask -> token text
+    extra_tokens: tuple[str, ...]  # further special tokens (never split)
+    sop_token: str  # opens a generated span (GLM's bos for generation)
+    eop_token: str  # closes a span
+    gmask_token: str
+    smask_token: str
+    # Tokens that live after the SentencePiece pieces, in id order (GLM's added-token layout).
+    appended_tokens: tuple[str, ...] = ()
+    # Special tokens that keep the whitespace next to them (all others strip it, like 4.33 did).
+    keep_whitespace: frozenset[str] = frozenset()
+    encode_whitespace: bool = False  # ChatGLM's \n -> <n>, \t -> <|tab|>, spaces -> <|blank_N|>
+    suffix_special_tokens: bool = False  # ChatGLM: ids + [gMASK, <sop>]; else [CLS] + ids + [eos]
+    drop_pad_on_decode: bool = False
+    truncation_side: str = "right"
+    chat_template: str | None = None
+    required_pieces: tuple[str, ...] = field(default=())
+
+
+FLAVOURS: dict[str, _Flavour] = {
+    "chatglm": _Flavour(
+        name="chatglm",
+        named_tokens={
+            "bos_token": "<sop>",
+            "eos_token": "<eop>",
+            "unk_token": "<unk>",
+            "pad_token": "<pad>",
+            "mask_token": "[MASK]",
+        },
+        extra_tokens=("[gMASK]", "[sMASK]"),
+        sop_token="<sop>",
+        eop_token="<eop>",
+        gmask_token="[gMASK]",
+        smask_token="[sMASK]",
+        keep_whitespace=frozenset({"[gMASK]", "[sMASK]"}),
+        encode_whitespace=True,
+        suffix_special_tokens=True,
+        drop_pad_on_decode=True,
+        chat_template=CHATGLM_CHAT_TEMPLATE,
+        required_pieces=("[MASK]", "[gMASK]", "[sMASK]", "<sop>", "<eop>", "<pad>", "<n>", "<|tab|>"),
+    ),
+    "glm-chinese": _Flavour(
+        name="glm-chinese",
+        named_tokens={
+            "eos_token": "<|endoftext|>",
+            "unk_token": "[UNK]",
+            "sep_token": "[SEP]",
+            "pad_token": "<|endoftext|>",
+            "cls_token": "[CLS]",
+            "mask_token": "[MASK]",
+        },
+        extra_tokens=("[UNUSED1]", "[UNUSED2]", "<|startofpiece|>", "<|endofpiece|>", "[sMASK]", "[gMASK]"),
+        sop_token="<|startofpiece|>",
+        eop_token="<|endofpiece|>",
+        gmask_token="[gMASK]",
+        smask_token="[sMASK]",
+        appended_tokens=(
+            "<|endoftext|>",
+            "[SEP]",
+            "[CLS]",
+            "[MASK]",
+            "[UNUSED1]",
+            "[UNUSED2]",
+            "<|startofpiece|>",
+            "<|endofpiece|>",
+            "[sMASK]",
+            "[gMASK]",
+        ),
+        truncation_side="left",
+    ),
+}
+
+
+class _SentencePieceVocab:
+    """A SentencePiece model as a vocabulary backend: pieces <-> ids, text <-> pieces."""
+
+    def __init__(self, vocab_file: str):
+        if not isinstance(vocab_file, (str, os.PathLike)) or not os.path.isfile(vocab_file):
+            raise ValueError(
+                f"vocab_file={vocab_file!r} is not a file: expected the path of a SentencePiece model "
+                f"(saved as {VOCAB_FILES_NAMES['vocab_file']})"
+            )
+        self.vocab_file = os.fspath(vocab_file)
+        self.sp = spm.SentencePieceProcessor()
+        try:
+            self.sp.Load(self.vocab_file)
+        except (RuntimeError, OSError) as err:
+            raise ValueError(f"vocab_file={self.vocab_file!r} is not a SentencePiece model ({err})") from err
+        self.size = self.sp.get_piece_size()
+        self.unk_id = self.sp.unk_id()
+
+    def has_piece(self, piece: str) -> bool:
+        return self.sp.piece_to_id(piece) != self.unk_id or piece == self.sp.id_to_piece(self.unk_id)
+
+    def encode_pieces(self, text: str) -> list[str]:
+        return self.sp.encode(text, out_type=str)
+
+    def piece_to_id(self, piece: str) -> int:
+        return self.sp.piece_to_id(piece)
+
+    def id_to_piece(self, index: int) -> str:
+        return self.sp.id_to_piece(index)
+
+    def decode_pieces(self, pieces: list[str]) -> str:
+        return self.sp.decode_pieces(pieces)
+
+    def save(self, path: str) -> None:
+        if os.path.isfile(self.vocab_file):
+            if os.path.abspath(self.vocab_file) != os.path.abspath(path):
+                shutil.copyfile(self.vocab_file, path)
+        else:  # the source file went away (e.g. a temporary download): write the loaded model
+            with open(path, "wb") as f:
+                f.write(self.sp.serialized_model_proto())
+
+    # Pickling: SentencePieceProcessor is not picklable; keep the serialized model instead.
+    def __getstate__(self) -> dict[str, Any]:
+        state = self.__dict__.copy()
+        state["sp"] = self.sp.serialized_model_proto()
+        return state
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        self.__dict__.update(state)
+        self.sp = spm.SentencePieceProcessor()
+        self.sp.LoadFromSerializedProto(state["sp"])
+
+
+class GLMTokenizer(PreTrainedTokenizer):
+    """SentencePiece tokenizer for GLM models (ChatGLM-6B and GLM's Chinese models); see the module docstring.
+
+    Args:
+        vocab_file: the SentencePiece model (`tokenizer.model`; ChatGLM-6B's `ice_text.model`,
+            GLM's `cog-pretrain.model`).
+        flavour: `"chatglm"` or `"glm-chinese"`.
+        num_image_tokens: ChatGLM only; ids below it are image tokens and text ids are shifted by it
+            (THUDM's tokenizer_config.json sets 0; the pre-April-2023 checkpoints used 20000).
+        max_blank_length: ChatGLM only; the longest space run encoded as one `<|blank_N|>` piece.
+        remove_space, do_lower_case: THUDM's optional text preprocessing (both off in ChatGLM-6B).
+    """
+
+    vocab_files_names = VOCAB_FILES_NAMES
+    model_input_names = ["input_ids", "attention_mask"]
+    padding_side = "left"
+
+    def __init__(
+        self,
+        vocab_file: str | None = None,
+        flavour: str = "chatglm",
+        num_image_tokens: int = 0,
+        max_blank_length: int = 80,
+        remove_space: bool = False,
+        do_lower_case: bool = False,
+        **kwargs,
+    ):
+        if flavour not in FLAVOURS:
+            raise ValueError(f"flavour={flavour!r} is not supported; expected one of {sorted(FLAVOURS)}")
+        spec = FLAVOURS[flavour]
+        if not isinstance(num_image_tokens, int) or num_image_tokens < 0:
+            raise ValueError(f"num_image_tokens={num_image_tokens!r}: expected an int >= 0")
+        if not isinstance(max_blank_length, int) or max_blank_length < 2:
+            raise ValueError(f"max_blank_length={max_blank_length!r}: expected an int >= 2")
+        if flavour != "chatglm" and num_image_tokens:
+            raise ValueError(f"num_image_tokens={num_image_tokens} is only meaningful for flavour='chatglm'")
+        self.flavour = flavour
+        self._spec = spec
+        self.num_image_tokens = num_image_tokens
+        self.max_blank_length = max_blank_length
+        self.remove_space = remove_space
+        self._lowercase = do_lower_case
+        # The vocabulary must exist before PreTrainedTokenizer.__init__, which calls get_vocab().
+        self.vocab_file = vocab_file
+        self._vocab = _SentencePieceVocab(vocab_file)
+        self._check_pieces()
+        self._text_offset = num_image_tokens  # id of SentencePiece piece 0
+        sp_end = num_image_tokens + self._vocab.size
+        self._appended = {tok: sp_end + i for i, tok in enumerate(spec.appended_tokens)}
+        self._appended_by_id = {i: tok for tok, i in self._appended.items()}
+        self._base_vocab: dict[str, int] | None = None
+        self._blank_re = re.compile(r"<\|blank_(\d+)\|>")
+        self._space_run_re = re.compile(rf" {{2,{max_blank_length}}}")
+
+        # THUDM's tokenizer_config.json carries custom *_token kwargs; 5.x would turn them into special
+        # tokens (changing how the text "[gMASK]" splits), and we derive them from the flavour anyway.
+        for key in ("gmask_token", "smask_token", "end_token", "sop_token", "eop_token"):
+            kwargs.pop(key, None)
+        for key, value in spec.named_tokens.items():
+            kwargs.setdefault(key, value)
+        # Extra special tokens: the flavour's first (their order fixes ids in 4.x), then any saved ones.
+        saved_extra = kwargs.pop("extra_special_tokens", None) or []
+        if isinstance(saved_extra, dict):  # 5.x's named form {name: token}; 4.57 writes {}
+            saved_extra = list(saved_extra.values())
+        saved = list(kwargs.pop("additional_special_tokens", None) or []) + list(saved_extra)
+        extras: list[str | AddedToken] = []
+        for token in [*spec.extra_tokens, *saved]:
+            if str(token) not in [str(t) for t in extras]:
+                extras.append(token)
+        kwargs.setdefault("truncation_side", spec.truncation_side)
+        kwargs.setdefault("clean_up_tokenization_spaces", False)
+        if spec.chat_template is not None:
+            kwargs.setdefault("chat_template", spec.chat_template)
+        super().__init__(
+            flavour=flavour,
+            num_image_tokens=num_image_tokens,
+            max_blank_length=max_blank_length,
+            remove_space=remove_space,
+            do_lower_case=do_lower_case,
+            additional_special_tokens=extras,
+            **kwargs,
+        )
+
+    # ------------------------------------------------------------------ vocabulary
+    def _check_pieces(self) -> None:
+        spec = self._spec
+        required = list(spec.required_pieces)
+        if spec.encode_whitespace:
+            required += [f"<|blank_{n}|>" for n in range(2, self.max_blank_length + 1)]
+        missing = [p for p in required if not self._vocab.has_piece(p)]
+        if missing:
+            shown = ", ".join(missing[:12]) + (" ..." if len(missing) > 12 else "")
+            raise ValueError(
+                f"vocab_file={self._vocab.vocab_file!r} lacks pieces the {spec.name!r} flavour needs: {shown} "
+                "(see the module docstring of tokenization_glm.py for how to build a compatible SentencePiece model)"
+            )
+
+    @property
+    def vocab_size(self) -> int:
+        return self._text_offset + self._vocab.size + len(self._appended)
+
+    def _build_base_vocab(self) -> dict[str, int]:
+        vocab = {f"<image_{i}>": i for i in range(self.num_image_tokens)}
+        sp = self._vocab
+        vocab.update({sp.id_to_piece(i): i + self._text_offset for i in range(sp.size)})
+        vocab.update(self._appended)
+        unk = self._spec.named_tokens.get("unk_token")
+        if unk is not None and not sp.has_piece(unk) and unk not in self._appended:
+            # GLM's "[UNK]" is an alias of the SentencePiece unknown piece: one key per id keeps
+            # len(get_vocab()) == vocab_size (transformers numbers new tokens from it).
+            del vocab[sp.id_to_piece(sp.unk_id)]
+            vocab[unk] = sp.unk_id + self._text_offset
+        return vocab
+
+    def get_vocab(self) -> dict[str, int]:
+        if self._base_vocab is None:
+            self._base_vocab = self._build_base_vocab()
+        vocab = dict(self._base_vocab)
+        vocab.update(getattr(self, "_added_tokens_encoder", {}))
+        return vocab
+
+    def _convert_token_to_id(self, token: str) -> int:
+        if token in self._appended:
+            return self._appended[token]
+        if token.startswith("<image_") and token.endswith(">") and token[7:-1].isdigit():
+            index = int(token[7:-1])
+            if index < self.num_image_tokens:
+                return index
+        return self._vocab.piece_to_id(token) + self._text_offset
+
+    def _convert_id_to_token(self, index: int) -> str:
+        index = int(index)
+        if 0 <= index < self._text_offset:
+            return f"<image_{index}>"
+        if self._text_offset <= index < self._text_offset + self._vocab.size:
+            return self._vocab.id_to_piece(index - self._text_offset)
+        if index in self._appended_by_id:
+            return self._appended_by_id[index]
+        raise ValueError(f"token id {index} is outside the vocabulary (ids 0..{self.vocab_size - 1})")
+
+    # ------------------------------------------------------------------ text <-> pieces
+    def _preprocess(self, text: str) -> str:
+        if self.remove_space:
+            text = " ".join(text.strip().split())
+        if self._lowercase:
+            text = text.lower()
+        if self._spec.encode_whitespace:
+            text = text.replace("\n", "<n>").replace("\t", "<|tab|>")
+            # Longest runs first, as THUDM does: a run of 81 spaces is <|blank_80|> + " ".
+            text = self._space_run_re.sub(lambda m: f"<|blank_{len(m.group(0))}|>", text)
+        return text
+
+    def _postprocess(self, text: str) -> str:
+        if self._spec.encode_whitespace:
+            text = text.replace("<n>", "\n").replace("<|tab|>", "\t")
+            top = self.max_blank_length
+            text = self._blank_re.sub(
+                lambda m: " " * int(m.group(1)) if 2 <= int(m.group(1)) <= top else m.group(0), text
+            )
+        return text
+
+    def _tokenize(self, text: str, **kwargs) -> list[str]:
+        return self._vocab.encode_pieces(self._preprocess(text))
+
+    def tokenize(self, text: str, **kwargs) -> list[str]:
+        """Split on added/special tokens, then SentencePiece each chunk (each chunk gets the dummy prefix).
+
+        Whitespace next to a special token is stripped, as the references did under transformers 4.33
+        (their special tokens were plain strings); other added tokens follow their lstrip/rstrip flags.
+        """
+        if not isinstance(text, str):
+            raise TypeError(f"text must be a str, got {type(text).__name__}")
+        split_special_tokens = kwargs.pop("split_special_tokens", getattr(self, "split_special_tokens", False))
+        text, kwargs = self.prepare_for_tokenization(text, **kwargs)
+        if split_special_tokens or not self._added_tokens_encoder:
+            return self._tokenize(text) if text else []
+        added = self._added_tokens_encoder
+        splitter, specials = self._splitter()
+        chunks = splitter.split(text)
+        for i, chunk in enumerate(chunks):
+            if chunk not in added:
+                continue
+            token = self._added_tokens_decoder.get(added[chunk])
+            strip_left = chunk in specials or (isinstance(token, AddedToken) and token.lstrip)
+            strip_right = chunk in specials or (isinstance(token, AddedToken) and token.rstrip)
+            if strip_left and i > 0 and chunks[i - 1] not in added:
+                chunks[i - 1] = chunks[i - 1].rstrip()
+            if strip_right and i + 1 < len(chunks) and chunks[i + 1] not in added:
+                chunks[i + 1] = chunks[i + 1].lstrip()
+        tokens: list[str] = []
+        for chunk in chunks:
+            if not chunk:
+                continue
+            if chunk in added:
+                tokens.append(chunk)
+            else:
+                tokens.extend(self._tokenize(chunk))
+        return tokens
+
+    def _splitter(self) -> tuple[re.Pattern, set[str]]:
+        """A regex that splits text on the added tokens (longest first, like transformers' Trie, but
+        in C), and the special tokens that strip whitespace; cached until the added tokens change."""
+        key = (frozenset(self._added_tokens_encoder), tuple(self.all_special_tokens))
+        if getattr(self, "_splitter_cache", (None,))[0] != key:
+            tokens = sorted(self._added_tokens_encoder, key=len, reverse=True)
+            pattern = re.compile("(" + "|".join(map(re.escape, tokens)) + ")")
+            self._splitter_cache = (key, pattern, set(self.all_special_tokens) - self._spec.keep_whitespace)
+        return self._splitter_cache[1], self._splitter_cache[2]
+
+    def convert_tokens_to_ids(self, tokens: str | list[str]) -> int | list[int]:
+        """Same result as transformers' loop over tokens, with the SentencePiece lookups done in one C++ call."""
+        if tokens is None or isinstance(tokens, str) or self.num_image_tokens:
+            return super().convert_tokens_to_ids(tokens)
+        tokens = list(tokens)
+        added, appended, offset = self._added_tokens_encoder, self._appended, self._text_offset
+        piece_ids = self._vocab.sp.piece_to_id(tokens) if tokens else []
+        return [
+            added[t] if t in added else appended[t] if t in appended else i + offset for t, i in zip(tokens, piece_ids)
+        ]
+
+    def _is_piece_id(self, index: int) -> bool:
+        return self._text_offset <= index < self._text_offset + self._vocab.size
+
+    def convert_tokens_to_string(self, tokens: list[str]) -> str:
+        """Pieces back to text; tokens that are not SentencePiece pieces are joined with spaces around them."""
+        parts: list[str] = []
+        run: list[str] = []
+        for token in tokens:
+            if token in self._appended or token.startswith("<image_") or not self._vocab.has_piece(token):
+                if run:
+                    parts.append(self._postprocess(self._vocab.decode_pieces(run)))
+                    run = []
+                parts.append(token)
+            else:
+                run.append(token)
+        if run:
+            parts.append(self._postprocess(self._vocab.decode_pieces(run)))
+        return " ".join(parts)
+
+    def _decode(
+        self,
+        token_ids: int | list[int],
+        skip_special_tokens: bool = False,
+        clean_up_tokenization_spaces: bool | None = None,
+        spaces_between_special_tokens: bool = True,
+        **kwargs,
+    ) -> str:
+        """Decode ids: runs of SentencePiece ids are decoded together; other tokens (GLM's added special
+        tokens, user-added tokens) stand alone, joined with spaces when `spaces_between_special_tokens`.
+        The chatglm flavour drops `<pad>` and image ids (control pieces decode to nothing)."""
+        if isinstance(token_ids, int):
+            token_ids = [token_ids]
+        skip = set(self.all_special_ids) if skip_special_tokens else set()
+        pad_id = self.pad_token_id if self._spec.drop_pad_on_decode else None
+        parts: list[str] = []
+        run: list[str] = []
+        for index in token_ids:
+            index = int(index)
+            if index in skip or index == pad_id or 0 <= index < self._text_offset:
+                continue
+            if self._is_piece_id(index):
+                # SentencePiece ids decode together (GLM's "[UNK]" alias decodes as the <unk> piece, as
+                # the reference did); ChatGLM's control pieces ([MASK], <sop>, ...) decode to nothing.
+                run.append(self._vocab.id_to_piece(index - self._text_offset))
+                continue
+            if run:
+                parts.append(self._postprocess(self._vocab.decode_pieces(run)))
+                run = []
+            parts.append(self._convert_id_to_token_with_added(index))
+        if run:
+            parts.append(self._postprocess(self._vocab.decode_pieces(run)))
+        text = (" " if spaces_between_special_tokens else "").join(parts)
+        if clean_up_tokenization_spaces is None:
+            clean_up_tokenization_spaces = self.clean_up_tokenization_spaces
+        if clean_up_tokenization_spaces:
+            text = self.clean_up_tokenization(text)
+        return text
+
+    def _convert_id_to_token_with_added(self, index: int) -> str:
+        token = self._added_tokens_decoder.get(index)
+        return str(token) if token is not None else self._convert_id_to_token(index)
+
+    # ------------------------------------------------------------------ special tokens
+    @property
+    def sop_token(self) -> str:
+        return self._spec.sop_token
+
+    @property
+    def eop_token(self) -> str:
+        return self._spec.eop_token
+
+    @property
+    def gmask_token(self) -> str:
+        return self._spec.gmask_token
+
+    @property
+    def smask_token(self) -> str:
+        return self._spec.smask_token
+
+    @property
+    def sop_token_id(self) -> int:
+        return self.convert_tokens_to_ids(self._spec.sop_token)
+
+    @property
+    def eop_token_id(self) -> int:
+        return self.convert_tokens_to_ids(self._spec.eop_token)
+
+    @property
+    def gmask_token_id(self) -> int:
+        return self.convert_tokens_to_ids(self._spec.gmask_token)
+
+    @property
+    def smask_token_id(self) -> int:
+        return self.convert_tokens_to_ids(self._spec.smask_token)
+
+    @property
+    def mask_token_ids(self) -> list[int]:
+        """Ids of the blank tokens [MASK], [sMASK], [gMASK]."""
+        return [self.mask_token_id, self.smask_token_id, self.gmask_token_id]
+
+    def build_inputs_with_special_tokens(
+        self, token_ids_0: list[int], token_ids_1: list[int] | None = None
+    ) -> list[int]:
+        """chatglm: `A [gMASK] <sop>` (pair: `A [gMASK] <sop> B <eop>`); glm-chinese: `[CLS] A <|endoftext|>`."""
+        if self._spec.suffix_special_tokens:
+            ids = token_ids_0 + [self.gmask_token_id, self.sop_token_id]
+            if token_ids_1 is not None:
+                ids = ids + token_ids_1 + [self.eop_token_id]
+            return ids
+        if token_ids_1 is not None:
+            raise ValueError(f"text_pair is not supported by the {self.flavour!r} flavour (GLM encodes one text)")
+        return [self.cls_token_id] + token_ids_0 + [self.eos_token_id]
+
+    def get_special_tokens_mask(
+        self, token_ids_0: list[int], token_ids_1: list[int] | None = None, already_has_special_tokens: bool = False
+    ) -> list[int]:
+        if already_has_special_tokens:
+            special = set(self.all_special_ids) | {self.sop_token_id, self.eop_token_id, self.gmask_token_id}
+            return [1 if i in special else 0 for i in token_ids_0]
+        if self._spec.suffix_special_tokens:
+            mask = [0] * len(token_ids_0) + [1, 1]
+            return mask + ([0] * len(token_ids_1) + [1] if token_ids_1 is not None else [])
+        if token_ids_1 is not None:
+            raise ValueError(f"text_pair is not supported by the {self.flavour!r} flavour (GLM encodes one text)")
+        return [1] + [0] * len(token_ids_0) + [1]
+
+    def create_token_type_ids_from_sequences(
+        self, token_ids_0: list[int], token_ids_1: list[int] | None = None
+    ) -> list[int]:
+        return [0] * len(self.build_inputs_with_special_tokens(token_ids_0, token_ids_1))
+
+    # ------------------------------------------------------------------ blank infilling
+    def build_inputs_for_generation(
+        self,
+        model_input: dict[str, Any],
+        max_gen_length: int = 512,
+        targets: str | list[str] | None = None,
+        padding: bool = False,
+    ) -> BatchEncoding:
+        """Inputs for generating (or learning) the span of the first blank of each row.
+
+        `model_input` is what the tokenizer returned (`input_ids`, optional `attention_mask`; tensors or
+        lists, any padding side). Each row must hold a blank ([MASK], [sMASK] or [gMASK]). The start-of-piece
+        token is appended (unless the row already ends with it, as chatglm encodings do) and the rows are
+        LEFT-padded again. Returns `input_ids` and `attention_mask`; pass them to `generate()` (the model
+        derives the prefix mask and the 2-D positions from the start-of-piece token).
+
+        With `targets` (one string per row), each target plus the end-of-piece token is appended after
+        the start-of-piece token (cut to `max_gen_length` tokens) and `labels` are returned: -100 on the
+        padding, the context and the start-of-piece token, the target ids and end-of-piece elsewhere.
+        Labels follow the causal-LM convention (the model compares logits[:, :-1] with labels[:, 1:]):
+        labels[i] == input_ids[i], so the first span token's label sits at the <sop> position + 1.
+        (GLM-10B's reference labels are already shifted and its loss shifts again: off by one.)
+        With `padding=True` all rows are padded to context + 1 + `max_gen_length` tokens.
+        """
+        import torch
+
+        if not isinstance(max_gen_length, int) or max_gen_length < 1:
+            raise ValueError(f"max_gen_length={max_gen_length!r}: expected an int >= 1")
+        if "input_ids" not in model_input:
+            raise ValueError("model_input has no 'input_ids': pass what the tokenizer returned")
+        input_ids = model_input["input_ids"]
+        as_tensor = torch.is_tensor(input_ids)
+        rows = input_ids.tolist() if as_tensor else list(input_ids)
+        if rows and not isinstance(rows[0], (list, tuple)):
+            rows = [rows]  # one unbatched row
+        rows = [list(r) for r in rows]
+        mask = model_input.get("attention_mask")
+        if mask is None:
+            masks = [[1] * len(r) for r in rows]
+        else:
+            masks = mask.tolist() if torch.is_tensor(mask) else list(mask)
+            if masks and not isinstance(masks[0], (list, tuple)):
+                masks = [masks]
+        blanks = set(self.mask_token_ids)
+        sop, eop, pad = self.sop_token_id, self.eop_token_id, self.pad_token_id
+        contexts = []
+        for i, (row, row_mask) in enumerate(zip(rows, masks)):
+            real = [t for t, m in zip(row, row_mask) if m]
+            if not any(t in blanks for t in real):
+                raise ValueError(
+                    f"model_input['input_ids'] row {i} has no blank token: expected one of "
+                    f"{self.mask_token}, {self.smask_token}, {self.gmask_token} (ids {sorted(blanks)})"
+                )
+            contexts.append(real if real[-1] == sop else real + [sop])
+
+        spans: list[list[int]] = [[] for _ in contexts]
+        if targets is not None:
+            if isinstance(targets, str):
+                targets = [targets]
+            if len(targets) != len(contexts):
+                raise ValueError(f"targets has {len(targets)} entries for {len(contexts)} rows of model_input")
+            spans = [(self.encode(t, add_special_tokens=False) + [eop])[:max_gen_length] for t in targets]
+        seqs = [c + s for c, s in zip(contexts, spans)]
+        total = max(map(len, seqs))
+        if padding and targets is not None:
+            total = max(map(len, contexts)) + max_gen_length
+        batch: dict[str, list[list[int]]] = {
+            "input_ids": [[pad] * (total - len(s)) + s for s in seqs],
+            "attention_mask": [[0] * (total - len(s)) + [1] * len(s) for s in seqs],
+        }
+        if targets is not None:
+            batch["labels"] = [[-100] * (total - len(s)) + s for s in spans]
+        if not as_tensor:
+            return BatchEncoding(batch)
+        return BatchEncoding({k: torch.tensor(v, dtype=torch.long, device=input_ids.device) for k, v in batch.items()})
+
+    # ------------------------------------------------------------------ saving
+    def save_vocabulary(self, save_directory: str, filename_prefix: str | None = None) -> tuple[str]:
+        if not os.path.isdir(save_directory):
+            raise ValueError(f"save_directory={save_directory!r} is not a directory")
+        path = os.path.join(
+            save_directory, (filename_prefix + "-" if filename_prefix else "") + VOCAB_FILES_NAMES["vocab_file"]
+        )
+        self._vocab.save(path)
+        return (path,)
+
+    def save_pretrained(self, save_directory: str | os.PathLike, *args, **kwargs) -> tuple[str, ...]:
+        """Save, then rewrite what transformers 5.x writes in a form 4.x reads too.
+
+        5.x writes the extra special tokens as a list under `extra_special_tokens`, which 4.x cannot
+        load; under `additional_special_tokens` both versions read them.
+        """
+        files = super().save_pretrained(save_directory, *args, **kwargs)
+        config_file = os.path.join(os.fspath(save_directory), "tokenizer_config.json")
+        if os.path.isfile(config_file):
+            with open(config_file, encoding="utf-8") as f:
+                config = json.load(f)
+            extras = config.get("extra_special_tokens")
+            if isinstance(extras, list):
+                config.pop("extra_special_tokens")
+                config["additional_special_tokens"] = extras
+                with open(config_file, "w", encoding="utf-8") as f:
+                    f.write(json.dumps(config, indent=2, sort_keys=True, ensure_ascii=False) + "\n")
+        return files
