@@ -14,7 +14,7 @@ import pytest
 from helpers import REPO_ROOT
 
 ROOT_MODULES = sorted(REPO_ROOT.glob("*.py"))
-FORBIDDEN_IMPORTS = {"subprocess", "socket", "requests", "urllib", "http", "httpx", "pickle", "ftplib", "shutil"}
+FORBIDDEN_IMPORTS = {"subprocess", "socket", "requests", "urllib", "http", "httpx", "pickle", "ftplib"}
 FORBIDDEN_CALLS = {"eval", "exec", "compile", "__import__", "print", "breakpoint", "input"}
 
 
