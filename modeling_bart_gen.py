@@ -1,0 +1,769 @@
+"""BART-gen: BART for conditional generation, as remote code that works on transformers 4.57 and 5.x.
+
+BART (Lewis et al., 2019, "BART: Denoising Sequence-to-Sequence Pre-training for Natural Language
+Generation, Translation, and Comprehension") is a post-LN Transformer encoder-decoder with learned absolute
+positions (offset by 2, a fairseq legacy), a token embedding `shared` by the encoder, the decoder and the LM
+head, and a `final_logits_bias` added to the logits.
+
+This file follows `transformers.models.bart.modeling_bart.BartForConditionalGeneration` numerically and
+key for key (a BART state dict loads with no tensor renamed), including its quirks: positions come from
+`arange`, never from the attention mask, so left-padded inputs give exactly what transformers gives. It
+differs in how it is written, so that it survives transformers upgrades (the seed's bug, and Florence-2's
+BART copy that broke in 5.x):
+- the LM head is tied to `model.shared` through the dict form of `_tied_weights_keys` (5.x ties only
+  through it), and the config declares `tie_word_embeddings=True` itself;
+- the caches are transformers `Cache` objects only: an `EncoderDecoderCache` whose cross-attention K/V are
+  computed once per generation (`is_updated`), no tuples and no `_reorder_cache` (beam search reorders
+  the Cache itself);
+- masks are built here, once per forward, from public tensors (no `masking_utils`, whose signature changed
+  between 4.57 and 5.x); attention dispatches through `ALL_ATTENTION_FUNCTIONS` ("eager" or "sdpa");
+- bad input (ids past the vocabulary, sequences past `max_position_embeddings`, labels without
+  `decoder_start_token_id`/`pad_token_id`) raises a ValueError naming the problem.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+
+import torch
+from torch import nn
+from torch.nn import functional as F
+from transformers import GenerationMixin, PreTrainedModel
+from transformers.activations import ACT2FN
+from transformers.cache_utils import Cache, DynamicCache, EncoderDecoderCache
+from transformers.modeling_layers import GradientCheckpointingLayer
+from transformers.modeling_outputs import (
+    BaseModelOutput,
+    BaseModelOutputWithPastAndCrossAttentions,
+    Seq2SeqLMOutput,
+    Seq2SeqModelOutput,
+)
+from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
+from transformers.utils import can_return_tuple, logging
+
+from .configuration_bart_gen import BartGenConfig
+
+logger = logging.get_logger(__name__)
+
+
+def shift_tokens_right(input_ids: torch.Tensor, pad_token_id: int | None, decoder_start_token_id: int | None):
+    """Decoder inputs from labels: prepend `decoder_start_token_id`, drop the last token, -100 -> pad."""
+    if decoder_start_token_id is None:
+        raise ValueError(
+            "config.decoder_start_token_id is None: it is needed to build decoder_input_ids from labels "
+            "(set it in config.json, BART uses the eos id 2) or pass decoder_input_ids yourself"
+        )
+    if pad_token_id is None:
+        raise ValueError(
+            "config.pad_token_id is None: it is needed to replace -100 in labels when building decoder_input_ids "
+            "(set it in config.json, BART uses 1) or pass decoder_input_ids yourself"
+        )
+    shifted = input_ids.new_zeros(input_ids.shape)
+    shifted[:, 1:] = input_ids[:, :-1]
+    shifted[:, 0] = decoder_start_token_id
+    return shifted.masked_fill_(shifted == -100, pad_token_id)
+
+
+def _check_ids(ids: torch.Tensor, vocab_size: int, name: str, allow_ignore_index: bool = False) -> None:
+    """Raise a ValueError (instead of an IndexError or a device assert) for ids outside the vocabulary."""
+    if torch.compiler.is_compiling() or ids.numel() == 0:
+        return
+    bad = (ids < 0) | (ids >= vocab_size)
+    if allow_ignore_index:
+        bad &= ids != -100
+    if bool(bad.any()):
+        value = int(ids[bad][0])
+        raise ValueError(f"{name} holds the id {value}, outside the vocabulary [0, {vocab_size}) of this model")
+
+
+def _check_length(length: int, max_positions: int, name: str) -> None:
+    if length > max_positions:
+        raise ValueError(
+            f"{name} needs {length} positions but config.max_position_embeddings is {max_positions}: "
+            f"truncate the input to at most {max_positions} tokens"
+        )
+
+
+def _padding_or_none(attention_mask: torch.Tensor | None) -> torch.Tensor | None:
+    """A 2-D 0/1 mask as bool, or None when it masks nothing (then no mask tensor is needed at all)."""
+    if attention_mask is None:
+        return None
+    if attention_mask.dim() != 2:
+        raise ValueError(f"attention masks must be 2-D [batch, length] 0/1 tensors, got shape {attention_mask.shape}")
+    attention_mask = attention_mask.bool()
+    return None if bool(attention_mask.all()) else attention_mask
+
+
+def _to_backend_mask(allowed: torch.Tensor, dtype: torch.dtype, attn_implementation: str | None) -> torch.Tensor:
+    """bool "may attend" mask -> what the attention function wants: bool for sdpa, additive float otherwise."""
+    if attn_implementation == "sdpa":
+        return allowed
+    return torch.zeros(allowed.shape, dtype=dtype, device=allowed.device).masked_fill_(~allowed, torch.finfo(dtype).min)
+
+
+class BartGenLearnedPositionalEmbedding(nn.Embedding):
+    """Learned absolute positions; row `p + 2` holds position p (BART's fairseq offset)."""
+
+    def __init__(self, num_embeddings: int, embedding_dim: int):
+        self.offset = 2
+        super().__init__(num_embeddings + self.offset, embedding_dim)
+
+    def forward(self, seq_length: int, past_length: int = 0) -> torch.Tensor:
+        # positions are arange(past, past + seq) for every row of the batch (never derived from a mask)
+        start = past_length + self.offset
+        return self.weight[start : start + seq_length]  # (T, C)
+
+
+class BartGenScaledWordEmbedding(nn.Embedding):
+    """Token embedding multiplied by `embed_scale` (sqrt(d_model) when config.scale_embedding, else 1)."""
+
+    def __init__(self, num_embeddings: int, embedding_dim: int, padding_idx: int | None, embed_scale: float = 1.0):
+        super().__init__(num_embeddings, embedding_dim, padding_idx)
+        self.embed_scale = embed_scale
+
+    def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
+        return super().forward(input_ids) * self.embed_scale
+
+
+def eager_attention_forward(
+    module: nn.Module,
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    attention_mask: torch.Tensor | None,
+    scaling: float,
+    dropout: float = 0.0,
+    **kwargs,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Plain softmax attention; `attention_mask` is additive (0 or the dtype's min). Returns out: (B, T, nh, hs)."""
+    attn_weights = torch.matmul(query, key.transpose(2, 3)) * scaling  # (B, nh, T, S)
+    if attention_mask is not None:
+        attn_weights = attn_weights + attention_mask
+    attn_weights = F.softmax(attn_weights, dim=-1)
+    attn_weights = F.dropout(attn_weights, p=dropout, training=module.training)
+    attn_output = torch.matmul(attn_weights, value).transpose(1, 2).contiguous()  # (B, T, nh, hs)
+    return attn_output, attn_weights
+
+
+# Adapted from transformers.models.bart.modeling_bart.BartAttention
+class BartGenAttention(nn.Module):
+    """Multi-head attention: encoder self-attention, decoder (causal) self-attention, or cross-attention.
+
+    It is cross-attention when `key_value_states` (the encoder output) is given; its K/V then go into the
+    cross half of an `EncoderDecoderCache` on the first decoding step and are reused on every later one.
+    """
+
+    def __init__(self, config: BartGenConfig, num_heads: int, is_causal: bool = False, layer_idx: int | None = None):
+        super().__init__()
+        self.config = config
+        self.embed_dim = config.d_model
+        self.num_heads = num_heads
+        self.head_dim = self.embed_dim // num_heads
+        self.scaling = self.head_dim**-0.5
+        self.dropout = config.attention_dropout
+        # sdpa reads this when no mask is passed: only the decoder's self-attention is causal
+        self.is_causal = is_causal
+        self.layer_idx = layer_idx
+
+        self.k_proj = nn.Linear(self.embed_dim, self.embed_dim)
+        self.v_proj = nn.Linear(self.embed_dim, self.embed_dim)
+        self.q_proj = nn.Linear(self.embed_dim, self.embed_dim)
+        self.out_proj = nn.Linear(self.embed_dim, self.embed_dim)
+
+    def forward(
+        self,
+        hidden_states: torch.Tensor,
+        key_value_states: torch.Tensor | None = None,
+        past_key_values: Cache | None = None,
+        attention_mask: torch.Tensor | None = None,
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        B, T, _ = hidden_states.shape
+        is_cross_attention = key_value_states is not None
+        query = self.q_proj(hidden_states).view(B, T, -1, self.head_dim).transpose(1, 2)  # (B, nh, T, hs)
+
+        cache = None
+        if past_key_values is not None:
+            if isinstance(past_key_values, EncoderDecoderCache):
+                cache = (
+                    past_key_values.cross_attention_cache
+                    if is_cross_attention
+                    else past_key_values.self_attention_cache
+                )
+            elif is_cross_attention:
+                raise ValueError("cross-attention needs an EncoderDecoderCache, got " + type(past_key_values).__name__)
+            else:
+                cache = past_key_values
+
+        if is_cross_attention and cache is not None and past_key_values.is_updated.get(self.layer_idx):
+            # encoder K/V were projected on the first step of this generation: reuse them
+            key = cache.layers[self.layer_idx].keys  # (B, nh, S, hs)
+            value = cache.layers[self.layer_idx].values
+        else:
+            source = key_value_states if is_cross_attention else hidden_states
+            key = self.k_proj(source).view(B, source.shape[1], -1, self.head_dim).transpose(1, 2)  # (B, nh, S, hs)
+            value = self.v_proj(source).view(B, source.shape[1], -1, self.head_dim).transpose(1, 2)
+            if cache is not None:
+                key, value = cache.update(key, value, self.layer_idx)  # self-attention: (B, nh, past + T, hs)
+                if is_cross_attention:
+                    past_key_values.is_updated[self.layer_idx] = True
+
+        if hasattr(ALL_ATTENTION_FUNCTIONS, "get_interface"):  # 5.x
+            attention_interface: Callable = ALL_ATTENTION_FUNCTIONS.get_interface(
+                self.config._attn_implementation, eager_attention_forward
+            )
+        elif self.config._attn_implementation in (None, "eager"):
+            attention_interface = eager_attention_forward
+        else:  # 4.x
+            attention_interface = ALL_ATTENTION_FUNCTIONS[self.config._attn_implementation]
+
+        attn_output, attn_weights = attention_interface(
+            self,
+            query,
+            key,
+            value,
+            attention_mask,
+            dropout=self.dropout if self.training else 0.0,
+            scaling=self.scaling,
+        )  # (B, T, nh, hs)
+        attn_output = self.out_proj(attn_output.reshape(B, T, -1))  # (B, T, C)
+        return attn_output, attn_weights
+
+
+class BartGenEncoderLayer(GradientCheckpointingLayer):
+    """Post-LN block: x = LN(x + SelfAttn(x)); x = LN(x + FFN(x))."""
+
+    def __init__(self, config: BartGenConfig, layer_idx: int | None = None):
+        super().__init__()
+        self.embed_dim = config.d_model
+        self.self_attn = BartGenAttention(config, config.encoder_attention_heads, layer_idx=layer_idx)
+        self.self_attn_layer_norm = nn.LayerNorm(self.embed_dim)
+        self.dropout = config.dropout
+        self.activation_fn = ACT2FN[config.activation_function]
+        self.activation_dropout = config.activation_dropout
+        self.fc1 = nn.Linear(self.embed_dim, config.encoder_ffn_dim)
+        self.fc2 = nn.Linear(config.encoder_ffn_dim, self.embed_dim)
+        self.final_layer_norm = nn.LayerNorm(self.embed_dim)
+
+    def forward(
+        self, hidden_states: torch.Tensor, attention_mask: torch.Tensor | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        residual = hidden_states
+        hidden_states, attn_weights = self.self_attn(hidden_states, attention_mask=attention_mask)
+        hidden_states = F.dropout(hidden_states, p=self.dropout, training=self.training)
+        hidden_states = self.self_attn_layer_norm(residual + hidden_states)
+
+        residual = hidden_states
+        hidden_states = self.activation_fn(self.fc1(hidden_states))
+        hidden_states = F.dropout(hidden_states, p=self.activation_dropout, training=self.training)
+        hidden_states = F.dropout(self.fc2(hidden_states), p=self.dropout, training=self.training)
+        hidden_states = self.final_layer_norm(residual + hidden_states)
+
+        # as BART: keep fp16 activations finite in the encoder
+        if hidden_states.dtype == torch.float16 and not torch.isfinite(hidden_states).all():
+            clamp_value = torch.finfo(hidden_states.dtype).max - 1000
+            hidden_states = torch.clamp(hidden_states, min=-clamp_value, max=clamp_value)
+        return hidden_states, attn_weights
+
+
+class BartGenDecoderLayer(GradientCheckpointingLayer):
+    """Post-LN block: x = LN(x + CausalSelfAttn(x)); x = LN(x + CrossAttn(x, enc)); x = LN(x + FFN(x))."""
+
+    def __init__(self, config: BartGenConfig, layer_idx: int | None = None):
+        super().__init__()
+        self.embed_dim = config.d_model
+        self.self_attn = BartGenAttention(config, config.decoder_attention_heads, is_causal=True, layer_idx=layer_idx)
+        self.dropout = config.dropout
+        self.activation_fn = ACT2FN[config.activation_function]
+        self.activation_dropout = config.activation_dropout
+        self.self_attn_layer_norm = nn.LayerNorm(self.embed_dim)
+        self.encoder_attn = BartGenAttention(config, config.decoder_attention_heads, layer_idx=layer_idx)
+        self.encoder_attn_layer_norm = nn.LayerNorm(self.embed_dim)
+        self.fc1 = nn.Linear(self.embed_dim, config.decoder_ffn_dim)
+        self.fc2 = nn.Linear(config.decoder_ffn_dim, self.embed_dim)
+        self.final_layer_norm = nn.LayerNorm(self.embed_dim)
+
+    def forward(
+        self,
+        hidden_states: torch.Tensor,
+        attention_mask: torch.Tensor | None = None,
+        encoder_hidden_states: torch.Tensor | None = None,
+        encoder_attention_mask: torch.Tensor | None = None,
+        past_key_values: Cache | None = None,
+        use_cache: bool | None = None,  # read (and cleared) by GradientCheckpointingLayer while checkpointing
+    ) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
+        residual = hidden_states
+        hidden_states, self_attn_weights = self.self_attn(
+            hidden_states, past_key_values=past_key_values, attention_mask=attention_mask
+        )
+        hidden_states = F.dropout(hidden_states, p=self.dropout, training=self.training)
+        hidden_states = self.self_attn_layer_norm(residual + hidden_states)
+
+        cross_attn_weights = None
+        if encoder_hidden_states is not None:
+            residual = hidden_states
+            hidden_states, cross_attn_weights = self.encoder_attn(
+                hidden_states,
+                key_value_states=encoder_hidden_states,
+                past_key_values=past_key_values,
+                attention_mask=encoder_attention_mask,
+            )
+            hidden_states = F.dropout(hidden_states, p=self.dropout, training=self.training)
+            hidden_states = self.encoder_attn_layer_norm(residual + hidden_states)
+
+        residual = hidden_states
+        hidden_states = self.activation_fn(self.fc1(hidden_states))
+        hidden_states = F.dropout(hidden_states, p=self.activation_dropout, training=self.training)
+        hidden_states = F.dropout(self.fc2(hidden_states), p=self.dropout, training=self.training)
+        hidden_states = self.final_layer_norm(residual + hidden_states)
+        return hidden_states, self_attn_weights, cross_attn_weights
+
+
+class BartGenPreTrainedModel(PreTrainedModel):
+    config_class = BartGenConfig
+    base_model_prefix = "model"
+    supports_gradient_checkpointing = True
+    _no_split_modules = ["BartGenEncoderLayer", "BartGenDecoderLayer"]
+    _skip_keys_device_placement = ["past_key_values"]
+    _keys_to_ignore_on_load_unexpected = [r"encoder\.version", r"decoder\.version"]
+    _supports_sdpa = True
+    _supports_flash_attn = False
+    _supports_flex_attn = False
+
+    def _init_weights(self, module: nn.Module) -> None:
+        std = self.config.init_std
+        if isinstance(module, nn.Linear):
+            nn.init.normal_(module.weight, mean=0.0, std=std)
+            if module.bias is not None:
+                nn.init.zeros_(module.bias)
+        elif isinstance(module, nn.Embedding):
+            nn.init.normal_(module.weight, mean=0.0, std=std)
+            # 5.x marks loaded tensors; a row write bypasses its guard on nn.init, so check it here
+            if module.padding_idx is not None and not getattr(module.weight, "_is_hf_initialized", False):
+                with torch.no_grad():
+                    module.weight[module.padding_idx].zero_()
+        elif isinstance(module, nn.LayerNorm):
+            nn.init.ones_(module.weight)
+            nn.init.zeros_(module.bias)
+        if isinstance(getattr(module, "final_logits_bias", None), torch.Tensor):
+            nn.init.zeros_(module.final_logits_bias)
+
+
+class BartGenEncoder(BartGenPreTrainedModel):
+    """The encoder: token + position embeddings, LayerNorm, `config.encoder_layers` post-LN layers."""
+
+    def __init__(self, config: BartGenConfig, embed_tokens: nn.Embedding | None = None):
+        super().__init__(config)
+        self.dropout = config.dropout
+        self.layerdrop = config.encoder_layerdrop
+        embed_scale = math.sqrt(config.d_model) if config.scale_embedding else 1.0
+        # the same module object as BartGenModel.shared when built by it (so the weight is shared on 4.57 too)
+        self.embed_tokens = (
+            embed_tokens
+            if embed_tokens is not None
+            else BartGenScaledWordEmbedding(config.vocab_size, config.d_model, config.pad_token_id, embed_scale)
+        )
+        self.embed_positions = BartGenLearnedPositionalEmbedding(config.max_position_embeddings, config.d_model)
+        self.layers = nn.ModuleList([BartGenEncoderLayer(config, layer_idx=i) for i in range(config.encoder_layers)])
+        self.layernorm_embedding = nn.LayerNorm(config.d_model)
+        self.gradient_checkpointing = False
+        self.post_init()
+
+    @can_return_tuple
+    def forward(
+        self,
+        input_ids: torch.LongTensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+        inputs_embeds: torch.Tensor | None = None,
+        output_attentions: bool | None = None,
+        output_hidden_states: bool | None = None,
+        **kwargs,
+    ) -> BaseModelOutput:
+        if (input_ids is None) == (inputs_embeds is None):
+            raise ValueError("pass exactly one of input_ids and inputs_embeds to the encoder")
+        output_attentions = output_attentions if output_attentions is not None else self.config.output_attentions
+        output_hidden_states = (
+            output_hidden_states if output_hidden_states is not None else self.config.output_hidden_states
+        )
+        if inputs_embeds is None:
+            _check_ids(input_ids, self.embed_tokens.num_embeddings, "input_ids")
+            inputs_embeds = self.embed_tokens(input_ids)  # (B, S, C)
+        B, S = inputs_embeds.shape[:2]
+        _check_length(S, self.config.max_position_embeddings, "input_ids (encoder)")
+
+        hidden_states = inputs_embeds + self.embed_positions(S)
+        hidden_states = self.layernorm_embedding(hidden_states)
+        hidden_states = F.dropout(hidden_states, p=self.dropout, training=self.training)
+
+        # mask built once for every layer: padded keys are hidden, queries at padding still attend
+        padding = _padding_or_none(attention_mask)
+        mask = None
+        if padding is not None:
+            mask = _to_backend_mask(padding[:, None, None, :], inputs_embeds.dtype, self.config._attn_implementation)
+
+        all_hidden_states = () if output_hidden_states else None
+        all_attentions = () if output_attentions else None
+        for layer in self.layers:
+            if output_hidden_states:
+                all_hidden_states += (hidden_states,)
+            if self.training and self.layerdrop > 0.0 and torch.rand([]) < self.layerdrop:
+                if output_attentions:
+                    all_attentions += (None,)
+                continue  # LayerDrop
+            hidden_states, attn_weights = layer(hidden_states, mask)
+            if output_attentions:
+                all_attentions += (attn_weights,)
+        if output_hidden_states:
+            all_hidden_states += (hidden_states,)
+        return BaseModelOutput(
+            last_hidden_state=hidden_states, hidden_states=all_hidden_states, attentions=all_attentions
+        )
+
+
+class BartGenDecoder(BartGenPreTrainedModel):
+    """The decoder: causal self-attention with a KV cache, cross-attention to the encoder output."""
+
+    def __init__(self, config: BartGenConfig, embed_tokens: nn.Embedding | None = None):
+        super().__init__(config)
+        self.dropout = config.dropout
+        self.layerdrop = config.decoder_layerdrop
+        embed_scale = math.sqrt(config.d_model) if config.scale_embedding else 1.0
+        self.embed_tokens = (
+            embed_tokens
+            if embed_tokens is not None
+            else BartGenScaledWordEmbedding(config.vocab_size, config.d_model, config.pad_token_id, embed_scale)
+        )
+        self.embed_positions = BartGenLearnedPositionalEmbedding(config.max_position_embeddings, config.d_model)
+        self.layers = nn.ModuleList([BartGenDecoderLayer(config, layer_idx=i) for i in range(config.decoder_layers)])
+        self.layernorm_embedding = nn.LayerNorm(config.d_model)
+        self.gradient_checkpointing = False
+        self.post_init()
+
+    def _self_attention_mask(
+        self, attention_mask: torch.Tensor | None, T: int, past_length: int, dtype: torch.dtype, device: torch.device
+    ) -> torch.Tensor | None:
+        """Causal mask over past + T keys, AND the decoder padding mask; None when sdpa's is_causal suffices."""
+        padding = _padding_or_none(attention_mask)
+        impl = self.config._attn_implementation
+        if padding is None and (T == 1 or (past_length == 0 and impl == "sdpa")):
+            return None  # one new token sees the whole cache; a fresh sequence uses sdpa's own causal mask
+        q_pos = torch.arange(past_length, past_length + T, device=device)
+        kv_pos = torch.arange(past_length + T, device=device)
+        allowed = (kv_pos[None, :] <= q_pos[:, None])[None, None]  # (1, 1, T, past + T)
+        if padding is not None:
+            if padding.shape[-1] != past_length + T:
+                raise ValueError(
+                    f"decoder_attention_mask has length {padding.shape[-1]}, expected past + new tokens = "
+                    f"{past_length + T}"
+                )
+            allowed = allowed & padding[:, None, None, :]  # (B, 1, T, past + T)
+        return _to_backend_mask(allowed, dtype, impl)
+
+    @can_return_tuple
+    def forward(
+        self,
+        input_ids: torch.LongTensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+        encoder_hidden_states: torch.Tensor | None = None,
+        encoder_attention_mask: torch.Tensor | None = None,
+        past_key_values: Cache | None = None,
+        inputs_embeds: torch.Tensor | None = None,
+        use_cache: bool | None = None,
+        output_attentions: bool | None = None,
+        output_hidden_states: bool | None = None,
+        **kwargs,
+    ) -> BaseModelOutputWithPastAndCrossAttentions:
+        if (input_ids is None) == (inputs_embeds is None):
+            raise ValueError("pass exactly one of decoder_input_ids and decoder_inputs_embeds to the decoder")
+        output_attentions = output_attentions if output_attentions is not None else self.config.output_attentions
+        output_hidden_states = (
+            output_hidden_states if output_hidden_states is not None else self.config.output_hidden_states
+        )
+        use_cache = use_cache if use_cache is not None else self.config.use_cache
+        if self.gradient_checkpointing and self.training and use_cache:
+            logger.warning_once("use_cache=True is incompatible with gradient checkpointing; setting use_cache=False")
+            use_cache = False
+        if inputs_embeds is None:
+            _check_ids(input_ids, self.embed_tokens.num_embeddings, "decoder_input_ids")
+            inputs_embeds = self.embed_tokens(input_ids)  # (B, T, C)
+        B, T = inputs_embeds.shape[:2]
+
+        if isinstance(past_key_values, (tuple, list)):
+            raise ValueError(
+                "tuple past_key_values are not supported: pass a transformers EncoderDecoderCache "
+                "(EncoderDecoderCache(DynamicCache(), DynamicCache())) or let generate() create it"
+            )
+        if use_cache and past_key_values is None:
+            past_key_values = (
+                EncoderDecoderCache(DynamicCache(), DynamicCache())
+                if encoder_hidden_states is not None
+                else DynamicCache()
+            )
+        past_length = past_key_values.get_seq_length() if past_key_values is not None else 0
+        _check_length(past_length + T, self.config.max_position_embeddings, "the decoder sequence (cache + new tokens)")
+
+        self_mask = self._self_attention_mask(attention_mask, T, past_length, inputs_embeds.dtype, inputs_embeds.device)
+        cross_mask = None
+        if encoder_hidden_states is not None:
+            padding = _padding_or_none(encoder_attention_mask)
+            if padding is not None:
+                cross_mask = _to_backend_mask(
+                    padding[:, None, None, :], inputs_embeds.dtype, self.config._attn_implementation
+                )  # (B, 1, 1, S): broadcast over the T queries
+
+        hidden_states = inputs_embeds + self.embed_positions(T, past_length)
+        hidden_states = self.layernorm_embedding(hidden_states)
+        hidden_states = F.dropout(hidden_states, p=self.dropout, training=self.training)
+
+        all_hidden_states = () if output_hidden_states else None
+        all_self_attns = () if output_attentions else None
+        all_cross_attns = () if (output_attentions and encoder_hidden_states is not None) else None
+        for layer in self.layers:
+            if output_hidden_states:
+                all_hidden_states += (hidden_states,)
+            if self.training and self.layerdrop > 0.0 and torch.rand([]) < self.layerdrop:
+                continue  # LayerDrop
+            hidden_states, self_weights, cross_weights = layer(
+                hidden_states,
+                self_mask,
+                encoder_hidden_states,  # positional, so gradient checkpointing passes its gradient
+                encoder_attention_mask=cross_mask,
+                past_key_values=past_key_values,
+                use_cache=use_cache,
+            )
+            if output_attentions:
+                all_self_attns += (self_weights,)
+                if encoder_hidden_states is not None:
+                    all_cross_attns += (cross_weights,)
+        if output_hidden_states:
+            all_hidden_states += (hidden_states,)
+
+        return BaseModelOutputWithPastAndCrossAttentions(
+            last_hidden_state=hidden_states,
+            past_key_values=past_key_values if use_cache else None,
+            hidden_states=all_hidden_states,
+            attentions=all_self_attns,
+            cross_attentions=all_cross_attns,
+        )
+
+
+class BartGenModel(BartGenPreTrainedModel):
+    """Encoder + decoder sharing one token embedding (`shared`); outputs the decoder's hidden states."""
+
+    # The encoder and decoder hold the very module `shared` (one Parameter on every version); the mapping
+    # lets 5.x save one copy and load checkpoints that store any of the three names.
+    _tied_weights_keys = {
+        "encoder.embed_tokens.weight": "shared.weight",
+        "decoder.embed_tokens.weight": "shared.weight",
+    }
+    # a BartGenForConditionalGeneration checkpoint also holds the LM class's bias
+    _keys_to_ignore_on_load_unexpected = [r"encoder\.version", r"decoder\.version", r"final_logits_bias"]
+
+    def __init__(self, config: BartGenConfig):
+        super().__init__(config)
+        embed_scale = math.sqrt(config.d_model) if config.scale_embedding else 1.0
+        self.shared = BartGenScaledWordEmbedding(config.vocab_size, config.d_model, config.pad_token_id, embed_scale)
+        self.encoder = BartGenEncoder(config, self.shared)
+        self.decoder = BartGenDecoder(config, self.shared)
+        self.post_init()
+
+    def get_input_embeddings(self) -> nn.Embedding:
+        return self.shared
+
+    def set_input_embeddings(self, value: nn.Embedding) -> None:
+        self.shared = value
+        self.encoder.embed_tokens = value
+        self.decoder.embed_tokens = value
+
+    def get_encoder(self) -> BartGenEncoder:
+        return self.encoder
+
+    def get_decoder(self) -> BartGenDecoder:
+        return self.decoder
+
+    @can_return_tuple
+    def forward(
+        self,
+        input_ids: torch.LongTensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+        decoder_input_ids: torch.LongTensor | None = None,
+        decoder_attention_mask: torch.Tensor | None = None,
+        encoder_outputs: BaseModelOutput | tuple[torch.Tensor, ...] | None = None,
+        past_key_values: Cache | None = None,
+        inputs_embeds: torch.Tensor | None = None,
+        decoder_inputs_embeds: torch.Tensor | None = None,
+        use_cache: bool | None = None,
+        output_attentions: bool | None = None,
+        output_hidden_states: bool | None = None,
+        **kwargs,
+    ) -> Seq2SeqModelOutput:
+        r"""
+        decoder_input_ids: when neither they nor `decoder_inputs_embeds` are given, BART denoises: the decoder
+            reads `input_ids` shifted right (starting with `config.decoder_start_token_id`).
+        encoder_outputs: a precomputed encoder output (as generate() passes it); the encoder is then skipped.
+        """
+        if decoder_input_ids is None and decoder_inputs_embeds is None:
+            if input_ids is None:
+                raise ValueError("pass decoder_input_ids (or decoder_inputs_embeds), or input_ids to shift right")
+            decoder_input_ids = shift_tokens_right(
+                input_ids, self.config.pad_token_id, self.config.decoder_start_token_id
+            )
+
+        if encoder_outputs is None:
+            encoder_outputs = self.encoder(
+                input_ids=input_ids,
+                attention_mask=attention_mask,
+                inputs_embeds=inputs_embeds,
+                output_attentions=output_attentions,
+                output_hidden_states=output_hidden_states,
+                return_dict=True,
+            )
+        elif not isinstance(encoder_outputs, BaseModelOutput):
+            encoder_outputs = BaseModelOutput(
+                last_hidden_state=encoder_outputs[0],
+                hidden_states=encoder_outputs[1] if len(encoder_outputs) > 1 else None,
+                attentions=encoder_outputs[2] if len(encoder_outputs) > 2 else None,
+            )
+
+        decoder_outputs = self.decoder(
+            input_ids=decoder_input_ids,
+            attention_mask=decoder_attention_mask,
+            encoder_hidden_states=encoder_outputs.last_hidden_state,
+            encoder_attention_mask=attention_mask,
+            past_key_values=past_key_values,
+            inputs_embeds=decoder_inputs_embeds,
+            use_cache=use_cache,
+            output_attentions=output_attentions,
+            output_hidden_states=output_hidden_states,
+            return_dict=True,
+        )
+        return Seq2SeqModelOutput(
+            last_hidden_state=decoder_outputs.last_hidden_state,
+            past_key_values=decoder_outputs.past_key_values,
+            decoder_hidden_states=decoder_outputs.hidden_states,
+            decoder_attentions=decoder_outputs.attentions,
+            cross_attentions=decoder_outputs.cross_attentions,
+            encoder_last_hidden_state=encoder_outputs.last_hidden_state,
+            encoder_hidden_states=encoder_outputs.hidden_states,
+            encoder_attentions=encoder_outputs.attentions,
+        )
+
+
+class BartGenForConditionalGeneration(BartGenPreTrainedModel, GenerationMixin):
+    """BART with its LM head (tied to `model.shared`) and `final_logits_bias`: summarisation, translation, ..."""
+
+    _tied_weights_keys = {"lm_head.weight": "model.shared.weight"}
+    _keys_to_ignore_on_load_missing = [r"final_logits_bias"]
+
+    def __init__(self, config: BartGenConfig):
+        super().__init__(config)
+        self.model = BartGenModel(config)
+        self.register_buffer("final_logits_bias", torch.zeros((1, config.vocab_size)))
+        self.lm_head = nn.Linear(config.d_model, config.vocab_size, bias=False)
+        self.post_init()
+
+    def get_encoder(self) -> BartGenEncoder:
+        return self.model.encoder
+
+    def get_decoder(self) -> BartGenDecoder:
+        return self.model.decoder
+
+    def get_output_embeddings(self) -> nn.Linear:
+        return self.lm_head
+
+    def set_output_embeddings(self, new_embeddings: nn.Linear) -> None:
+        self.lm_head = new_embeddings
+
+    def resize_token_embeddings(
+        self, new_num_tokens: int | None = None, pad_to_multiple_of: int | None = None, mean_resizing: bool = True
+    ) -> nn.Embedding:
+        new_embeddings = super().resize_token_embeddings(new_num_tokens, pad_to_multiple_of, mean_resizing)
+        n_old, n_new = self.final_logits_bias.shape[-1], new_embeddings.weight.shape[0]
+        if n_new <= n_old:
+            bias = self.final_logits_bias[:, :n_new]
+        else:
+            bias = F.pad(self.final_logits_bias, (0, n_new - n_old))
+        self.register_buffer("final_logits_bias", bias.contiguous())
+        return new_embeddings
+
+    def prepare_decoder_input_ids_from_labels(self, labels: torch.Tensor) -> torch.Tensor:
+        return shift_tokens_right(labels, self.config.pad_token_id, self.config.decoder_start_token_id)
+
+    @can_return_tuple
+    def forward(
+        self,
+        input_ids: torch.LongTensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+        decoder_input_ids: torch.LongTensor | None = None,
+        decoder_attention_mask: torch.Tensor | None = None,
+        encoder_outputs: BaseModelOutput | tuple[torch.Tensor, ...] | None = None,
+        past_key_values: Cache | None = None,
+        inputs_embeds: torch.Tensor | None = None,
+        decoder_inputs_embeds: torch.Tensor | None = None,
+        labels: torch.LongTensor | None = None,
+        use_cache: bool | None = None,
+        output_attentions: bool | None = None,
+        output_hidden_states: bool | None = None,
+        logits_to_keep: int | torch.Tensor = 0,
+        **kwargs,
+    ) -> Seq2SeqLMOutput:
+        r"""
+        labels: target ids (-100 = ignored in the loss). Without decoder inputs, the decoder reads the labels
+            shifted right, starting with `config.decoder_start_token_id`.
+        logits_to_keep: if an int > 0, only the logits of the last `logits_to_keep` decoder positions are computed.
+
+        Example:
+
+        ```python
+        >>> from transformers import AutoModelForSeq2SeqLM, AutoTokenizer
+        >>> model = AutoModelForSeq2SeqLM.from_pretrained("path/to/converted-bart", trust_remote_code=True)
+        >>> tokenizer = AutoTokenizer.from_pretrained("path/to/converted-bart")
+        >>> inputs = tokenizer(["PG&E scheduled the blackouts in response to forecasts for high winds."], return_tensors="pt")
+        >>> summary_ids = model.generate(**inputs, num_beams=4, max_new_tokens=20)
+        >>> tokenizer.batch_decode(summary_ids, skip_special_tokens=True)
+        ```
+        """
+        if labels is not None:
+            _check_ids(labels, self.config.vocab_size, "labels", allow_ignore_index=True)
+            use_cache = False  # training on full target sequences: nothing to cache
+            if decoder_input_ids is None and decoder_inputs_embeds is None:
+                decoder_input_ids = shift_tokens_right(
+                    labels, self.config.pad_token_id, self.config.decoder_start_token_id
+                )
+
+        outputs = self.model(
+            input_ids,
+            attention_mask=attention_mask,
+            decoder_input_ids=decoder_input_ids,
+            decoder_attention_mask=decoder_attention_mask,
+            encoder_outputs=encoder_outputs,
+            past_key_values=past_key_values,
+            inputs_embeds=inputs_embeds,
+            decoder_inputs_embeds=decoder_inputs_embeds,
+            use_cache=use_cache,
+            output_attentions=output_attentions,
+            output_hidden_states=output_hidden_states,
+            return_dict=True,
+        )
+        hidden_states = outputs.last_hidden_state  # (B, T, C)
+        keep = slice(-logits_to_keep, None) if isinstance(logits_to_keep, int) else logits_to_keep
+        logits = self.lm_head(hidden_states[:, keep, :]) + self.final_logits_bias.to(hidden_states.device)  # (B, T, V)
+
+        loss = None
+        if labels is not None:
+            loss = F.cross_entropy(logits.view(-1, logits.shape[-1]), labels.to(logits.device).view(-1))
+
+        return Seq2SeqLMOutput(
+            loss=loss,
+            logits=logits,
+            past_key_values=outputs.past_key_values,
+            decoder_hidden_states=outputs.decoder_hidden_states,
+            decoder_attentions=outputs.decoder_attentions,
+            cross_attentions=outputs.cross_attentions,
+            encoder_last_hidden_state=outputs.encoder_last_hidden_state,
+            encoder_hidden_states=outputs.encoder_hidden_states,
+            encoder_attentions=outputs.encoder_attentions,
+        )
+
+
+__all__ = ["BartGenPreTrainedModel", "BartGenModel", "BartGenForConditionalGeneration"]
