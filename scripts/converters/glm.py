@@ -1,0 +1,225 @@
+"""`--arch chatglm-6b`: a THUDM/chatglm-6b style folder -> this repository's GLM model (ChatGLM-6B variant).
+
+SRC holds THUDM's `config.json` (`model_type` "chatglm"), the weights as `pytorch_model*.bin` shards (with
+`pytorch_model.bin.index.json`) or safetensors, and usually `ice_text.model` + `tokenizer_config.json`.
+Our state-dict keys are THUDM's, so tensors are copied, not renamed; what the conversion does:
+- config.json: THUDM's fields are kept (our GLMConfig accepts them unchanged), `model_type` becomes
+  "glm_infill" with our `auto_map`, `smask_token_id` is added (`gmask_token_id + 1` in ChatGLM's layout),
+  `tie_word_embeddings` and THUDM's residual scale are written out; the config validates itself, so a
+  quantised (`quantization_bit` > 0) or 1-D rotary (`position_encoding_2d` false) checkpoint is refused
+  with a message naming the field;
+- weights: every tensor's name and shape is checked against the model; the per-layer rotary `inv_freq`
+  buffers are dropped (recomputed on load), `lm_head.weight` is dropped because THUDM's code ties it to the
+  word embeddings on load (a differing copy is reported); anything else that has no place is an error;
+- tokenizer: `convert_chatglm_tokenizer` writes `tokenizer.model` (ice_text.model) and our GLMTokenizer's
+  tokenizer_config.json when SRC has ice_text.model;
+- generation_config.json with `<sop>`/`<eop>`/`<pad>` ids, and the model code files.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib.util
+import math
+import shutil
+import sys
+from pathlib import Path
+
+import torch
+
+from .common import (
+    REPO_ROOT,
+    ConversionError,
+    SafetensorsWriter,
+    check_all_placed,
+    copy_code_files,
+    iter_tensors,
+    read_json,
+    write_json,
+)
+
+CODE_FILES = ["configuration_glm.py", "modeling_glm.py"]
+
+# THUDM's ChatGLMConfig defaults (configuration_chatglm.py): used for fields a config.json leaves out.
+THUDM_DEFAULTS = dict(
+    vocab_size=150528,
+    hidden_size=4096,
+    num_layers=28,
+    num_attention_heads=32,
+    layernorm_epsilon=1e-5,
+    use_cache=False,
+    bos_token_id=150004,
+    eos_token_id=150005,
+    mask_token_id=150000,
+    gmask_token_id=150001,
+    pad_token_id=0,
+    max_sequence_length=2048,
+    inner_hidden_size=16384,
+    position_encoding_2d=True,
+    quantization_bit=0,
+    pre_seq_len=None,
+    prefix_projection=False,
+)
+# config.json keys that describe the source checkpoint or THUDM's loader, not the converted model
+DROPPED_CONFIG_KEYS = {
+    "architectures",
+    "auto_map",
+    "model_type",
+    "transformers_version",
+    "_name_or_path",
+    "torch_dtype",
+}
+THUDM_RESIDUAL_ALPHA = math.sqrt(2 * 28)  # GLMBlock(num_layers=28) default that ChatGLMModel never overrides
+
+
+def _load_config_class():
+    """GLMConfig from the repository root (configuration_glm.py has no relative imports)."""
+    name = "configuration_glm"
+    if name not in sys.modules:
+        path = REPO_ROOT / "configuration_glm.py"
+        if not path.is_file():
+            raise ConversionError("repository file configuration_glm.py is missing: is this a complete checkout?")
+        spec = importlib.util.spec_from_file_location(name, path)
+        module = importlib.util.module_from_spec(spec)
+        sys.modules[name] = module
+        spec.loader.exec_module(module)
+    return sys.modules[name].GLMConfig
+
+
+def chatglm_config(src: Path, dtype: torch.dtype | None):
+    """Our GLMConfig for THUDM's config.json in `src`; a ConversionError names any field we cannot honour."""
+    thudm = read_json(src / "config.json")
+    if thudm.get("model_type") != "chatglm":
+        raise ConversionError(
+            f"{src / 'config.json'} has model_type {thudm.get('model_type')!r}; --arch chatglm-6b expects THUDM's "
+            "ChatGLM-6B config (model_type 'chatglm')"
+        )
+    fields = {**THUDM_DEFAULTS, **{k: v for k, v in thudm.items() if k not in DROPPED_CONFIG_KEYS}}
+    fields.setdefault("smask_token_id", fields["gmask_token_id"] + 1)  # [MASK] [gMASK] [sMASK] are consecutive
+    fields["residual_alpha"] = THUDM_RESIDUAL_ALPHA
+    fields["tie_word_embeddings"] = True  # THUDM's config relied on the transformers default (True)
+    fields["variant"] = "chatglm"
+    fields["use_cache"] = True
+    source_dtype = thudm.get("torch_dtype")
+    fields["torch_dtype"] = str(dtype).removeprefix("torch.") if dtype is not None else source_dtype
+    if fields["torch_dtype"] is None:
+        del fields["torch_dtype"]
+    try:
+        config = _load_config_class()(**fields)
+    except ValueError as err:
+        raise ConversionError(f"{src / 'config.json'}: {err}") from err
+    config.architectures = ["GLMForConditionalGeneration"]
+    return config
+
+
+def expected_shapes(config) -> dict[str, tuple[int, ...]]:
+    """Every tensor of the converted model (THUDM's key names) with its shape."""
+    h, inner, vocab = config.hidden_size, config.inner_hidden_size, config.vocab_size
+    shapes = {"transformer.word_embeddings.weight": (vocab, h)}
+    for i in range(config.num_layers):
+        layer = f"transformer.layers.{i}"
+        shapes.update({
+            f"{layer}.input_layernorm.weight": (h,), f"{layer}.input_layernorm.bias": (h,),
+            f"{layer}.attention.query_key_value.weight": (3 * h, h), f"{layer}.attention.query_key_value.bias": (3 * h,),
+            f"{layer}.attention.dense.weight": (h, h), f"{layer}.attention.dense.bias": (h,),
+            f"{layer}.post_attention_layernorm.weight": (h,), f"{layer}.post_attention_layernorm.bias": (h,),
+            f"{layer}.mlp.dense_h_to_4h.weight": (inner, h), f"{layer}.mlp.dense_h_to_4h.bias": (inner,),
+            f"{layer}.mlp.dense_4h_to_h.weight": (h, inner), f"{layer}.mlp.dense_4h_to_h.bias": (h,),
+        })  # fmt: skip
+    shapes.update({"transformer.final_layernorm.weight": (h,), "transformer.final_layernorm.bias": (h,)})
+    if config.pre_seq_len is not None:  # a P-tuning v2 checkpoint with its prefix encoder
+        kv_size = config.num_layers * 2 * h
+        if config.prefix_projection:
+            shapes.update({
+                "transformer.prefix_encoder.embedding.weight": (config.pre_seq_len, h),
+                "transformer.prefix_encoder.trans.0.weight": (h, h), "transformer.prefix_encoder.trans.0.bias": (h,),
+                "transformer.prefix_encoder.trans.2.weight": (kv_size, h),
+                "transformer.prefix_encoder.trans.2.bias": (kv_size,),
+            })  # fmt: skip
+        else:
+            shapes["transformer.prefix_encoder.embedding.weight"] = (config.pre_seq_len, kv_size)
+    return shapes
+
+
+def _thudm_name(name: str) -> str:
+    """Keys of a bare ChatGLMModel state dict lack the `transformer.` prefix."""
+    if name.startswith(("word_embeddings.", "layers.", "final_layernorm.", "prefix_encoder.")):
+        return "transformer." + name
+    return name
+
+
+def convert_chatglm_weights(src: Path, out: Path, config, dtype: torch.dtype | None) -> None:
+    shapes = expected_shapes(config)
+    writer = SafetensorsWriter(out, dtype)
+    unplaced, lm_head, embeddings = [], None, None
+    for raw_name, tensor in iter_tensors(src):
+        name = _thudm_name(raw_name)
+        if name.endswith(".rotary_emb.inv_freq"):
+            continue  # a buffer THUDM saved by accident; ours is recomputed (fp16-rounded) on load
+        if name.endswith(".weight_scale") or (tensor.dtype == torch.int8 and name.endswith(".weight")):
+            raise ConversionError(
+                f"{raw_name}: quantised weights (THUDM's int4/int8 QuantizedLinear) are not supported; convert the "
+                "float16 checkpoint (THUDM/chatglm-6b) instead"
+            )
+        if name == "lm_head.weight":
+            lm_head = tensor
+            continue
+        if name not in shapes:
+            unplaced.append(raw_name)
+            continue
+        if tuple(tensor.shape) != shapes[name]:
+            raise ConversionError(
+                f"{raw_name} has shape {list(tensor.shape)}, but config.json implies {list(shapes[name])}"
+            )
+        if not tensor.is_floating_point():
+            raise ConversionError(f"{raw_name} has dtype {tensor.dtype}; expected floating-point weights")
+        if name == "transformer.word_embeddings.weight":
+            embeddings = tensor.clone()
+        writer.add(name, tensor)
+    check_all_placed(unplaced, src)
+    missing = sorted(set(shapes) - writer.names)
+    if missing:
+        shown = ", ".join(missing[:10]) + (f" (+{len(missing) - 10} more)" if len(missing) > 10 else "")
+        raise ConversionError(f"{len(missing)} tensor(s) the model needs are missing from {src}: {shown}")
+    if lm_head is not None:
+        if tuple(lm_head.shape) != shapes["transformer.word_embeddings.weight"]:
+            raise ConversionError(f"lm_head.weight has shape {list(lm_head.shape)}, expected the embedding's shape")
+        if not torch.equal(lm_head.to(embeddings.dtype), embeddings):
+            print(
+                "convert_checkpoint.py: note: lm_head.weight differs from transformer.word_embeddings.weight; "
+                "THUDM's code ties the head to the embeddings on load, so the embeddings are kept (as THUDM does)",
+                file=sys.stderr,
+            )
+    writer.close()
+
+
+def convert_chatglm_tokenizer(src: Path, out: Path) -> list[str]:
+    """Tokenizer files for a THUDM/chatglm-6b folder: `tokenizer.model` (ice_text.model) and, when this
+    repository has tokenization_glm.py, our GLMTokenizer's tokenizer_config.json and code file.
+    Returns the names written (nothing when SRC has no ice_text.model)."""
+    if not (src / "ice_text.model").is_file():
+        return []
+    if (REPO_ROOT / "tokenization_glm.py").is_file():
+        from .tokenizer_files import convert_chatglm_tokenizer as write_glm_tokenizer
+
+        return write_glm_tokenizer(src, out)
+    shutil.copy2(src / "ice_text.model", out / "tokenizer.model")
+    return ["tokenizer.model"]
+
+
+def convert_chatglm(src: Path, out: Path, dtype: torch.dtype | None, args: argparse.Namespace) -> None:
+    src, out = Path(src), Path(out)
+    config = chatglm_config(src, dtype)
+    convert_chatglm_weights(src, out, config, dtype)
+    config.save_pretrained(str(out))
+    write_json(
+        out / "generation_config.json",
+        {"bos_token_id": config.bos_token_id, "eos_token_id": config.eos_token_id, "pad_token_id": config.pad_token_id},
+    )
+    copy_code_files(out, CODE_FILES)
+    written = convert_chatglm_tokenizer(src, out)
+    if not written:
+        print(f"convert_checkpoint.py: note: no ice_text.model in {src}; no tokenizer written", file=sys.stderr)
+
+
+ARCHS = {"chatglm-6b": convert_chatglm}

@@ -1,0 +1,177 @@
+"""`scripts/convert_checkpoint.py --arch chatglm-6b` on THUDM-style folders built at test time from tiny models.
+
+The command's main() runs in-process (the parity test runs the same command as a subprocess); the converted
+folder is loaded in a fresh process.
+
+(Parity with THUDM's own outputs on a converted checkpoint is tests/test_glm_reference_parity.py.)
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import re
+import shutil
+import sys
+
+import pytest
+import torch
+from helpers import REPO_ROOT, TOKENIZER_DATA, assert_close, load_in_fresh_process, load_output
+from safetensors.torch import load_file, save_file
+from test_glm_fixtures import TINY, left_pad, prompt, tiny_model
+
+THUDM_AUTO_MAP = {
+    "AutoConfig": "configuration_chatglm.ChatGLMConfig",
+    "AutoModel": "modeling_chatglm.ChatGLMForConditionalGeneration",
+    "AutoModelForSeq2SeqLM": "modeling_chatglm.ChatGLMForConditionalGeneration",
+}
+
+
+def thudm_config(**changes) -> dict:
+    """A THUDM chatglm-6b config.json for the tiny model (THUDM field names, no smask_token_id)."""
+    config = {k: v for k, v in TINY.items() if k != "smask_token_id"}
+    config.update(
+        model_type="chatglm", architectures=["ChatGLMModel"], auto_map=THUDM_AUTO_MAP, torch_dtype="float16",
+        position_encoding_2d=True, use_cache=True, transformers_version="4.23.1",
+    )  # fmt: skip
+    config.update(changes)
+    return config
+
+
+def thudm_state(model) -> dict[str, torch.Tensor]:
+    """The tiny model's weights as THUDM's state_dict() has them: an explicit lm_head copy and inv_freq buffers."""
+    state = {k: v.detach().clone().half() for k, v in model.state_dict().items()}
+    for i in range(TINY["num_layers"]):
+        state[f"transformer.layers.{i}.attention.rotary_emb.inv_freq"] = torch.tensor([1.0, 0.01]).half()
+    state["lm_head.weight"] = state["transformer.word_embeddings.weight"].clone()
+    return state
+
+
+def write_bin_shards(folder, state: dict[str, torch.Tensor], shards: int = 3) -> None:
+    names = list(state)
+    weight_map = {}
+    for s in range(shards):
+        shard = f"pytorch_model-{s + 1:05d}-of-{shards:05d}.bin"
+        keys = names[s::shards]
+        torch.save({k: state[k] for k in keys}, folder / shard)
+        weight_map.update(dict.fromkeys(keys, shard))
+    index = {"metadata": {"total_size": 0}, "weight_map": weight_map}
+    (folder / "pytorch_model.bin.index.json").write_text(json.dumps(index))
+
+
+def converter_main():
+    spec = importlib.util.spec_from_file_location("convert_checkpoint", REPO_ROOT / "scripts/convert_checkpoint.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module.main
+
+
+@pytest.fixture
+def model():
+    """The tiny model with fp16-representable weights (THUDM publishes float16 checkpoints)."""
+    model = tiny_model()
+    with torch.no_grad():
+        for param in model.parameters():
+            param.copy_(param.half().float())
+    return model
+
+
+def test_sharded_bin_folder_converts_and_loads_in_a_fresh_process(model, tmp_path):
+    src = tmp_path / "chatglm"
+    src.mkdir()
+    (src / "config.json").write_text(json.dumps(thudm_config()))
+    write_bin_shards(src, thudm_state(model))
+    dst = tmp_path / "converted"
+    assert converter_main()(["--arch", "chatglm-6b", "--src", str(src), "--dst", str(dst), "--dtype", "float32"]) == 0
+    assert {"config.json", "generation_config.json", "model.safetensors", "configuration_glm.py",
+            "modeling_glm.py"} <= {p.name for p in dst.iterdir()}  # fmt: skip
+    config = json.loads((dst / "config.json").read_text())
+    assert config["model_type"] == "glm_infill" and config["smask_token_id"] == TINY["gmask_token_id"] + 1
+    assert config["auto_map"]["AutoModelForSeq2SeqLM"] == "modeling_glm.GLMForConditionalGeneration"
+    assert config["tie_word_embeddings"] is True
+    generation = json.loads((dst / "generation_config.json").read_text())
+    assert generation["eos_token_id"] == TINY["eos_token_id"] and generation["bos_token_id"] == TINY["bos_token_id"]
+    weights = load_file(dst / "model.safetensors")
+    assert "lm_head.weight" not in weights and not any("inv_freq" in k for k in weights)
+    assert all(t.dtype == torch.float32 for t in weights.values())
+
+    ids, mask = left_pad([prompt([5, 6, 7]) + [8], prompt([9, 10])])
+    load_in_fresh_process(dst, "AutoModelForSeq2SeqLM", {"input_ids": ids, "attention_mask": mask},
+                          tmp_path / "out.safetensors")  # fmt: skip
+    with torch.no_grad():
+        expected = model(ids, attention_mask=mask).logits
+    assert_close(load_output(tmp_path / "out.safetensors"), expected, atol=1e-5, msg="converted logits")
+
+
+def test_safetensors_source_with_dtype_and_bare_keys(model, tmp_path, capsys):
+    src = tmp_path / "chatglm"
+    src.mkdir()
+    (src / "config.json").write_text(json.dumps(thudm_config()))
+    state = thudm_state(model)
+    state = {k.removeprefix("transformer."): v for k, v in state.items()}  # a bare ChatGLMModel state dict
+    save_file(state, src / "model.safetensors")
+    dst = tmp_path / "converted"
+    assert converter_main()(["--arch", "chatglm-6b", "--src", str(src), "--dst", str(dst), "--dtype", "bfloat16"]) == 0
+    weights = load_file(dst / "model.safetensors")
+    assert all(t.dtype == torch.bfloat16 for t in weights.values())
+    assert_close(weights["transformer.word_embeddings.weight"].float(),
+                 model.transformer.word_embeddings.weight.bfloat16().float(), atol=0, msg="embeddings")  # fmt: skip
+    config = json.loads((dst / "config.json").read_text())
+    assert config.get("dtype", config.get("torch_dtype")) == "bfloat16"
+
+
+def test_tokenizer_files_are_written_when_src_has_ice_text(tmp_path):
+    ice_text = TOKENIZER_DATA / "ice_text.model"
+    if not ice_text.is_file():
+        pytest.skip(f"{ice_text} is absent")
+    if str(REPO_ROOT / "scripts") not in sys.path:
+        sys.path.insert(0, str(REPO_ROOT / "scripts"))  # as convert_checkpoint.py does
+    glm = importlib.import_module("converters.glm")
+    src, out = tmp_path / "src", tmp_path / "out"
+    src.mkdir()
+    out.mkdir()
+    assert glm.convert_chatglm_tokenizer(src, out) == []  # no ice_text.model: nothing written
+    shutil.copy(ice_text, src / "ice_text.model")
+    (src / "tokenizer_config.json").write_text(
+        json.dumps({"num_image_tokens": 0, "tokenizer_class": "ChatGLMTokenizer"})
+    )
+    (src / "config.json").write_text(json.dumps({"bos_token_id": 130004, "max_sequence_length": 2048}))
+    written = glm.convert_chatglm_tokenizer(src, out)
+    assert "tokenizer.model" in written
+    assert (out / "tokenizer.model").read_bytes() == ice_text.read_bytes()
+    if (REPO_ROOT / "tokenization_glm.py").is_file():
+        tok_config = json.loads((out / "tokenizer_config.json").read_text())
+        assert "AutoTokenizer" in tok_config["auto_map"]
+
+
+BAD_SOURCES = [
+    ("unknown tensor", dict(extra={"transformer.layers.0.attention.bogus.weight": torch.zeros(2)}),
+     "have no place in the converted model: transformer.layers.0.attention.bogus.weight"),
+    ("wrong shape", dict(replace={"transformer.final_layernorm.weight": torch.zeros(7)}),
+     r"transformer.final_layernorm.weight has shape \[7\]"),
+    ("missing tensor", dict(drop="transformer.layers.1.mlp.dense_4h_to_h.bias"),
+     "missing from .*transformer.layers.1.mlp.dense_4h_to_h.bias"),
+    ("quantised config", dict(config=dict(quantization_bit=4)), "quantization_bit"),
+    ("1-D rotary", dict(config=dict(position_encoding_2d=False)), "position_encoding_2d"),
+    ("not chatglm", dict(config=dict(model_type="glm")), "model_type 'chatglm'"),
+    ("int8 weights", dict(replace={"transformer.layers.0.mlp.dense_h_to_4h.weight": torch.zeros(64, 16, dtype=torch.int8)}),
+     "quantised weights"),
+]  # fmt: skip
+
+
+@pytest.mark.parametrize("case,change,message", BAD_SOURCES, ids=[c[0] for c in BAD_SOURCES])
+def test_bad_sources_fail_with_a_clear_message(model, tmp_path, capsys, case, change, message):
+    src = tmp_path / "chatglm"
+    src.mkdir()
+    (src / "config.json").write_text(json.dumps(thudm_config(**change.get("config", {}))))
+    state = thudm_state(model)
+    state.update(change.get("extra", {}))
+    state.update(change.get("replace", {}))
+    state.pop(change.get("drop", ""), None)
+    save_file(state, src / "model.safetensors")
+    dst = tmp_path / "converted"
+    assert converter_main()(["--arch", "chatglm-6b", "--src", str(src), "--dst", str(dst)]) == 2
+    err = capsys.readouterr().err
+    assert "Traceback" not in err
+    assert re.search(message, err), err
+    assert not dst.exists(), "a failed conversion must not leave a destination folder"
