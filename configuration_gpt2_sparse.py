@@ -11,6 +11,12 @@ from __future__ import annotations
 
 from transformers import PretrainedConfig
 
+DEFAULT_AUTO_MAP = {
+    "AutoConfig": "configuration_gpt2_sparse.GPT2SparseConfig",
+    "AutoModel": "modeling_gpt2_sparse.GPT2SparseModel",
+    "AutoModelForCausalLM": "modeling_gpt2_sparse.GPT2SparseLMHeadModel",
+}
+
 
 class GPT2SparseConfig(PretrainedConfig):
     r"""Configuration for [`GPT2SparseModel`] and [`GPT2SparseLMHeadModel`].
@@ -98,6 +104,10 @@ class GPT2SparseConfig(PretrainedConfig):
         self.max_memory_length = max_memory_length
         self.use_cache = use_cache
         self._validate_sizes()
+        # Every saved config names all the Auto classes, whichever class was saved (transformers itself
+        # writes only the saved class's entry), so `AutoModel*.from_pretrained(dir, trust_remote_code=True)`
+        # works on any folder this code writes.
+        kwargs["auto_map"] = {**DEFAULT_AUTO_MAP, **(kwargs.get("auto_map") or {})}
         super().__init__(
             pad_token_id=pad_token_id,
             bos_token_id=bos_token_id,

@@ -221,3 +221,16 @@ def test_convert_gpt2_rejects_unsupported_configs(tmp_path, field, value):
     GPT2LMHeadModel(cfg).save_pretrained(tmp_path / "g")
     proc = convert("gpt2", tmp_path / "g", tmp_path / "out")
     assert proc.returncode == 2 and field in proc.stderr, proc.stderr
+
+
+def test_directly_built_config_saves_every_auto_class(tmp_path):
+    import json
+
+    from configuration_gpt2_sparse import GPT2SparseConfig
+
+    GPT2SparseConfig(
+        vocab_size=64, hidden_size=32, num_layers=2, num_attention_heads=4, num_image_tokens=32
+    ).save_pretrained(tmp_path)
+    auto_map = json.loads((tmp_path / "config.json").read_text())["auto_map"]
+    assert auto_map["AutoModelForCausalLM"] == "modeling_gpt2_sparse.GPT2SparseLMHeadModel"
+    assert auto_map["AutoModel"] == "modeling_gpt2_sparse.GPT2SparseModel"
