@@ -13,8 +13,15 @@ status=0
 summary=()
 total_passed=0; total_failed=0; total_skipped=0
 reports="$(mktemp -d)"
+# Build both environments first: the cross-version tests (a checkpoint saved under one transformers
+# version loaded under the other) need the other version's venv, whichever runs first.
+declare -A venvs
 for major in 5 4; do
-  if ! venv="$(bash scripts/setup_env.sh "$major" | tail -n 1)"; then
+  venvs[$major]="$(bash scripts/setup_env.sh "$major" | tail -n 1)" || venvs[$major]=""
+done
+for major in 5 4; do
+  venv="${venvs[$major]}"
+  if [ -z "$venv" ]; then
     summary+=("transformers ${major}.x: environment set-up FAILED"); status=1; continue
   fi
   version="$("$venv/bin/python" -c 'import transformers; print(transformers.__version__)')"
