@@ -24,6 +24,7 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+sys.path.insert(0, str(Path(__file__).resolve().parent / "benchmarks"))
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 
@@ -75,10 +76,40 @@ def to_markdown(info: dict, rows: list[dict]) -> str:
     return "\n".join(lines)
 
 
+def label(row: dict) -> str:
+    extras = [str(row[k]) for k in ("variant", "dtype") if row.get(k)]
+    return f"{row['family']}: {row['case']}" + (f" ({', '.join(extras)})" if extras else "")
+
+
+def plot_ratios(rows: list[dict], path: Path) -> bool:
+    """A bar per compared case, ours / theirs (below the line at 1.0: ours is faster). False without matplotlib."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return False
+    compared = [row for row in rows if isinstance(row.get("ratio"), float)]
+    if not compared:
+        return False
+    fig, ax = plt.subplots(figsize=(9, 0.28 * len(compared) + 1.2))
+    colors = ["tab:green" if row["ratio"] <= 1.0 else "tab:red" for row in compared]
+    ax.barh([label(row) for row in compared], [row["ratio"] for row in compared], color=colors)
+    ax.axvline(1.0, color="black", linewidth=1)
+    ax.invert_yaxis()
+    ax.set_xlabel("time ours / time of the native transformers model (lower is better)")
+    ax.tick_params(axis="y", labelsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return True
+
+
 def main() -> int:
     import benchmarks
 
-    available = [m.name for m in pkgutil.iter_modules(benchmarks.__path__)]
+    available = [m.name for m in pkgutil.iter_modules(benchmarks.__path__) if not m.name.startswith("_")]
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--quick", action="store_true", help="small sizes and few repeats (a smoke run)")
     parser.add_argument("--only", default=",".join(available), help=f"comma-separated subset of {available}")
@@ -90,16 +121,26 @@ def main() -> int:
         parser.error(f"--only: unknown benchmark(s) {unknown}; available: {available}")
     info, rows = machine(), []
     for name in wanted:
-        module = importlib.import_module(f"benchmarks.{name}")
+        module = importlib.import_module(name)  # scripts/benchmarks/ is on sys.path
         print(f"== {name}", flush=True)
         for row in module.run(quick=args.quick):
             row.setdefault("family", name)
             print("  ", {k: (round(v, 4) if isinstance(v, float) else v) for k, v in row.items()}, flush=True)
             rows.append(row)
     args.out.mkdir(parents=True, exist_ok=True)
-    (args.out / "results.json").write_text(json.dumps({"machine": info, "rows": rows}, indent=2) + "\n")
+    results = args.out / "results.json"
+    if results.is_file() and not args.quick:
+        # a partial run (--only) replaces its own families' rows and keeps the others
+        previous = json.loads(results.read_text())
+        kept = [row for row in previous["rows"] if row["family"] not in {row["family"] for row in rows} | set(wanted)]
+        rows = kept + rows
+        info = {**previous.get("machine", {}), **info}
+    results.write_text(json.dumps({"machine": info, "rows": rows}, indent=2) + "\n")
     (args.out / "results.md").write_text(to_markdown(info, rows))
-    print(f"wrote {args.out / 'results.json'} and {args.out / 'results.md'}")
+    written = [results, args.out / "results.md"]
+    if plot_ratios(rows, args.out / "ratios.png"):
+        written.append(args.out / "ratios.png")
+    print("wrote " + ", ".join(str(p) for p in written))
     return 0
 
 

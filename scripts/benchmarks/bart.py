@@ -1,138 +1,113 @@
-"""Decode-time benchmark: BART-gen against transformers' native BartForConditionalGeneration.
+"""BART-gen against transformers' native BartForConditionalGeneration, the same weights in the same process.
 
-Both models hold the same random weights and run in the same process; runs alternate (ours, native, ours,
-...) so that machine load hits both alike, and each case reports the median. Cases: greedy and 4-beam
-search, batch 1 and 8 (padded inputs), 64 new tokens forced (`min_new_tokens`), sdpa attention, fp32 on CPU.
-The model is a bart-base-like shape (d_model 512, 6+6 layers, vocab 32k) so a full run stays within a few
-minutes on 2 CPU cores; `quick=True` shrinks it for a smoke run.
+    python scripts/benchmark.py --only bart [--quick]
+    python scripts/benchmarks/bart.py [--quick] [--device cpu|cuda]
 
-    python scripts/benchmarks/bart.py [--quick]
+Model: a bart-base-like shape (d_model 768, 6+6 layers, 12 heads, FFN 3072, vocab 32000; ~140M parameters),
+sdpa attention, fp32 and bf16. Cases, each with a 128-token source (every other row of a batch padded by a
+quarter):
+- `greedy b=N` / `beam4 b=N`: per-token decode time with the KV cache, 128 new tokens forced (`min_new_tokens`),
+  measured per round as (time of 1 + N new tokens - time of 1 new token) / N, so the encoder pass and the
+  first step are excluded; batch 1, 4 and 16 (beam search at batch 1 and 4);
+- `encode+prefill`: generating one token, ms per call.
+Ours and native alternate within every round; medians and the interquartile spread are reported, with `ratio`
+= ours / native, and `same_ids` says the two produced identical sequences.
 """
 
 from __future__ import annotations
 
 import argparse
-import importlib
-import statistics
-import sys
-import time
-import types
-from pathlib import Path
+import json
 
-import torch
+from _common import alternate, decode_ms_per_token, default_device, ratio_row, repo_module, summary
 
-REPO_ROOT = Path(__file__).resolve().parent.parent.parent
-
-
-def _repo_modules():
-    name = "_bart_gen_bench_code"
-    if name not in sys.modules:
-        package = types.ModuleType(name)
-        package.__path__ = [str(REPO_ROOT)]
-        sys.modules[name] = package
-    return (
-        importlib.import_module(f"{name}.configuration_bart_gen"),
-        importlib.import_module(f"{name}.modeling_bart_gen"),
-    )
+FULL = dict(d_model=768, encoder_layers=6, decoder_layers=6, encoder_attention_heads=12, decoder_attention_heads=12,
+            encoder_ffn_dim=3072, decoder_ffn_dim=3072, vocab_size=32000)  # fmt: skip
+QUICK = dict(d_model=128, encoder_layers=2, decoder_layers=2, encoder_attention_heads=4, decoder_attention_heads=4,
+             encoder_ffn_dim=512, decoder_ffn_dim=512, vocab_size=4000)  # fmt: skip
+SOURCE = 128
 
 
-def build_models(quick: bool):
+def build_models(sizes: dict, dtype, device: str):
+    import torch
     from transformers import BartConfig, BartForConditionalGeneration
 
-    configuration, modeling = _repo_modules()
-    if quick:
-        sizes = dict(d_model=128, encoder_layers=2, decoder_layers=2, encoder_attention_heads=4,
-                     decoder_attention_heads=4, encoder_ffn_dim=512, decoder_ffn_dim=512, vocab_size=4000)  # fmt: skip
-    else:
-        sizes = dict(d_model=512, encoder_layers=6, decoder_layers=6, encoder_attention_heads=8,
-                     decoder_attention_heads=8, encoder_ffn_dim=2048, decoder_ffn_dim=2048, vocab_size=32000)  # fmt: skip
-    sizes.update(max_position_embeddings=256, dropout=0.0)
+    sizes = {**sizes, "max_position_embeddings": 512, "dropout": 0.0}
     torch.manual_seed(0)
     native_config = BartConfig(**sizes)
     native_config._attn_implementation = "sdpa"
     native = BartForConditionalGeneration(native_config).eval()
-    config = configuration.BartGenConfig(**sizes)
+    config = repo_module("configuration_bart_gen").BartGenConfig(**sizes)
     config._attn_implementation = "sdpa"
-    ours = modeling.BartGenForConditionalGeneration(config).eval()
+    ours = repo_module("modeling_bart_gen").BartGenForConditionalGeneration(config).eval()
     ours.load_state_dict(native.state_dict())
     ours.generation_config = native.generation_config
-    return ours, native, sizes
+    return ours.to(device=device, dtype=dtype), native.to(device=device, dtype=dtype)
 
 
-def _inputs(batch: int, length: int, vocab: int) -> dict[str, torch.Tensor]:
-    g = torch.Generator().manual_seed(batch)
-    input_ids = torch.randint(3, vocab, (batch, length), generator=g)
+def source(batch: int, vocab: int, device: str) -> dict:
+    import torch
+
+    generator = torch.Generator().manual_seed(batch)
+    input_ids = torch.randint(3, vocab, (batch, SOURCE), generator=generator)
     attention_mask = torch.ones_like(input_ids)
-    for row in range(1, batch, 2):  # every other row padded by a quarter
-        attention_mask[row, : length // 4] = 0
-    return {"input_ids": input_ids, "attention_mask": attention_mask}
+    attention_mask[1::2, : SOURCE // 4] = 0  # every other row left-padded by a quarter
+    return {"input_ids": input_ids.to(device), "attention_mask": attention_mask.to(device)}
 
 
-def _time_generate(model, inputs: dict, **kwargs) -> tuple[float, float, torch.Tensor]:
-    """(wall ms, process CPU ms, ids). CPU time is the steadier number on a machine shared with other jobs."""
-    synchronize = torch.cuda.synchronize if model.device.type == "cuda" else (lambda: None)
-    synchronize()
-    start, start_cpu = time.perf_counter(), time.process_time()
-    with torch.no_grad():
-        out = model.generate(**inputs, **kwargs)
-    synchronize()
-    return (time.perf_counter() - start) * 1000.0, (time.process_time() - start_cpu) * 1000.0, out
+def generator_for(model, inputs: dict, num_beams: int):
+    def make(n: int):
+        kwargs = dict(max_new_tokens=n, min_new_tokens=n, num_beams=num_beams, do_sample=False, early_stopping=False)
+        return lambda: model.generate(**inputs, **kwargs)
+
+    return make
 
 
-def run(quick: bool = False, threads: int | None = None, device: str | None = None) -> list[dict]:
-    if threads is not None:
-        torch.set_num_threads(threads)
-    device = device or "cpu"
-    ours, native, sizes = build_models(quick)
-    ours, native = ours.to(device), native.to(device)
-    new_tokens = 16 if quick else 64
-    repeats = 3 if quick else 3
-    length = 32 if quick else 64
+def run(quick: bool = False, device: str | None = None) -> list[dict]:
+    import torch
+
+    device = device or default_device()
+    sizes = QUICK if quick else FULL
+    new_tokens, repeats = (8, 3) if quick else (128, 5)
+    dtypes = {"fp32": torch.float32} if quick else {"fp32": torch.float32, "bf16": torch.bfloat16}
+    cases = [(1, 1), (1, 4), (4, 1)] if quick else [(1, 1), (1, 4), (1, 16), (4, 1), (4, 4)]
     rows = []
-    for num_beams in (1, 4):
-        for batch in (1, 8):
-            inputs = {k: v.to(device) for k, v in _inputs(batch, length, sizes["vocab_size"]).items()}
-            kwargs = dict(max_new_tokens=new_tokens, min_new_tokens=new_tokens, num_beams=num_beams, do_sample=False)
-            _time_generate(ours, inputs, **kwargs)  # warm-up (allocator, lazy imports) for both
-            _time_generate(native, inputs, **kwargs)
-            ours_ms, native_ms, ours_cpu, native_cpu = [], [], [], []
-            for _ in range(repeats):
-                t, cpu, ids_ours = _time_generate(ours, inputs, **kwargs)
-                ours_ms.append(t)
-                ours_cpu.append(cpu)
-                t, cpu, ids_native = _time_generate(native, inputs, **kwargs)
-                native_ms.append(t)
-                native_cpu.append(cpu)
-            ours_median, native_median = statistics.median(ours_ms), statistics.median(native_ms)
+    with torch.no_grad():
+        for dtype_name, dtype in dtypes.items():
+            ours, native = build_models(sizes, dtype, device)
+            common = dict(dtype=dtype_name, device=device, params=sum(p.numel() for p in ours.parameters()))
+            for num_beams, batch in cases:
+                inputs = source(batch, sizes["vocab_size"], device)
+                ms = decode_ms_per_token(
+                    {"ours": generator_for(ours, inputs, num_beams), "native": generator_for(native, inputs, num_beams)},
+                    new_tokens, repeats, device,
+                )  # fmt: skip
+                same = torch.equal(generator_for(ours, inputs, num_beams)(new_tokens)(),
+                                   generator_for(native, inputs, num_beams)(new_tokens)())  # fmt: skip
+                name = "greedy" if num_beams == 1 else f"beam{num_beams}"
+                rows.append(
+                    ratio_row("bart", f"{name} b={batch}", ms["ours"], ms["native"], unit="ms/token", same_ids=same,
+                              **common)
+                )  # fmt: skip
+            inputs = source(1, sizes["vocab_size"], device)
+            times = alternate(
+                {"ours": generator_for(ours, inputs, 1)(1), "native": generator_for(native, inputs, 1)(1)},
+                repeats, device,
+            )  # fmt: skip
             rows.append(
-                {
-                    "family": "bart",
-                    "case": f"{'greedy' if num_beams == 1 else f'beam{num_beams}'}_batch{batch}",
-                    "ours_ms": round(ours_median, 1),
-                    "native_ms": round(native_median, 1),
-                    "ratio": round(ours_median / native_median, 3),
-                    "ours_cpu_ms": round(statistics.median(ours_cpu), 1),
-                    "native_cpu_ms": round(statistics.median(native_cpu), 1),
-                    "ratio_cpu": round(statistics.median(ours_cpu) / statistics.median(native_cpu), 3),
-                    "same_ids": bool(torch.equal(ids_ours, ids_native)),
-                    "new_tokens": new_tokens,
-                    "input_length": length,
-                    "repeats": repeats,
-                    "model": f"d{sizes['d_model']} L{sizes['encoder_layers']}+{sizes['decoder_layers']} "
-                    f"V{sizes['vocab_size']} fp32 sdpa, {device}, {torch.get_num_threads()} threads",
-                }
-            )
+                ratio_row("bart", "encode+prefill b=1", summary(times["ours"]), summary(times["native"]),
+                          unit="ms/call", **common)
+            )  # fmt: skip
     return rows
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--quick", action="store_true", help="small model, 16 tokens, one repeat")
-    parser.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's choice)")
-    parser.add_argument("--device", default=None, help="cpu (default) or cuda")
-    args = parser.parse_args()
-    for row in run(quick=args.quick, threads=args.threads, device=args.device):
-        print(row)
+    parser.add_argument("--quick", action="store_true")
+    parser.add_argument("--device", choices=["cpu", "cuda"], default=None)
+    args = parser.parse_args(argv)
+    for row in run(quick=args.quick, device=args.device):
+        print(json.dumps(row))
 
 
 if __name__ == "__main__":

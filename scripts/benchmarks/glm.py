@@ -1,75 +1,73 @@
-"""GLM (ChatGLM-6B variant) speed against transformers' native GlmForCausalLM (GLM-4) of the same sizes.
+"""GLM speed against transformers' native GlmForCausalLM (GLM-4) of the same sizes.
 
     python scripts/benchmark.py --only glm [--quick]
     python scripts/benchmarks/glm.py [--quick] [--device cpu|cuda]
 
-Both models are built in this process with random weights, fp32, sdpa attention: hidden 768, 12 layers, 12 heads
+Models are built in this process with random weights and sdpa attention: hidden 768, 12 layers, 12 heads
 (head_dim 64), MLP width 3072, vocabulary 32000 (~110M parameters for ours; GLM-4's gated MLP makes the native
-one ~138M; a third, GLM-4 with MLP width 2048, has as many parameters as ours). Cases:
-- `decode b=1`, `decode b=4`: per-token time of greedy generate() with the KV cache after a 128-token prompt,
-  measured as (time of 1 + N new tokens - time of 1 new token) / N, so the prefill is excluded;
-- `decode b=1, equal params`: the same against the equal-parameter GLM-4 (decode at batch 1 reads every weight
-  once per token, so this is the bandwidth-fair comparison);
-- `prefill 512`, `prefill 2048`: one forward over the prompt (batch 1), as ms per call.
-Ours and native alternate run by run and the medians are reported; `ratio` = ours / native (target for decode:
-<= 1.05). Our prompts end with `[gMASK] <sop>` like the tokenizer's; the native model gets the same ids.
+one ~138M). Both of our variants are measured: `chatglm` (ChatGLM-6B: 2-D rotary positions) and `glm` (GLM-10B
+family: learned 2-D position embeddings), each in fp32 and bf16. Cases:
+- `decode b=N`: per-token time of greedy generate() with the KV cache after a 128-token prompt, 128 new tokens
+  forced (`min_new_tokens`), measured per round as (time of 1 + N new tokens - time of 1 new token) / N so the
+  prefill is excluded; batch 1, 4 and 16;
+- `decode b=1, equal params`: batch 1 against a GLM-4 with MLP width 2048, which holds as many weights as ours
+  (decode at batch 1 reads every weight once per token, so this is the bandwidth-fair comparison);
+- `prefill N`: one forward over an N-token prompt (batch 1), ms per call.
+Ours and native alternate within every round; medians and the interquartile spread are reported, with
+`ratio` = ours / native (below 1.0: ours is faster). Our prompts end with `[gMASK] <sop>` as the tokenizer's do;
+the native model gets the same ids.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
-import statistics
-import sys
-import time
-import types
-from pathlib import Path
+from functools import partial
 
-REPO_ROOT = Path(__file__).resolve().parent.parent.parent
+from _common import alternate, decode_ms_per_token, default_device, ratio_row, repo_module, summary
+
 SIZES = dict(vocab_size=32000, hidden_size=768, num_layers=12, num_attention_heads=12, inner_hidden_size=3072)
-GMASK, SOP, EOP = 31001, 31004, 31005
+MASK, GMASK, SMASK, SOP, EOP, PAD = 31000, 31001, 31002, 31004, 31005, 3
+PROMPT = 128
 
 
-def _import_ours():
-    """The repository's model files as a package (they use relative imports, as remote code does)."""
-    if "glm_repo" not in sys.modules:
-        package = types.ModuleType("glm_repo")
-        package.__path__ = [str(REPO_ROOT)]
-        sys.modules["glm_repo"] = package
-    from glm_repo.configuration_glm import GLMConfig
-    from glm_repo.modeling_glm import GLMForConditionalGeneration
+def build_ours(variant: str, dtype, device: str, sizes: dict = SIZES):
+    """Our GLM of the given sizes, or None when this checkout does not implement `variant`."""
+    import torch
 
-    return GLMConfig, GLMForConditionalGeneration
+    GLMConfig = repo_module("configuration_glm").GLMConfig
+    modeling = repo_module("modeling_glm")
+    config = GLMConfig(
+        **sizes, variant=variant, max_sequence_length=4096, mask_token_id=MASK, gmask_token_id=GMASK,
+        smask_token_id=SMASK, bos_token_id=SOP, eos_token_id=EOP, pad_token_id=PAD,
+    )  # fmt: skip
+    config._attn_implementation = "sdpa"
+    torch.manual_seed(0)
+    try:
+        model = modeling.GLMForConditionalGeneration(config)
+    except NotImplementedError:
+        return None
+    return model.to(device=device, dtype=dtype).eval()
 
 
-def build_models(device: str):
+def build_native(dtype, device: str, mlp_width: int | None = None, sizes: dict = SIZES):
+    """transformers' GlmForCausalLM with our sizes (MLP width `mlp_width` if given)."""
     import torch
     from transformers import GlmConfig, GlmForCausalLM
 
-    GLMConfig, GLMForConditionalGeneration = _import_ours()
+    config = GlmConfig(
+        vocab_size=sizes["vocab_size"], hidden_size=sizes["hidden_size"],
+        intermediate_size=mlp_width or sizes["inner_hidden_size"], num_hidden_layers=sizes["num_layers"],
+        num_attention_heads=sizes["num_attention_heads"], num_key_value_heads=sizes["num_attention_heads"],
+        head_dim=sizes["hidden_size"] // sizes["num_attention_heads"],
+        max_position_embeddings=4096, tie_word_embeddings=True, pad_token_id=PAD, bos_token_id=SOP, eos_token_id=EOP,
+    )  # fmt: skip
+    config._attn_implementation = "sdpa"
     torch.manual_seed(0)
-    ours_config = GLMConfig(
-        **SIZES, max_sequence_length=4096, mask_token_id=31000, gmask_token_id=GMASK, smask_token_id=31002,
-        bos_token_id=SOP, eos_token_id=EOP, pad_token_id=3,
-    )  # fmt: skip
-    ours_config._attn_implementation = "sdpa"
-    ours = GLMForConditionalGeneration(ours_config)
-    native_config = GlmConfig(
-        vocab_size=SIZES["vocab_size"], hidden_size=SIZES["hidden_size"], intermediate_size=SIZES["inner_hidden_size"],
-        num_hidden_layers=SIZES["num_layers"], num_attention_heads=SIZES["num_attention_heads"],
-        num_key_value_heads=SIZES["num_attention_heads"], head_dim=SIZES["hidden_size"] // SIZES["num_attention_heads"],
-        max_position_embeddings=4096, tie_word_embeddings=True, pad_token_id=3, bos_token_id=SOP, eos_token_id=EOP,
-    )  # fmt: skip
-    native_config._attn_implementation = "sdpa"
-    native = GlmForCausalLM(native_config)
-    # GLM-4's MLP is gated (gate and up projections): width 2048 holds as many weights as our 3072-wide MLP
-    matched_config = GlmConfig(**{**native_config.to_dict(), "intermediate_size": 2 * SIZES["inner_hidden_size"] // 3})
-    matched_config._attn_implementation = "sdpa"
-    matched = GlmForCausalLM(matched_config)
-    return ours.to(device).eval(), native.to(device).eval(), matched.to(device).eval()
+    return GlmForCausalLM(config).to(device=device, dtype=dtype).eval()
 
 
-def _prompt(batch: int, length: int, device: str):
+def prompt(batch: int, length: int, device: str):
     import torch
 
     generator = torch.Generator().manual_seed(length * 31 + batch)
@@ -78,103 +76,74 @@ def _prompt(batch: int, length: int, device: str):
     return ids.to(device)
 
 
-def _timed(fn, device: str) -> float:
+def generator_for(model, ids):
+    """`make(n)` -> a callable that greedily generates exactly n tokens after `ids`."""
     import torch
 
-    if device == "cuda":
-        torch.cuda.synchronize()
-    start = time.perf_counter()
-    fn()
-    if device == "cuda":
-        torch.cuda.synchronize()
-    return (time.perf_counter() - start) * 1000
+    def make(n: int):
+        kwargs = dict(do_sample=False, max_new_tokens=n, min_new_tokens=n, pad_token_id=PAD, eos_token_id=EOP)
+        return lambda: model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), **kwargs)
+
+    return make
 
 
-def _alternate(cases: dict[str, callable], repeats: int, device: str) -> dict[str, float]:
-    """Median ms of each callable, running them in turn (after one warm-up each)."""
-    for fn in cases.values():
-        fn()
-    times = {name: [] for name in cases}
-    for _ in range(repeats):
-        for name, fn in cases.items():
-            times[name].append(_timed(fn, device))
-    return {name: statistics.median(t) for name, t in times.items()}
+def params(model) -> int:
+    return sum(p.numel() for p in model.parameters())
 
 
 def run(quick: bool = False, device: str | None = None) -> list[dict]:
     import torch
 
-    device = device or ("cuda" if torch.cuda.is_available() else "cpu")
-    ours, native, matched = build_models(device)
-    params = {name: sum(p.numel() for p in m.parameters()) for name, m in (("ours", ours), ("native", native))}
-    matched_params = {"ours": params["ours"], "native": sum(p.numel() for p in matched.parameters())}
+    device = device or default_device()
+    new_tokens, repeats = (8, 3) if quick else (128, 5)
+    batches = (1, 4) if quick else (1, 4, 16)
+    dtypes = {"fp32": torch.float32} if quick else {"fp32": torch.float32, "bf16": torch.bfloat16}
     rows = []
-    new_tokens = 8 if quick else 32
-    repeats = 3 if quick else 7
-
-    def generate(model, ids, n):
-        gen = dict(do_sample=False, max_new_tokens=n, min_new_tokens=n, pad_token_id=3, eos_token_id=EOP)
-        return lambda: model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), **gen)
-
     with torch.no_grad():
-        for batch in (1, 4):
-            ids = _prompt(batch, 128, device)
-            ms = _alternate(
-                {
-                    "ours_1": generate(ours, ids, 1), "native_1": generate(native, ids, 1),
-                    "ours_n": generate(ours, ids, 1 + new_tokens), "native_n": generate(native, ids, 1 + new_tokens),
-                },
-                repeats, device,
+        for dtype_name, dtype in dtypes.items():
+            native = build_native(dtype, device)
+            for variant in ("chatglm", "glm"):
+                ours = build_ours(variant, dtype, device)
+                if ours is None:
+                    rows.append({"family": "glm", "case": f"{variant} (not implemented in this checkout)"})
+                    continue
+                common = dict(variant=variant, dtype=dtype_name, device=device, params_ours=params(ours),
+                              params_native=params(native))  # fmt: skip
+                for batch in batches:
+                    ids = prompt(batch, PROMPT, device)
+                    ms = decode_ms_per_token(
+                        {"ours": generator_for(ours, ids), "native": generator_for(native, ids)},
+                        new_tokens, repeats, device,
+                    )  # fmt: skip
+                    rows.append(
+                        ratio_row("glm", f"decode b={batch}", ms["ours"], ms["native"], unit="ms/token",
+                                  ours_tokens_per_s=round(batch * 1000 / ms["ours"][0], 1), **common)
+                    )  # fmt: skip
+                for length in (512,) if quick else (512, 2048):
+                    ids = prompt(1, length, device)
+                    times = alternate({"ours": partial(ours, ids), "native": partial(native, ids)}, repeats, device)
+                    rows.append(
+                        ratio_row("glm", f"prefill {length}", summary(times["ours"]), summary(times["native"]),
+                                  unit="ms/call", **common)
+                    )  # fmt: skip
+                del ours
+            del native
+            if quick:
+                continue
+            # the weight-bandwidth-fair comparison: a GLM-4 whose gated MLP holds as many weights as ours
+            matched = build_native(dtype, device, mlp_width=2 * SIZES["inner_hidden_size"] // 3)
+            ours = build_ours("chatglm", dtype, device)
+            ids = prompt(1, PROMPT, device)
+            ms = decode_ms_per_token(
+                {"ours": generator_for(ours, ids), "native": generator_for(matched, ids)}, new_tokens, repeats, device
+            )
+            rows.append(
+                ratio_row("glm", "decode b=1, equal params", ms["ours"], ms["native"], unit="ms/token",
+                          variant="chatglm", dtype=dtype_name, device=device, params_ours=params(ours),
+                          params_native=params(matched))
             )  # fmt: skip
-            ours_ms = (ms["ours_n"] - ms["ours_1"]) / new_tokens
-            native_ms = (ms["native_n"] - ms["native_1"]) / new_tokens
-            rows.append(_row(f"decode b={batch}", ours_ms, native_ms, batch, device, params, unit="ms/token"))
-        # the weight-bandwidth-fair comparison: a GLM-4 with as many parameters as ours
-        ids = _prompt(1, 128, device)
-        ms = _alternate(
-            {
-                "ours_1": generate(ours, ids, 1), "matched_1": generate(matched, ids, 1),
-                "ours_n": generate(ours, ids, 1 + new_tokens), "matched_n": generate(matched, ids, 1 + new_tokens),
-            },
-            repeats, device,
-        )  # fmt: skip
-        ours_ms = (ms["ours_n"] - ms["ours_1"]) / new_tokens
-        matched_ms = (ms["matched_n"] - ms["matched_1"]) / new_tokens
-        rows.append(
-            _row("decode b=1, equal params", ours_ms, matched_ms, 1, device, matched_params, unit="ms/token",
-                 baseline="transformers GlmForCausalLM (GLM-4), MLP width 2048 (equal parameters), fp32, sdpa")
-        )  # fmt: skip
-        for length in (512,) if quick else (512, 2048):
-            ids = _prompt(1, length, device)
-            ms = _alternate({"ours": lambda x=ids: ours(x), "native": lambda x=ids: native(x)}, repeats, device)
-            rows.append(_row(f"prefill {length}", ms["ours"], ms["native"], length, device, params, unit="ms/call"))
+            del matched, ours
     return rows
-
-
-def _row(
-    case: str,
-    ours_ms: float,
-    native_ms: float,
-    tokens: int,
-    device: str,
-    params: dict,
-    unit: str,
-    baseline: str = "transformers GlmForCausalLM (GLM-4), same sizes, random weights, fp32, sdpa",
-) -> dict:
-    return {
-        "family": "glm",
-        "case": case,
-        "ours_ms": round(ours_ms, 3),
-        "native_ms": round(native_ms, 3),
-        "ratio": round(ours_ms / native_ms, 3),
-        "ours_tokens_per_s": round(tokens * 1000 / ours_ms, 1),
-        "native_tokens_per_s": round(tokens * 1000 / native_ms, 1),
-        "unit": unit,
-        "device": device,
-        "params_ours": params["ours"],
-        "params_native": params["native"],
-        "baseline": baseline,
-    }
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -1,0 +1,109 @@
+"""The benchmark's arithmetic: per-token decode time, medians and spreads, the results files. A fake clock makes
+the timing deterministic; no test here measures real speed (that is the benchmark's job, not CI's)."""
+
+import json
+import subprocess
+import sys
+
+import pytest
+from helpers import REPO_ROOT
+
+sys.path.insert(0, str(REPO_ROOT / "scripts"))
+sys.path.insert(0, str(REPO_ROOT / "scripts" / "benchmarks"))
+
+import _common  # noqa: E402
+import benchmark  # noqa: E402
+
+
+class FakeClock:
+    def __init__(self):
+        self.now = 0.0
+
+    def perf_counter(self):
+        return self.now
+
+
+@pytest.fixture
+def clock(monkeypatch):
+    fake = FakeClock()
+    monkeypatch.setattr(_common.time, "perf_counter", fake.perf_counter)
+    return fake
+
+
+def test_summary_median_and_interquartile_spread():
+    assert _common.summary([1.0, 2.0, 3.0]) == (2.0, 1.0)  # few samples: (max - min) / median
+    median, spread = _common.summary([10.0, 10.0, 12.0, 14.0, 100.0])
+    assert median == 12.0
+    q1, _, q3 = (10.0, 12.0, 57.0)  # statistics.quantiles' default (exclusive) method on these five values
+    assert spread == pytest.approx((q3 - q1) / 12.0)
+
+
+def test_decode_time_excludes_the_prefill(clock):
+    # a model whose generate costs 50 ms of prefill plus 2 ms (ours) or 3 ms (theirs) per token
+    def maker(prefill_ms, token_ms):
+        def make(n):
+            def call():
+                clock.now += (prefill_ms + token_ms * n) / 1000
+
+            return call
+
+        return make
+
+    result = _common.decode_ms_per_token({"ours": maker(50, 2), "theirs": maker(80, 3)}, 16, 5, "cpu")
+    assert result["ours"][0] == pytest.approx(2.0)
+    assert result["theirs"][0] == pytest.approx(3.0)
+    assert result["ours"][1] == pytest.approx(0.0, abs=1e-9)
+
+
+def test_alternate_runs_cases_in_turn(clock):
+    order = []
+    cases = {name: (lambda name=name: order.append(name)) for name in ("a", "b")}
+    times = _common.alternate(cases, 3, "cpu")
+    assert order == ["a", "b"] * 4  # one warm-up round, then three timed rounds
+    assert {name: len(t) for name, t in times.items()} == {"a": 3, "b": 3}
+
+
+def test_ratio_row():
+    row = _common.ratio_row("glm", "decode b=1", (2.0, 0.1), (4.0, 0.2), dtype="fp32")
+    assert row["ratio"] == 0.5 and row["dtype"] == "fp32" and row["family"] == "glm"
+
+
+def test_markdown_and_plot(tmp_path):
+    rows = [
+        _common.ratio_row("glm", "decode b=1", (2.0, 0.1), (4.0, 0.2), dtype="fp32"),
+        _common.ratio_row("bart", "greedy b=1", (5.0, 0.1), (4.0, 0.2)),
+        {"family": "bandwidth", "case": "tensor copy", "gb_per_s": 7.0},
+    ]
+    info = {"cpu": "test cpu", "cores": 2, "torch": "x", "transformers": "y", "date": "today"}
+    text = benchmark.to_markdown(info, rows)
+    assert "### glm" in text and "### bandwidth" in text and "| decode b=1 | 2 | 4 | 0.5 |" in text
+    assert benchmark.label(rows[0]) == "glm: decode b=1 (fp32)"
+    assert benchmark.plot_ratios(rows, tmp_path / "r.png")
+    assert (tmp_path / "r.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_unknown_benchmark_is_a_clear_error():
+    proc = subprocess.run(
+        [sys.executable, str(REPO_ROOT / "scripts" / "benchmark.py"), "--only", "nope"],
+        capture_output=True,
+        text=True,
+    )
+    assert proc.returncode != 0
+    assert "--only: unknown benchmark(s) ['nope']" in proc.stderr
+    assert "_common" not in proc.stderr  # the shared helpers are not offered as a benchmark
+
+
+def test_partial_run_keeps_other_families(tmp_path, monkeypatch):
+    out = tmp_path / "results"
+    out.mkdir()
+    old = {"machine": {"cpu": "c"}, "rows": [{"family": "bart", "case": "x", "ratio": 1.0}, {"family": "tokenizer"}]}
+    (out / "results.json").write_text(json.dumps(old))
+
+    fake = type(sys)("fake_family")
+    fake.run = lambda quick: [{"case": "new", "ratio": 0.5}]
+    monkeypatch.setitem(sys.modules, "fake_family", fake)
+    monkeypatch.setattr(benchmark.pkgutil, "iter_modules", lambda path: [type("M", (), {"name": "fake_family"})])
+    monkeypatch.setattr(sys, "argv", ["benchmark.py", "--only", "fake_family", "--out", str(out)])
+    assert benchmark.main() == 0
+    rows = json.loads((out / "results.json").read_text())["rows"]
+    assert [row["family"] for row in rows] == ["bart", "tokenizer", "fake_family"]
