@@ -105,3 +105,24 @@ def test_shipped_model_answers_heldout_questions_in_fresh_process():
     assert fact_ok / fact_n >= 0.95, f"fact accuracy {fact_ok}/{fact_n}; {msg}"
     assert arith_ok / arith_n >= 0.90, f"arithmetic accuracy {arith_ok}/{arith_n}; {msg}"
     assert out["batch"] == out["single"], "left-padded batch differs from one-by-one generation"
+
+
+@pytest.mark.slow
+def test_training_is_deterministic(tmp_path):
+    """Two short runs of scripts/train_default.py with the same seed write byte-identical weights and tokenizer
+    (the full-length version of this check was run once by hand: see the README's default-model section)."""
+    outputs = []
+    for run in ("a", "b"):
+        out = tmp_path / run
+        proc = subprocess.run(
+            [sys.executable, str(REPO_ROOT / "scripts" / "train_default.py"), "--out", str(out), "--max-steps", "4",
+             "--no-eval", "--logging-steps", "1", "--save-steps", "1000"],
+            capture_output=True, text=True, env=fresh_env(tmp_path / f"hf_home_{run}"), timeout=600,
+        )  # fmt: skip
+        assert proc.returncode == 0, proc.stderr[-3000:]
+        logged = [json.loads(line) for line in (out / "loss_log.jsonl").read_text().splitlines()]
+        losses = [entry["loss"] for entry in logged if "loss" in entry]
+        assert losses and all(loss == loss and loss < 20 for loss in losses), losses  # finite, not NaN
+        outputs.append({name: (out / "final" / name).read_bytes() for name in ("model.safetensors", "tokenizer.model")})
+    for name in outputs[0]:
+        assert outputs[0][name] == outputs[1][name], f"{name} differs between two runs with the same seed"
