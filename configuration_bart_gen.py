@@ -7,12 +7,16 @@ Follows `transformers.models.bart.configuration_bart.BartConfig` field for field
   config that relies on it loads with an untied, randomly initialised LM head);
 - generation parameters (`forced_bos_token_id`, `forced_eos_token_id`, `num_beams`, ...) are never config
   attributes (5.x refuses to save them): they live in `generation_config.json`. Passing them here logs a
-  warning and drops them; `scripts/convert_checkpoint.py --arch bart` moves them for you.
+  warning and drops them; `scripts/convert_checkpoint.py --arch bart` moves them for you;
+- `custom_pipelines` names the repository's text2text-generation pipeline (5.x removed the native task).
 """
 
 from __future__ import annotations
 
+import copy
+
 from transformers import PretrainedConfig
+from transformers.activations import ACT2FN
 from transformers.utils import logging
 
 logger = logging.get_logger(__name__)
@@ -47,11 +51,41 @@ DEFAULT_AUTO_MAP = {
     "AutoModelForSeq2SeqLM": "modeling_bart_gen.BartGenForConditionalGeneration",
 }
 
+# `pipeline()` reads this before its own task table (4.57 and 5.x alike), so "text2text-generation", which 5.x
+# removed, resolves to the pipeline class shipped in modeling_bart_gen.py on both versions.
+DEFAULT_CUSTOM_PIPELINES = {
+    "text2text-generation": {
+        "impl": "modeling_bart_gen.BartGenText2TextPipeline",
+        "pt": ["AutoModelForSeq2SeqLM"],
+        "type": "text",
+    }
+}
+
+
+def _validate_options(fields: dict) -> None:
+    """ValueError naming the field for dropout probabilities outside [0, 1), an unknown activation function, or a
+    special-token id outside the vocabulary."""
+    for name in ("dropout", "attention_dropout", "activation_dropout", "encoder_layerdrop", "decoder_layerdrop"):
+        value = fields[name]
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0.0 <= value < 1.0:
+            raise ValueError(f"{name} must be a probability in [0, 1), got {value!r}")
+    if fields["activation_function"] not in ACT2FN:
+        raise ValueError(f"activation_function={fields['activation_function']!r} is not one of transformers' ACT2FN")
+    vocab_size = fields["vocab_size"]
+    for name in ("pad_token_id", "bos_token_id", "eos_token_id", "decoder_start_token_id"):
+        ids = fields[name] if isinstance(fields[name], (list, tuple)) else [fields[name]]
+        for value in ids:
+            if value is not None and (
+                isinstance(value, bool) or not isinstance(value, int) or not 0 <= value < vocab_size
+            ):
+                raise ValueError(f"{name}={fields[name]!r} must be None or a token id in [0, vocab_size={vocab_size})")
+
 
 class BartGenConfig(PretrainedConfig):
     """Sizes and options of a BART encoder-decoder (defaults: facebook/bart-large)."""
 
     model_type = "bart_gen"
+    _auto_class = "AutoConfig"  # save_pretrained copies this file next to config.json
     keys_to_ignore_at_inference = ["past_key_values"]
     attribute_map = {
         "num_attention_heads": "encoder_attention_heads",
@@ -89,14 +123,26 @@ class BartGenConfig(PretrainedConfig):
         tie_word_embeddings: bool = True,  # LM head shares the `shared` token embedding (the seed's bug if not)
         **kwargs,
     ):
+        sizes = {
+            "vocab_size": vocab_size,
+            "max_position_embeddings": max_position_embeddings,
+            "d_model": d_model,
+            "encoder_layers": encoder_layers,
+            "decoder_layers": decoder_layers,
+            "encoder_attention_heads": encoder_attention_heads,
+            "decoder_attention_heads": decoder_attention_heads,
+            "encoder_ffn_dim": encoder_ffn_dim,
+            "decoder_ffn_dim": decoder_ffn_dim,
+        }
+        for name, value in sizes.items():
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise ValueError(f"{name} must be a positive integer, got {value!r}")
         if d_model % encoder_attention_heads != 0 or d_model % decoder_attention_heads != 0:
             raise ValueError(
                 f"d_model ({d_model}) must be divisible by encoder_attention_heads ({encoder_attention_heads}) "
                 f"and decoder_attention_heads ({decoder_attention_heads})"
             )
-        for name, value in (("vocab_size", vocab_size), ("max_position_embeddings", max_position_embeddings)):
-            if value < 1:
-                raise ValueError(f"{name} must be a positive integer, got {value}")
+        _validate_options(locals())
 
         # Old BART configs carry generation defaults; they belong to generation_config.json.
         moved = {key: kwargs.pop(key) for key in GENERATION_PARAMETERS if key in kwargs}
@@ -111,6 +157,7 @@ class BartGenConfig(PretrainedConfig):
                 "generation_config.json (`scripts/convert_checkpoint.py --arch bart` moves them there)."
             )
         kwargs.setdefault("auto_map", dict(DEFAULT_AUTO_MAP))
+        kwargs.setdefault("custom_pipelines", copy.deepcopy(DEFAULT_CUSTOM_PIPELINES))
 
         self.vocab_size = vocab_size
         self.max_position_embeddings = max_position_embeddings

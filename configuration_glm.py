@@ -5,16 +5,21 @@ One config class serves the GLM architecture variants:
 - ``variant="chatglm"``: the ChatGLM-6B architecture (THUDM/chatglm-6b): 2-D rotary embeddings, the
   ``alpha * LN(x)`` residual, layer-dependent query scaling with an fp32 softmax, tanh-GELU MLP, LM head
   tied to the word embeddings, optional P-tuning v2 prefix encoder.
-- ``variant="glm"``: the GLM-10B family (glm-10b, glm-large-chinese, glm-2b): learned absolute and
-  block-position embeddings, pre-LN plain residual, contiguous q|k|v split, erf GELU. Reserved; the
-  model code raises ``NotImplementedError`` for it in this release.
+- ``variant="glm"``: the GLM-10B family (glm-10b, glm-10b-chinese, glm-large-chinese, glm-2b; THUDM's GLM
+  remote code, ``model_type: glm``): learned absolute and block-position embeddings
+  (``max_sequence_length + 1`` rows each), pre-LN plain residual, contiguous q|k|v split, erf GELU, dropout
+  after the embeddings, the attention probabilities and each block output; output tied to the word
+  embeddings. ``residual_alpha`` and ``position_encoding_2d`` do not apply to it.
 
 The field names are THUDM's ChatGLM-6B ``config.json`` names (``num_layers``, ``inner_hidden_size``,
 ``max_sequence_length``, ``layernorm_epsilon``, ...), so a THUDM ``config.json`` is accepted unchanged;
 ``attribute_map`` adds the usual Hugging Face names (``num_hidden_layers``, ``intermediate_size``, ...).
 Differences from THUDM's ``ChatGLMConfig``: the defaults are the final chatglm-6b checkpoint's values
 (130xxx special-token ids, ``use_cache=True``), ``smask_token_id``, ``residual_alpha`` and ``variant``
-are added, ``tie_word_embeddings`` is declared explicitly, and the config validates itself.
+are added, ``tie_word_embeddings`` is declared explicitly, and the config validates itself. GLM's own
+``GLMConfig`` fields that matter (``embedding_dropout_prob``, ``attention_dropout_prob``,
+``output_dropout_prob``, plus the ``classifier_dropout`` its classification head reads) keep their names;
+a GLM ``config.json`` is translated by ``scripts/convert_checkpoint.py --arch glm``.
 """
 
 from __future__ import annotations
@@ -32,6 +37,8 @@ DEFAULT_AUTO_MAP = {
     "AutoModel": "modeling_glm.GLMModel",
     "AutoModelForCausalLM": "modeling_glm.GLMForConditionalGeneration",
     "AutoModelForSeq2SeqLM": "modeling_glm.GLMForConditionalGeneration",
+    "AutoModelForSequenceClassification": "modeling_glm.GLMForSequenceClassification",
+    "AutoModelForMultipleChoice": "modeling_glm.GLMForMultipleChoice",
 }
 
 
@@ -46,7 +53,8 @@ class GLMConfig(PretrainedConfig):
         num_layers: number of transformer blocks (HF name: `num_hidden_layers`).
         num_attention_heads: attention heads; `hidden_size` must divide evenly, and for 2-D rotary
             embeddings the head dimension must be a multiple of 4.
-        inner_hidden_size: width of the MLP (HF name: `intermediate_size`); `None` means 4 * hidden_size.
+        inner_hidden_size: width of the MLP (HF name: `intermediate_size`); `None` (the default) means
+            4 * hidden_size, which is THUDM's 16384 for chatglm-6b and what GLM's code hard-codes.
         max_sequence_length: longest sequence (prompt plus generated tokens) the model accepts.
         layernorm_epsilon: LayerNorm epsilon.
         position_encoding_2d: ChatGLM's 2-D rotary embedding (first half of each head rotated by the
@@ -54,7 +62,7 @@ class GLMConfig(PretrainedConfig):
         residual_alpha: scale of the normalised input in ChatGLM's residual `LN(x) * alpha + f(LN(x))`.
             THUDM's code uses `sqrt(2 * 28)` whatever the depth, so that is the default; a model
             trained with another depth under THUDM's code used the same value.
-        variant: `"chatglm"` (ChatGLM-6B) or `"glm"` (GLM-10B family, reserved).
+        variant: `"chatglm"` (ChatGLM-6B) or `"glm"` (GLM-10B family).
         bos_token_id: `<sop>`, the token that opens the span to generate; the context is everything
             before it (bidirectional attention), the span from it on is causal.
         eos_token_id: `<eop>`, the token that closes a generated span.
@@ -66,6 +74,11 @@ class GLMConfig(PretrainedConfig):
         prefix_projection: P-tuning v2 with a two-layer MLP reparameterisation of the prefix.
         prefix_dropout: dropout on the prefix keys and values (THUDM: 0.1).
         quantization_bit: THUDM's int4/int8 quantisation; only 0 (not quantised) is supported.
+        embedding_dropout_prob, attention_dropout_prob, output_dropout_prob: GLM's dropout on the summed
+            embeddings, on the attention probabilities and on each attention / MLP output (GLM checkpoints
+            were trained with 0.1; THUDM's ChatGLM-6B code has none, hence the default 0.0).
+        classifier_dropout: dropout of [`GLMForSequenceClassification`]'s head; `None` means
+            `output_dropout_prob` (as in GLM's code).
         initializer_range: standard deviation of the normal initialiser.
         use_cache: return the key/value cache from `forward`.
         tie_word_embeddings: tie the LM head to the word embeddings (ChatGLM-6B: tied).
@@ -87,7 +100,7 @@ class GLMConfig(PretrainedConfig):
         hidden_size: int = 4096,
         num_layers: int = 28,
         num_attention_heads: int = 32,
-        inner_hidden_size: int | None = 16384,
+        inner_hidden_size: int | None = None,
         max_sequence_length: int = 2048,
         layernorm_epsilon: float = 1e-5,
         position_encoding_2d: bool = True,
@@ -103,6 +116,10 @@ class GLMConfig(PretrainedConfig):
         prefix_projection: bool = False,
         prefix_dropout: float = 0.1,
         quantization_bit: int = 0,
+        embedding_dropout_prob: float = 0.0,
+        attention_dropout_prob: float = 0.0,
+        output_dropout_prob: float = 0.0,
+        classifier_dropout: float | None = None,
         initializer_range: float = 0.02,
         use_cache: bool = True,
         tie_word_embeddings: bool = True,
@@ -125,6 +142,10 @@ class GLMConfig(PretrainedConfig):
         self.prefix_projection = prefix_projection
         self.prefix_dropout = prefix_dropout
         self.quantization_bit = quantization_bit
+        self.embedding_dropout_prob = embedding_dropout_prob
+        self.attention_dropout_prob = attention_dropout_prob
+        self.output_dropout_prob = output_dropout_prob
+        self.classifier_dropout = classifier_dropout
         self.initializer_range = initializer_range
         self.use_cache = use_cache
         kwargs.pop("head_dim", None)  # derived below; a stale value in a config.json is ignored
@@ -191,8 +212,14 @@ class GLMConfig(PretrainedConfig):
             raise ValueError(f"GLMConfig.layernorm_epsilon must be a positive number, got {self.layernorm_epsilon!r}")
         if self.pre_seq_len is not None:
             positive_int("pre_seq_len")
-        if not 0.0 <= self.prefix_dropout < 1.0:
-            raise ValueError(f"GLMConfig.prefix_dropout must be in [0, 1), got {self.prefix_dropout!r}")
+        for name in ("prefix_dropout", "embedding_dropout_prob", "attention_dropout_prob", "output_dropout_prob"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0.0 <= value < 1.0:
+                raise ValueError(f"GLMConfig.{name} must be a number in [0, 1), got {value!r}")
+        if self.classifier_dropout is not None and not (
+            isinstance(self.classifier_dropout, (int, float)) and 0.0 <= self.classifier_dropout < 1.0
+        ):
+            raise ValueError(f"GLMConfig.classifier_dropout must be None or in [0, 1), got {self.classifier_dropout!r}")
         for name in (
             "bos_token_id",
             "eos_token_id",
@@ -210,6 +237,16 @@ class GLMConfig(PretrainedConfig):
                 )
         if self.bos_token_id in self.blank_token_ids:
             raise ValueError(f"GLMConfig.bos_token_id ({self.bos_token_id}) must differ from the blank token ids")
+        if self.eos_token_id == self.bos_token_id:
+            raise ValueError(
+                f"GLMConfig.eos_token_id ({self.eos_token_id}) must differ from bos_token_id: <eop> closes the span "
+                "that <sop> opens"
+            )
+        if self.pad_token_id is not None and self.pad_token_id in (self.bos_token_id, *self.blank_token_ids):
+            raise ValueError(
+                f"GLMConfig.pad_token_id ({self.pad_token_id}) must differ from bos_token_id and the blank token ids "
+                "(padding would be read as a span start or a blank)"
+            )
 
     def to_diff_dict(self) -> dict:
         # 4.57 leaves out values equal to its base defaults (tie_word_embeddings=True); write the tie out so

@@ -156,8 +156,23 @@ class GPT2SparseConfig(PretrainedConfig):
             )
         for name in ("hidden_dropout", "attention_dropout"):
             value = getattr(self, name)
-            if not 0.0 <= value < 1.0:
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0.0 <= value < 1.0:
                 raise ValueError(f"GPT2SparseConfig.{name} must be in [0, 1), got {value!r}")
+        if isinstance(self.layernorm_epsilon, bool) or not (
+            isinstance(self.layernorm_epsilon, (int, float)) and self.layernorm_epsilon > 0
+        ):
+            raise ValueError(
+                f"GPT2SparseConfig.layernorm_epsilon must be a positive number, got {self.layernorm_epsilon!r}"
+            )
+        if self.is_sparse == 1 and (
+            self.max_position_embeddings < self.key_window_times * self.query_window
+            or self.num_pivot > self.max_position_embeddings
+        ):
+            raise ValueError(
+                "GPT2SparseConfig.is_sparse=1 (sparse training by default) needs max_position_embeddings "
+                f"({self.max_position_embeddings}) >= key_window_times * query_window "
+                f"({self.key_window_times} * {self.query_window}) and >= num_pivot ({self.num_pivot})"
+            )
 
     def validate_sparse_training_length(self, seq_len: int, name: str = "sequence length") -> None:
         """Raise a ValueError unless a sequence of `seq_len` tokens can run sparse training (is_sparse=1)."""

@@ -18,7 +18,9 @@ BART copy that broke in 5.x):
 - masks are built here, once per forward, from public tensors (no `masking_utils`, whose signature changed
   between 4.57 and 5.x); attention dispatches through `ALL_ATTENTION_FUNCTIONS` ("eager" or "sdpa");
 - bad input (ids past the vocabulary, sequences past `max_position_embeddings`, labels without
-  `decoder_start_token_id`/`pad_token_id`) raises a ValueError naming the problem.
+  `decoder_start_token_id`/`pad_token_id`) raises a ValueError naming the problem;
+- `BartGenText2TextPipeline`, named in the config's `custom_pipelines`, keeps
+  `pipeline("text2text-generation", model=DIR, trust_remote_code=True)` working on 5.x, which removed that task.
 """
 
 from __future__ import annotations
@@ -29,7 +31,7 @@ from collections.abc import Callable
 import torch
 from torch import nn
 from torch.nn import functional as F
-from transformers import GenerationMixin, PreTrainedModel
+from transformers import GenerationMixin, Pipeline, PreTrainedModel
 from transformers.activations import ACT2FN
 from transformers.cache_utils import Cache, DynamicCache, EncoderDecoderCache
 from transformers.modeling_layers import GradientCheckpointingLayer
@@ -66,8 +68,14 @@ def shift_tokens_right(input_ids: torch.Tensor, pad_token_id: int | None, decode
 
 
 def _check_ids(ids: torch.Tensor, vocab_size: int, name: str, allow_ignore_index: bool = False) -> None:
-    """Raise a ValueError (instead of an IndexError or a device assert) for ids outside the vocabulary."""
-    if torch.compiler.is_compiling() or ids.numel() == 0:
+    """Raise a ValueError (instead of an IndexError or a device assert) for ids outside the vocabulary, a TypeError /
+    ValueError for ids that are not a non-empty integer tensor [batch, length]."""
+    if not isinstance(ids, torch.Tensor) or ids.is_floating_point() or ids.is_complex() or ids.dtype == torch.bool:
+        kind = ids.dtype if isinstance(ids, torch.Tensor) else type(ids).__name__
+        raise TypeError(f"{name} must be an integer tensor of token ids [batch, length], got {kind}")
+    if ids.dim() != 2 or ids.numel() == 0:
+        raise ValueError(f"{name} must have a non-empty shape [batch, length], got {list(ids.shape)}")
+    if torch.compiler.is_compiling():
         return
     bad = (ids < 0) | (ids >= vocab_size)
     if allow_ignore_index:
@@ -85,14 +93,40 @@ def _check_length(length: int, max_positions: int, name: str) -> None:
         )
 
 
+def _check_embeds(embeds: torch.Tensor, d_model: int, name: str) -> None:
+    """TypeError / ValueError naming `name` unless `embeds` is a finite float tensor [batch, length, d_model]."""
+    if not isinstance(embeds, torch.Tensor) or not embeds.is_floating_point():
+        kind = embeds.dtype if isinstance(embeds, torch.Tensor) else type(embeds).__name__
+        raise TypeError(f"{name} must be a floating-point tensor [batch, length, d_model], got {kind}")
+    if embeds.dim() != 3 or embeds.shape[-1] != d_model or embeds.numel() == 0:
+        raise ValueError(
+            f"{name} must have a non-empty shape [batch, length, d_model={d_model}], got {list(embeds.shape)}"
+        )
+    if not torch.compiler.is_compiling() and not bool(torch.isfinite(embeds).all()):
+        raise ValueError(f"{name} holds NaN or inf values")
+
+
+def _check_mask_shape(attention_mask: torch.Tensor | None, shape: tuple[int, int], name: str) -> None:
+    if attention_mask is not None and tuple(attention_mask.shape) != tuple(shape):
+        raise ValueError(f"{name} must have shape [batch, length] = {list(shape)}, got {list(attention_mask.shape)}")
+
+
 def _padding_or_none(attention_mask: torch.Tensor | None) -> torch.Tensor | None:
     """A 2-D 0/1 mask as bool, or None when it masks nothing (then no mask tensor is needed at all)."""
     if attention_mask is None:
         return None
     if attention_mask.dim() != 2:
         raise ValueError(f"attention masks must be 2-D [batch, length] 0/1 tensors, got shape {attention_mask.shape}")
-    attention_mask = attention_mask.bool()
-    return None if bool(attention_mask.all()) else attention_mask
+    if torch.compiler.is_compiling():
+        return attention_mask.bool()  # the all-ones shortcut is data-dependent: it would break the compiled graph
+    is_pad = attention_mask == 0
+    flags = torch.stack((((attention_mask != 0) & (attention_mask != 1)).any(), is_pad.any(), is_pad.all(-1).any()))
+    not_binary, has_padding, empty_row = flags.tolist()  # one device sync for all three
+    if not_binary:
+        raise ValueError("attention masks must hold 0/1 (1 = real token, 0 = padding), got other values")
+    if empty_row:
+        raise ValueError("an attention mask has a row of padding only: every sequence needs at least one real token")
+    return attention_mask.bool() if has_padding else None
 
 
 def _to_backend_mask(allowed: torch.Tensor, dtype: torch.dtype, attn_implementation: str | None) -> torch.Tensor:
@@ -319,6 +353,32 @@ class BartGenDecoderLayer(GradientCheckpointingLayer):
         return hidden_states, self_attn_weights, cross_attn_weights
 
 
+def _check_loaded_weights(model: nn.Module, missing_keys) -> None:
+    """Refuse a half-loaded or damaged checkpoint: weights of the model body missing from it (they would run randomly
+    initialised, with only a warning from transformers), or parameters holding NaN / inf (a corrupted file)."""
+    prefix = model.base_model_prefix
+    has_body = hasattr(model, prefix)  # a head model: its body lives under `prefix.`
+    body = sorted(k for k in missing_keys if not has_body or k.startswith(f"{prefix}."))
+    if body:
+        shown = ", ".join(body[:5]) + (f" (+{len(body) - 5} more)" if len(body) > 5 else "")
+        raise ValueError(
+            f"the checkpoint lacks {len(body)} weight(s) of the model body: {shown}. It is incomplete or of another "
+            "architecture (check config.json's sizes); refusing to run with randomly initialised weights."
+        )
+    damaged = []
+    for name, param in model.named_parameters():
+        if not param.is_floating_point() or param.device.type == "meta":
+            continue
+        total = param.detach().sum(dtype=torch.float32 if param.element_size() < 4 else None)  # no large temporary
+        if not bool(torch.isfinite(total)) and not bool(torch.isfinite(param).all()):
+            damaged.append(name)
+    if damaged:
+        raise ValueError(
+            f"the checkpoint holds NaN or inf values in {', '.join(damaged[:5])}: the weight file is damaged "
+            "(re-download or re-convert it)"
+        )
+
+
 class BartGenPreTrainedModel(PreTrainedModel):
     config_class = BartGenConfig
     base_model_prefix = "model"
@@ -329,6 +389,13 @@ class BartGenPreTrainedModel(PreTrainedModel):
     _supports_sdpa = True
     _supports_flash_attn = False
     _supports_flex_attn = False
+
+    @classmethod
+    def from_pretrained(cls, *args, **kwargs):
+        want_info = kwargs.pop("output_loading_info", False)
+        model, info = super().from_pretrained(*args, output_loading_info=True, **kwargs)
+        _check_loaded_weights(model, info.get("missing_keys", []))  # never run half-loaded or damaged weights
+        return (model, info) if want_info else model
 
     def _init_weights(self, module: nn.Module) -> None:
         std = self.config.init_std
@@ -388,7 +455,10 @@ class BartGenEncoder(BartGenPreTrainedModel):
         if inputs_embeds is None:
             _check_ids(input_ids, self.embed_tokens.num_embeddings, "input_ids")
             inputs_embeds = self.embed_tokens(input_ids)  # (B, S, C)
+        else:
+            _check_embeds(inputs_embeds, self.config.d_model, "inputs_embeds")
         B, S = inputs_embeds.shape[:2]
+        _check_mask_shape(attention_mask, (B, S), "attention_mask")
         _check_length(S, self.config.max_position_embeddings, "input_ids (encoder)")
 
         hidden_states = inputs_embeds + self.embed_positions(S)
@@ -479,14 +549,29 @@ class BartGenDecoder(BartGenPreTrainedModel):
         output_hidden_states = (
             output_hidden_states if output_hidden_states is not None else self.config.output_hidden_states
         )
+        requested_cache = use_cache  # None: config.use_cache decides (and is turned off below without a warning)
         use_cache = use_cache if use_cache is not None else self.config.use_cache
         if self.gradient_checkpointing and self.training and use_cache:
-            logger.warning_once("use_cache=True is incompatible with gradient checkpointing; setting use_cache=False")
+            if requested_cache:
+                logger.warning_once(
+                    "use_cache=True is incompatible with gradient checkpointing; setting use_cache=False"
+                )
             use_cache = False
         if inputs_embeds is None:
             _check_ids(input_ids, self.embed_tokens.num_embeddings, "decoder_input_ids")
             inputs_embeds = self.embed_tokens(input_ids)  # (B, T, C)
+        else:
+            _check_embeds(inputs_embeds, self.config.d_model, "decoder_inputs_embeds")
         B, T = inputs_embeds.shape[:2]
+        if encoder_hidden_states is not None and (
+            encoder_hidden_states.dim() != 3
+            or encoder_hidden_states.shape[0] != B
+            or encoder_hidden_states.shape[-1] != self.config.d_model
+        ):
+            raise ValueError(
+                f"encoder_outputs must be [batch={B}, source length, d_model={self.config.d_model}], got "
+                f"{list(encoder_hidden_states.shape)}"
+            )
 
         if isinstance(past_key_values, (tuple, list)):
             raise ValueError(
@@ -501,6 +586,9 @@ class BartGenDecoder(BartGenPreTrainedModel):
             )
         past_length = past_key_values.get_seq_length() if past_key_values is not None else 0
         _check_length(past_length + T, self.config.max_position_embeddings, "the decoder sequence (cache + new tokens)")
+        _check_mask_shape(attention_mask, (B, past_length + T), "decoder_attention_mask")
+        if encoder_hidden_states is not None:
+            _check_mask_shape(encoder_attention_mask, encoder_hidden_states.shape[:2], "attention_mask (encoder)")
 
         self_mask = self._self_attention_mask(attention_mask, T, past_length, inputs_embeds.dtype, inputs_embeds.device)
         cross_mask = None
@@ -550,6 +638,7 @@ class BartGenDecoder(BartGenPreTrainedModel):
 class BartGenModel(BartGenPreTrainedModel):
     """Encoder + decoder sharing one token embedding (`shared`); outputs the decoder's hidden states."""
 
+    _auto_class = "AutoModel"  # save_pretrained / push_to_hub copy the code files even when built directly
     # The encoder and decoder hold the very module `shared` (one Parameter on every version); the mapping
     # lets 5.x save one copy and load checkpoints that store any of the three names.
     _tied_weights_keys = {
@@ -605,6 +694,7 @@ class BartGenModel(BartGenPreTrainedModel):
         if decoder_input_ids is None and decoder_inputs_embeds is None:
             if input_ids is None:
                 raise ValueError("pass decoder_input_ids (or decoder_inputs_embeds), or input_ids to shift right")
+            _check_ids(input_ids, self.config.vocab_size, "input_ids")
             decoder_input_ids = shift_tokens_right(
                 input_ids, self.config.pad_token_id, self.config.decoder_start_token_id
             )
@@ -652,6 +742,7 @@ class BartGenModel(BartGenPreTrainedModel):
 class BartGenForConditionalGeneration(BartGenPreTrainedModel, GenerationMixin):
     """BART with its LM head (tied to `model.shared`) and `final_logits_bias`: summarisation, translation, ..."""
 
+    _auto_class = "AutoModelForSeq2SeqLM"  # save_pretrained / push_to_hub copy the code files
     _tied_weights_keys = {"lm_head.weight": "model.shared.weight"}
     _keys_to_ignore_on_load_missing = [r"final_logits_bias"]
 
@@ -688,6 +779,15 @@ class BartGenForConditionalGeneration(BartGenPreTrainedModel, GenerationMixin):
 
     def prepare_decoder_input_ids_from_labels(self, labels: torch.Tensor) -> torch.Tensor:
         return shift_tokens_right(labels, self.config.pad_token_id, self.config.decoder_start_token_id)
+
+    def generate(self, inputs: torch.Tensor | None = None, *args, **kwargs):
+        """`GenerationMixin.generate`, with the source checked first: a clear error for ids that are not an integer
+        [batch, length] tensor, or a padding mask of another shape, instead of one from deep inside generate()."""
+        ids = inputs if inputs is not None else kwargs.get("input_ids")
+        if ids is not None:
+            _check_ids(ids, self.config.vocab_size, "input_ids")
+            _check_mask_shape(kwargs.get("attention_mask"), tuple(ids.shape), "attention_mask")
+        return super().generate(inputs, *args, **kwargs)
 
     @can_return_tuple
     def forward(
@@ -751,6 +851,11 @@ class BartGenForConditionalGeneration(BartGenPreTrainedModel, GenerationMixin):
 
         loss = None
         if labels is not None:
+            if labels.shape != logits.shape[:2]:
+                raise ValueError(
+                    f"labels must have the decoder's shape [batch, length] = {list(logits.shape[:2])}, got "
+                    f"{list(labels.shape)}"
+                )
             loss = F.cross_entropy(logits.view(-1, logits.shape[-1]), labels.to(logits.device).view(-1))
 
         return Seq2SeqLMOutput(
@@ -766,4 +871,69 @@ class BartGenForConditionalGeneration(BartGenPreTrainedModel, GenerationMixin):
         )
 
 
-__all__ = ["BartGenPreTrainedModel", "BartGenModel", "BartGenForConditionalGeneration"]
+class BartGenText2TextPipeline(Pipeline):
+    """Text-to-text generation with BART-gen, for `pipeline("text2text-generation", model=DIR, trust_remote_code=True)`.
+
+    transformers 5.x removed its text2text-generation, summarization and translation tasks (4.57 still has them).
+    BART-gen's config names this class under `custom_pipelines`, which `pipeline()` reads before its own task table
+    on both versions, so the same call works on 4.57 and 5.x and gives the same output on both. Results have the
+    format of 4.57's `Text2TextGenerationPipeline`: one `{"generated_text": ...}` per returned sequence
+    (`{"generated_token_ids": ...}` with `return_tensors=True`); a list of strings gives one result per string.
+    Generation settings come from the model's `generation_config.json`; keyword arguments go to `generate()`.
+    """
+
+    _load_tokenizer = True
+    _load_processor = False
+    _load_image_processor = False
+    _load_feature_extractor = False
+
+    def _sanitize_parameters(
+        self,
+        return_tensors: bool | None = None,
+        clean_up_tokenization_spaces: bool | None = None,
+        truncation: bool | str | None = None,
+        **generate_kwargs,
+    ) -> tuple[dict, dict, dict]:
+        preprocess_params = {} if truncation is None else {"truncation": truncation}
+        postprocess_params = {}
+        if return_tensors is not None:
+            postprocess_params["return_tensors"] = return_tensors
+        if clean_up_tokenization_spaces is not None:
+            postprocess_params["clean_up_tokenization_spaces"] = clean_up_tokenization_spaces
+        return preprocess_params, generate_kwargs, postprocess_params
+
+    def __call__(self, inputs: str | list[str], **kwargs) -> list[dict] | list[list[dict]]:
+        result = super().__call__(inputs, **kwargs)
+        if isinstance(inputs, list) and all(len(records) == 1 for records in result):
+            return [records[0] for records in result]  # one sequence per input: a flat list, as 4.57 returns
+        return result
+
+    def preprocess(self, text: str, truncation: bool | str = False) -> dict[str, torch.Tensor]:
+        if not isinstance(text, str):
+            raise ValueError(
+                f"the text2text-generation pipeline takes a str or a list of str, got {type(text).__name__}"
+            )
+        encoded = self.tokenizer(text, truncation=truncation, return_tensors="pt")
+        return {"input_ids": encoded["input_ids"], "attention_mask": encoded["attention_mask"]}
+
+    def _forward(self, model_inputs: dict[str, torch.Tensor], **generate_kwargs) -> dict[str, torch.Tensor]:
+        batch_size = model_inputs["input_ids"].shape[0]
+        output_ids = self.model.generate(**model_inputs, **generate_kwargs)  # (B * num_return_sequences, T)
+        return {"output_ids": output_ids.view(batch_size, -1, output_ids.shape[-1])}  # (B, n, T)
+
+    def postprocess(
+        self, model_outputs: dict[str, torch.Tensor], return_tensors: bool = False, clean_up_tokenization_spaces=False
+    ) -> list[dict]:
+        if return_tensors:
+            return [{"generated_token_ids": ids} for ids in model_outputs["output_ids"][0]]
+        return [
+            {
+                "generated_text": self.tokenizer.decode(
+                    ids, skip_special_tokens=True, clean_up_tokenization_spaces=clean_up_tokenization_spaces
+                )
+            }
+            for ids in model_outputs["output_ids"][0]
+        ]
+
+
+__all__ = ["BartGenPreTrainedModel", "BartGenModel", "BartGenForConditionalGeneration", "BartGenText2TextPipeline"]

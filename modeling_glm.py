@@ -1,13 +1,31 @@
-"""GLM (General Language Model, Du et al. 2022) with the ChatGLM-6B architecture, as transformers remote code.
+"""GLM (General Language Model, Du et al. 2022), ChatGLM-6B and GLM-10B architectures, as transformers remote code.
 
 GLM fills blanks autoregressively: the context (with a `[MASK]`, `[sMASK]` or `[gMASK]` blank) is read with
 bidirectional attention, and the span opened by `<sop>` is generated causally. Positions are 2-D: every span
 token takes the position of its blank, and a second "block position" counts 1, 2, ... inside the span.
 
-This file follows THUDM's `modeling_chatglm.py` (THUDM/chatglm-6b, final revision) numerically and keeps its
+Two architectures share every class here; `config.variant` picks, in each module's `__init__`, the few parts
+that differ (nothing else branches on it):
+
+| part | `"chatglm"` (THUDM/chatglm-6b) | `"glm"` (THUDM/glm-10b, glm-large-chinese, glm-2b) |
+| --- | --- | --- |
+| positions | 2-D rotary inside attention | learned position + block-position embeddings added to the input |
+| residual | `alpha * LN(x) + f(LN(x))` | pre-LN `x + f(LN(x))` |
+| query_key_value rows | per head: (q, k, v) x heads | contiguous: all q, all k, all v |
+| MLP activation | tanh GELU | erf GELU |
+| span position | the first `[gMASK]`, else the first `[MASK]`/`[sMASK]` | the first blank of any kind |
+| a row without `<sop>` | an error | all context (classification inputs) |
+
+The ChatGLM variant follows THUDM's `modeling_chatglm.py` (final revision) numerically and keeps its
 state-dict keys (`transformer.layers.N.attention.query_key_value`, ...), so ChatGLM-6B checkpoints and LoRA
-adapters targeting `query_key_value` load unchanged. It is written fresh in the style of transformers' Llama:
-Norm -> rotary -> masks -> MLP -> attention -> block -> models. Differences from THUDM's code:
+adapters targeting `query_key_value` load unchanged. The GLM variant follows THUDM's GLM remote code
+(`modeling_glm.py` of the glm-* hub repositories) with the same key names minus its `glm.` prefix
+(`scripts/convert_checkpoint.py --arch glm` renames them); it adds `GLMForSequenceClassification` and
+`GLMForMultipleChoice`, and accepts GLM's inputs as they are: a `sep` prefix length (int or per row) or an
+explicit 4-D mask as `attention_mask`, `[B, 2, S]` `position_ids`, and what GLM's tokenizer
+`build_inputs_for_generation` returns (`position_ids`, `generation_attention_mask`) passed to `generate()`.
+It is written fresh in the style of transformers' Llama: rotary -> masks -> MLP -> attention -> block ->
+models -> heads. Differences from THUDM's code:
 - batch-first tensors and transformers' `DynamicCache` (no seq-first tuple caches, no `_reorder_cache`), so
   beam search, streaming and left-padded batches work through the stock `generate()`;
 - the prefix-LM mask and 2-D position ids are built inside the model, vectorised, from `input_ids` and the
@@ -16,7 +34,11 @@ Norm -> rotary -> masks -> MLP -> attention -> block -> models. Differences from
   query scaling, -10000 masking and fp32 softmax;
 - rotary cos/sin are computed in fp32 from the fp16-rounded `inv_freq` (THUDM computes them in the model
   dtype, so half-precision runs differ from THUDM's in the last bits);
-- `chat()`/`stream_chat()` are built on `generate()` and `TextIteratorStreamer`.
+- `chat()`/`stream_chat()` are built on `generate()` and `TextIteratorStreamer`;
+- GLM: a key/value cache instead of GLM's hidden-state `mems` (GLM's own generate never used them), the
+  softmax in fp32 with masked scores at -10000 (GLM: model dtype, -65504; the same probabilities), a 2-D
+  `attention_mask` is a padding mask (GLM read it as a plain key mask), and the classification head pools
+  the first real token of a left-padded row (GLM: token 0).
 """
 
 from __future__ import annotations
@@ -32,7 +54,12 @@ from transformers import GenerationMixin, PreTrainedModel
 from transformers.cache_utils import Cache, DynamicCache
 from transformers.generation import LogitsProcessor, LogitsProcessorList, TextIteratorStreamer
 from transformers.modeling_layers import GradientCheckpointingLayer
-from transformers.modeling_outputs import BaseModelOutputWithPast, CausalLMOutputWithPast
+from transformers.modeling_outputs import (
+    BaseModelOutputWithPast,
+    CausalLMOutputWithPast,
+    MultipleChoiceModelOutput,
+    SequenceClassifierOutput,
+)
 from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 from transformers.utils import logging
 
@@ -95,14 +122,20 @@ def _first_index(hits: torch.Tensor) -> torch.Tensor:
 
 
 def build_position_ids(
-    input_ids: torch.Tensor, attention_mask: torch.Tensor | None, config: GLMConfig, validate: bool = True
+    input_ids: torch.Tensor,
+    attention_mask: torch.Tensor | None,
+    config: GLMConfig,
+    validate: bool = True,
+    require_span: bool = True,
 ) -> torch.Tensor:
     """2-D position ids [B, 2, S] for GLM blank infilling, without a loop over the batch.
 
     Row b reads: the context (everything before the first `<sop>`) has positions 0, 1, ... counted from the first
     real token (so left padding does not shift them) and block position 0; the span from `<sop>` on has the
-    position of the blank (the first `[gMASK]`, else the first `[MASK]`/`[sMASK]`) and block positions 1, 2, ...
-    Padding gets position 0. `validate` raises a ValueError naming the rows without a blank or a `<sop>`.
+    position of the blank and block positions 1, 2, ... The blank is, for ChatGLM, the first `[gMASK]`, else the
+    first `[MASK]`/`[sMASK]` (THUDM's model); for GLM the first blank of any kind (GLM's tokenizer). Padding gets
+    position 0. A row without `<sop>` is all context. `validate` raises a ValueError naming the rows without a
+    `<sop>` (when `require_span`) or with a `<sop>` but no blank.
     """
     batch_size, seq_len = input_ids.shape
     is_gmask = input_ids == config.gmask_token_id
@@ -110,20 +143,31 @@ def build_position_ids(
     for token_id in (config.mask_token_id, config.smask_token_id):
         if token_id is not None:
             is_short_blank |= input_ids == token_id
+    if attention_mask is not None:  # a blank or <sop> id inside the padding is padding, not a blank / span start
+        real = attention_mask.bool()
+        is_gmask, is_short_blank = is_gmask & real, is_short_blank & real
     has_gmask = is_gmask.any(dim=-1)
-    blank_index = torch.where(has_gmask, _first_index(is_gmask), _first_index(is_short_blank))  # [B]
+    if config.variant == "chatglm":  # THUDM's ChatGLM model: [gMASK] wins over [MASK] wherever it is
+        blank_index = torch.where(has_gmask, _first_index(is_gmask), _first_index(is_short_blank))  # [B]
+    else:  # GLM's tokenizer: the first blank of any kind
+        blank_index = _first_index(is_gmask | is_short_blank)  # [B]
     is_sop = input_ids == config.bos_token_id
-    sop_index = _first_index(is_sop)  # [B]
+    if attention_mask is not None:
+        is_sop = is_sop & real
+    has_sop = is_sop.any(dim=-1)
+    sop_index = torch.where(has_sop, _first_index(is_sop), seq_len)  # [B]; seq_len: no span
     if validate:
+        if require_span:
+            _check_rows(
+                has_sop,
+                f"no <sop> token (bos_token_id {config.bos_token_id}) opening the span "
+                "to generate; the tokenizer appends it (chatglm: `[gMASK] <sop>` at the end of every prompt; "
+                "glm: tokenizer.build_inputs_for_generation)",
+            )
         _check_rows(
-            has_gmask | is_short_blank.any(dim=-1),
+            has_gmask | is_short_blank.any(dim=-1) | ~has_sop,
             "no blank token ([gMASK], [MASK] or [sMASK], ids "
             f"{config.gmask_token_id}, {config.mask_token_id}, {config.smask_token_id})",
-        )
-        _check_rows(
-            is_sop.any(dim=-1),
-            f"no <sop> token (bos_token_id {config.bos_token_id}) opening the span "
-            "to generate; the tokenizer appends `[gMASK] <sop>` to a prompt",
         )
 
     if attention_mask is None:
@@ -175,19 +219,65 @@ def build_attention_mask(
     return allowed[:, None]
 
 
+def _sep_lengths(attention_mask, batch_size: int, device: torch.device) -> torch.Tensor | None:
+    """GLM's `sep` convention as a [B] tensor of prefix lengths, or None when `attention_mask` is a real mask.
+
+    GLM passes the length of the bidirectional prefix instead of a mask: an int / 1-element tensor for the whole
+    batch, or one length per row (a [B] tensor).
+    """
+    if attention_mask is None:
+        return None
+    if isinstance(attention_mask, bool) or not isinstance(attention_mask, (int, torch.Tensor)):
+        raise ValueError(
+            f"attention_mask must be a tensor or GLM's prefix length (an int), got {type(attention_mask).__name__}"
+        )
+    if isinstance(attention_mask, torch.Tensor) and attention_mask.dim() > 1:
+        return None
+    sep = torch.as_tensor(attention_mask, device=device).long().reshape(-1)
+    if sep.numel() not in (1, batch_size):
+        raise ValueError(
+            f"a 1-D attention_mask is GLM's prefix length per row: expected 1 or batch = {batch_size} values, "
+            f"got {sep.numel()}"
+        )
+    return sep.expand(batch_size)
+
+
+def build_sep_mask(sep: torch.Tensor, query_length: int, past_length: int, prefix_length: int = 0) -> torch.Tensor:
+    """Boolean mask [B, 1, q, kv] for GLM's `sep` convention: keys before `sep[b]` are seen by every query, the
+    rest causally (GLM's `build_mask_matrix`; cached keys come first and are always visible)."""
+    kv_index = torch.arange(past_length + query_length, device=sep.device)  # [kv]
+    q_index = past_length + torch.arange(query_length, device=sep.device)  # [q]
+    allowed = (kv_index[None, None, :] <= q_index[None, :, None]) | (kv_index[None, None, :] < sep[:, None, None])
+    if prefix_length:
+        allowed = F.pad(allowed, (prefix_length, 0), value=True)
+    return allowed[:, None]
+
+
 # ----------------------------------------------------------------------------------------------------------------
 # Layers
 # ----------------------------------------------------------------------------------------------------------------
 class GLMMLP(nn.Module):
-    """THUDM calls it `GLU`, but it is a plain MLP: h -> inner -> tanh-GELU -> h, with biases."""
+    """A plain MLP h -> inner -> GELU -> h with biases (THUDM's ChatGLM calls it `GLU`). ChatGLM uses the tanh
+    approximation of GELU, GLM the exact erf form."""
 
     def __init__(self, config: GLMConfig):
         super().__init__()
         self.dense_h_to_4h = nn.Linear(config.hidden_size, config.inner_hidden_size)
         self.dense_4h_to_h = nn.Linear(config.inner_hidden_size, config.hidden_size)
+        self.gelu_approximate = "tanh" if config.variant == "chatglm" else "none"
 
     def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
-        return self.dense_4h_to_h(F.gelu(self.dense_h_to_4h(hidden_states), approximate="tanh"))
+        return self.dense_4h_to_h(F.gelu(self.dense_h_to_4h(hidden_states), approximate=self.gelu_approximate))
+
+
+def split_qkv_per_head(qkv: torch.Tensor, num_heads: int, head_dim: int) -> tuple[torch.Tensor, ...]:
+    """ChatGLM's fused projection: [B, S, H * (q|k|v)] -> query, key, value, each [B, H, S, D]."""
+    return qkv.unflatten(-1, (num_heads, 3 * head_dim)).transpose(1, 2).split(head_dim, dim=-1)
+
+
+def split_qkv_contiguous(qkv: torch.Tensor, num_heads: int, head_dim: int) -> tuple[torch.Tensor, ...]:
+    """GLM's fused projection: [B, S, (all q | all k | all v)] -> query, key, value, each [B, H, S, D]."""
+    return qkv.unflatten(-1, (3, num_heads, head_dim)).permute(2, 0, 3, 1, 4).unbind(0)
 
 
 def eager_attention_forward(
@@ -215,16 +305,21 @@ def eager_attention_forward(
 
 
 class GLMAttention(nn.Module):
-    """Self-attention with a fused query_key_value projection, laid out per head as q|k|v (ChatGLM-6B)."""
+    """Self-attention with a fused query_key_value projection: laid out per head as q|k|v with 2-D rotary
+    embeddings (ChatGLM-6B), or as contiguous q|k|v blocks without rotary (GLM, whose positions are added to the
+    input embeddings)."""
 
     def __init__(self, config: GLMConfig, layer_idx: int):
         super().__init__()
         self.config = config
         self.layer_idx = layer_idx
-        self.layer_scaling = layer_idx + 1  # ChatGLM's query_key_layer_scaling_coeff (eager path)
+        chatglm = config.variant == "chatglm"
+        self.layer_scaling = layer_idx + 1 if chatglm else 1  # ChatGLM's query_key_layer_scaling_coeff (eager path)
+        self.split_qkv = split_qkv_per_head if chatglm else split_qkv_contiguous
         self.num_heads = config.num_attention_heads
         self.head_dim = config.head_dim
         self.scaling = self.head_dim**-0.5
+        self.attention_dropout = config.attention_dropout_prob
         self.is_causal = False  # the prefix-LM mask is always passed explicitly (or not needed)
         self.query_key_value = nn.Linear(config.hidden_size, 3 * config.hidden_size)
         self.dense = nn.Linear(config.hidden_size, config.hidden_size)
@@ -233,15 +328,16 @@ class GLMAttention(nn.Module):
         self,
         hidden_states: torch.Tensor,
         attention_mask: torch.Tensor | None,
-        position_embeddings: tuple[torch.Tensor, torch.Tensor],
+        position_embeddings: tuple[torch.Tensor, torch.Tensor] | None,
         past_key_values: Cache | None = None,
         prefix_key_value: tuple[torch.Tensor, torch.Tensor] | None = None,
         **kwargs,
     ) -> tuple[torch.Tensor, torch.Tensor | None]:
         batch_size, query_length, _ = hidden_states.shape
-        qkv = self.query_key_value(hidden_states).view(batch_size, query_length, self.num_heads, 3 * self.head_dim)
-        query, key, value = qkv.transpose(1, 2).split(self.head_dim, dim=-1)  # each [B, H, q, D]
-        query, key = apply_rotary_pos_emb(query, key, *position_embeddings)
+        qkv = self.query_key_value(hidden_states)  # [B, q, 3 * hidden]
+        query, key, value = self.split_qkv(qkv, self.num_heads, self.head_dim)  # each [B, H, q, D]
+        if position_embeddings is not None:  # ChatGLM's rotary cos/sin
+            query, key = apply_rotary_pos_emb(query, key, *position_embeddings)
 
         if past_key_values is not None:
             key, value = past_key_values.update(key, value, self.layer_idx)  # [B, H, kv, D]
@@ -257,22 +353,26 @@ class GLMAttention(nn.Module):
             attention_interface = eager_attention_forward
         else:  # 4.x
             attention_interface = ALL_ATTENTION_FUNCTIONS[self.config._attn_implementation]
+        dropout = self.attention_dropout if self.training else 0.0
         output, weights = attention_interface(
-            self, query, key, value, attention_mask, scaling=self.scaling, dropout=0.0, **kwargs
+            self, query, key, value, attention_mask, scaling=self.scaling, dropout=dropout, **kwargs
         )  # output: [B, q, H, D]
         return self.dense(output.reshape(batch_size, query_length, -1)), weights
 
 
 class GLMBlock(GradientCheckpointingLayer):
-    """ChatGLM block: the residual adds the *normalised* input scaled by alpha (DeepNorm-like)."""
+    """Attention and MLP, each behind a LayerNorm. ChatGLM's residual adds the *normalised* input scaled by alpha
+    (DeepNorm-like), `alpha * LN(x) + f(LN(x))`; GLM's is the plain pre-LN `x + f(LN(x))`, with dropout on f."""
 
     def __init__(self, config: GLMConfig, layer_idx: int):
         super().__init__()
-        self.alpha = config.residual_alpha
+        self.residual_from_norm = config.variant == "chatglm"
+        self.alpha = config.residual_alpha if self.residual_from_norm else 1.0
         self.input_layernorm = nn.LayerNorm(config.hidden_size, eps=config.layernorm_epsilon)
         self.attention = GLMAttention(config, layer_idx)
         self.post_attention_layernorm = nn.LayerNorm(config.hidden_size, eps=config.layernorm_epsilon)
         self.mlp = GLMMLP(config)
+        self.dropout = nn.Dropout(config.output_dropout_prob)
 
     def forward(
         self,
@@ -287,9 +387,11 @@ class GLMBlock(GradientCheckpointingLayer):
         attention_output, weights = self.attention(
             attention_input, attention_mask, position_embeddings, past_key_values, prefix_key_value, **kwargs
         )
-        hidden_states = attention_input * self.alpha + attention_output
+        residual = attention_input if self.residual_from_norm else hidden_states
+        hidden_states = residual * self.alpha + self.dropout(attention_output)
         mlp_input = self.post_attention_layernorm(hidden_states)
-        hidden_states = mlp_input * self.alpha + self.mlp(mlp_input)
+        residual = mlp_input if self.residual_from_norm else hidden_states
+        hidden_states = residual * self.alpha + self.dropout(self.mlp(mlp_input))
         return hidden_states, weights
 
 
@@ -330,11 +432,13 @@ class GLMPreTrainedModel(PreTrainedModel):
 
     @classmethod
     def from_pretrained(cls, *args, **kwargs):
-        model = super().from_pretrained(*args, **kwargs)
+        want_info = kwargs.pop("output_loading_info", False)
+        model, info = super().from_pretrained(*args, output_loading_info=True, **kwargs)
+        _check_loaded_weights(model, info.get("missing_keys", []))  # never run half-loaded or damaged weights
         # 5.x replaces the parameters while loading, which resets the P-tuning freeze done in __init__
         if getattr(model.config, "pre_seq_len", None) is not None:
             model.freeze_for_prefix_tuning()
-        return model
+        return (model, info) if want_info else model
 
     def freeze_for_prefix_tuning(self) -> None:
         """P-tuning v2 trains only the prefix encoder: freeze every other parameter (THUDM does the same)."""
@@ -357,24 +461,21 @@ class GLMPreTrainedModel(PreTrainedModel):
 
 
 class GLMModel(GLMPreTrainedModel):
-    """The GLM transformer without a head: word embeddings, blocks, final LayerNorm (THUDM's ChatGLMModel)."""
+    """The GLM transformer without a head: word embeddings, blocks, final LayerNorm (THUDM's ChatGLMModel; for
+    variant "glm" GLM's GLMModel + GLMStack, with the learned position and block-position tables)."""
 
     _auto_class = "AutoModel"  # save_pretrained copies the code files next to the weights
 
     def __init__(self, config: GLMConfig):
         super().__init__(config)
-        if config.variant != "chatglm":
-            # The GLM-10B family slots in here (learned position + block-position embeddings added to the word
-            # embeddings), in GLMBlock (pre-LN plain residual), GLMAttention (contiguous q|k|v, no rotary) and
-            # GLMMLP (erf GELU); masks, positions, cache and generation are shared.
-            raise NotImplementedError(
-                f"GLMConfig.variant={config.variant!r} (GLM-10B family: learned position and block-position "
-                "embeddings, pre-LN residual) is not implemented in this release; only variant='chatglm' is."
-            )
         self.word_embeddings = nn.Embedding(config.vocab_size, config.hidden_size)
+        if config.variant == "glm":  # learned positions added to the input; max_sequence_length + 1 rows like GLM
+            self.position_embeddings = nn.Embedding(config.max_sequence_length + 1, config.hidden_size)
+            self.block_position_embeddings = nn.Embedding(config.max_sequence_length + 1, config.hidden_size)
+        self.embedding_dropout = nn.Dropout(config.embedding_dropout_prob)
         self.layers = nn.ModuleList(GLMBlock(config, layer_idx) for layer_idx in range(config.num_layers))
         self.final_layernorm = nn.LayerNorm(config.hidden_size, eps=config.layernorm_epsilon)
-        self.rotary_emb = GLMRotaryEmbedding(config)
+        self.rotary_emb = GLMRotaryEmbedding(config) if config.variant == "chatglm" else None
         self.gradient_checkpointing = False
         if config.pre_seq_len is not None:
             self.prefix_encoder = GLMPrefixEncoder(config)
@@ -391,7 +492,7 @@ class GLMModel(GLMPreTrainedModel):
 
     def get_position_ids(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None) -> torch.Tensor:
         """The 2-D position ids [B, 2, S] the model builds for `input_ids` (needed to continue a cache by hand)."""
-        return build_position_ids(input_ids, attention_mask, self.config)
+        return build_position_ids(input_ids, attention_mask, self.config, require_span=self.rotary_emb is not None)
 
     def get_prompt(self, batch_size: int, dtype: torch.dtype) -> list[tuple[torch.Tensor, torch.Tensor]]:
         """P-tuning keys and values, one (key, value) pair of [B, H, pre_seq_len, D] per layer."""
@@ -420,19 +521,28 @@ class GLMModel(GLMPreTrainedModel):
         r"""
         input_ids: [B, S] token ids. Without explicit `position_ids`, every row needs a blank (`[gMASK]`,
             `[MASK]` or `[sMASK]`) and a `<sop>`: the context before `<sop>` is read bidirectionally, the rest
-            causally.
-        attention_mask: [B, past + S] padding mask (1 = real token; pad on the left for generation), or an
-            explicit boolean / 0-1 mask [B, 1, S, past + S] (True / 1 = attend), used as given.
+            causally. (Variant "glm": a row without `<sop>` is all context, e.g. a classification input.)
+        attention_mask: one of
+            - [B, past + S] padding mask (1 = real token; pad on the left for generation); the prefix-LM mask
+              is built from the tokens;
+            - an explicit boolean / 0-1 mask [B, 1, S, past + S] (True / 1 = attend), used as given (a row
+              with nothing to attend to, a padding row, attends everywhere instead of producing NaN);
+            - GLM's `sep` convention: an int, a 1-element tensor or a [B] tensor giving the number of leading
+              tokens (counted from the start of the sequence) that every token sees; the rest is causal.
         position_ids: [B, 2, S] (position, block position). Built from `input_ids` when omitted; needed when
             continuing a non-empty cache by hand (`model.get_position_ids(full_ids, mask)[..., -S:]`).
         """
         config = self.config
         output_attentions = output_attentions if output_attentions is not None else config.output_attentions
         output_hidden_states = output_hidden_states if output_hidden_states is not None else config.output_hidden_states
+        requested_cache = use_cache  # None: config.use_cache decides (and is turned off below without a warning)
         use_cache = use_cache if use_cache is not None else config.use_cache
         return_dict = return_dict if return_dict is not None else config.return_dict
         if self.gradient_checkpointing and self.training and use_cache:
-            logger.warning_once("use_cache=True is incompatible with gradient checkpointing; using use_cache=False.")
+            if requested_cache:
+                logger.warning_once(
+                    "use_cache=True is incompatible with gradient checkpointing; using use_cache=False."
+                )
             use_cache = False
 
         if (input_ids is None) == (inputs_embeds is None):
@@ -443,8 +553,11 @@ class GLMModel(GLMPreTrainedModel):
                 f"{type(past_key_values).__name__}; tuple caches of the original ChatGLM code are not supported."
             )
         if input_ids is not None:
+            _check_token_tensor("input_ids", input_ids)
             self._check_token_ids(input_ids)
             inputs_embeds = self.word_embeddings(input_ids)
+        else:
+            _check_embeds("inputs_embeds", inputs_embeds, config.hidden_size)
         batch_size, query_length = inputs_embeds.shape[:2]
 
         if use_cache and past_key_values is None:
@@ -459,20 +572,35 @@ class GLMModel(GLMPreTrainedModel):
 
         # 2-D positions and the prefix-LM mask, once for all layers.
         kv_length = past_length + query_length
-        if attention_mask is not None and attention_mask.dim() != 4 and attention_mask.shape != (batch_size, kv_length):
+        sep = _sep_lengths(attention_mask, batch_size, inputs_embeds.device)  # GLM's prefix-length convention
+        if sep is not None:
+            attention_mask = None
+        elif (
+            attention_mask is not None and attention_mask.dim() != 4 and attention_mask.shape != (batch_size, kv_length)
+        ):
             raise ValueError(
-                f"attention_mask must be a [batch, past + seq] = [{batch_size}, {kv_length}] padding mask or a "
-                f"4-D [batch, 1, seq, past + seq] mask, got {list(attention_mask.shape)}"
+                f"attention_mask must be a [batch, past + seq] = [{batch_size}, {kv_length}] padding mask, a "
+                f"4-D [batch, 1, seq, past + seq] mask or GLM's prefix length (an int or a [batch] tensor), got "
+                f"{list(attention_mask.shape)}"
             )
         position_ids = self._resolve_position_ids(
             input_ids, attention_mask, position_ids, past_length, batch_size, query_length
         )
-        attention_mask = self._resolve_attention_mask(
-            attention_mask, position_ids, past_length, prefix_length, batch_size, query_length
-        )
-        position_embeddings = self.rotary_emb(position_ids, inputs_embeds.dtype)
+        if sep is not None:
+            attention_mask = build_sep_mask(sep, query_length, past_length, prefix_length)
+        else:
+            attention_mask = self._resolve_attention_mask(
+                attention_mask, position_ids, past_length, prefix_length, batch_size, query_length
+            )
+        if self.rotary_emb is not None:  # ChatGLM: positions rotate queries and keys in every layer
+            position_embeddings = self.rotary_emb(position_ids, inputs_embeds.dtype)
+            hidden_states = inputs_embeds
+        else:  # GLM: learned positions added to the input, in GLM's order
+            position_embeddings = None
+            hidden_states = inputs_embeds + self.position_embeddings(position_ids[:, 0])
+            hidden_states = hidden_states + self.block_position_embeddings(position_ids[:, 1])
+        hidden_states = self.embedding_dropout(hidden_states)
 
-        hidden_states = inputs_embeds
         all_hidden_states = () if output_hidden_states else None
         all_attentions = () if output_attentions else None
         for layer_idx, layer in enumerate(self.layers):
@@ -522,6 +650,8 @@ class GLMModel(GLMPreTrainedModel):
         return 0, None
 
     def _check_token_ids(self, input_ids: torch.Tensor) -> None:
+        if torch.compiler.is_compiling():
+            return  # a data-dependent check would break the compiled graph (torch.compile of the decode step)
         vocab_size = self.config.vocab_size
         out_of_range = (input_ids < 0) | (input_ids >= vocab_size)
         if bool(out_of_range.any()):
@@ -541,11 +671,21 @@ class GLMModel(GLMPreTrainedModel):
         query_length: int,
     ) -> torch.Tensor:
         if position_ids is not None:
+            if position_ids.is_floating_point():
+                raise TypeError(f"position_ids must be an integer tensor, got dtype {position_ids.dtype}")
             if position_ids.shape != (batch_size, 2, query_length):
                 raise ValueError(
                     f"position_ids must have shape [batch, 2, seq] = [{batch_size}, 2, {query_length}] "
                     f"(position ids, block position ids), got {list(position_ids.shape)}"
                 )
+            # GLM's learned tables have max_sequence_length + 1 rows (a data-dependent check: skipped when compiled)
+            if self.rotary_emb is None and not torch.compiler.is_compiling():
+                bad = (position_ids < 0) | (position_ids > self.config.max_sequence_length)
+                if bool(bad.any()):
+                    raise ValueError(
+                        f"position_ids must lie in [0, max_sequence_length={self.config.max_sequence_length}] "
+                        f"(the rows of the position tables), got {int(position_ids[bad][0])}"
+                    )
             return position_ids.to(torch.long)
         if input_ids is None:
             raise ValueError(
@@ -558,7 +698,8 @@ class GLMModel(GLMPreTrainedModel):
                 "(generate() does this for you)."
             )
         padding_mask = attention_mask if attention_mask is not None and attention_mask.dim() == 2 else None
-        return build_position_ids(input_ids, padding_mask, self.config)
+        # GLM rows without <sop> are all context (classification / multiple-choice inputs); ChatGLM needs a span
+        return build_position_ids(input_ids, padding_mask, self.config, require_span=self.rotary_emb is not None)
 
     def _resolve_attention_mask(
         self,
@@ -583,11 +724,18 @@ class GLMModel(GLMPreTrainedModel):
                         "masks are not accepted"
                     )
                 attention_mask = attention_mask.bool()
+            # A query row that may see nothing (a padding row of GLM's right-padded masks) attends everywhere: its
+            # output is meaningless either way (the references average all values there), but sdpa would give NaN,
+            # and NaN values of a padding position poison every query through 0 * NaN.
+            attention_mask = attention_mask | ~attention_mask.any(dim=-1, keepdim=True)
             if prefix_length:
                 attention_mask = F.pad(attention_mask, (prefix_length, 0), value=True)
             return attention_mask
-        if attention_mask is not None:
-            if bool(attention_mask.all()):
+        if attention_mask is not None and not torch.compiler.is_compiling():  # data-dependent: no graph break
+            not_binary, has_padding = _padding_flags(attention_mask)
+            if not_binary:
+                raise ValueError("a 2-D attention_mask must hold 0/1 (1 = real token, 0 = padding), got other values")
+            if not has_padding:
                 attention_mask = None  # no padding: skip the per-key test
         return build_attention_mask(position_ids[:, 1], attention_mask, past_length, prefix_length)
 
@@ -597,6 +745,9 @@ class GLMForConditionalGeneration(GLMPreTrainedModel, GenerationMixin):
 
     _auto_class = "AutoModelForCausalLM"  # save_pretrained copies the code files next to the weights
     _tied_weights_keys = {"lm_head.weight": "transformer.word_embeddings.weight"}
+    # glm-2b ships a classification head (dense, out_proj) next to the LM weights; the converter reports it and
+    # keeps it for GLMForSequenceClassification, this class ignores it quietly.
+    _keys_to_ignore_on_load_unexpected = [r"rotary_emb\.inv_freq", r"^dense\.", r"^out_proj\."]
 
     def __init__(self, config: GLMConfig):
         super().__init__(config)
@@ -650,6 +801,7 @@ class GLMForConditionalGeneration(GLMPreTrainedModel, GenerationMixin):
         ```
         """
         return_dict = return_dict if return_dict is not None else self.config.return_dict
+        _refuse_mems(kwargs)
         outputs = self.transformer(
             input_ids=input_ids,
             attention_mask=attention_mask,
@@ -664,9 +816,12 @@ class GLMForConditionalGeneration(GLMPreTrainedModel, GenerationMixin):
         hidden_states = outputs.last_hidden_state
         keep = slice(-logits_to_keep, None) if isinstance(logits_to_keep, int) else logits_to_keep
         logits = self.lm_head(hidden_states[:, keep, :])
+        if logits.dtype == torch.float16 and hidden_states.shape[1] > 1 and not self.training:
+            _check_half_overflow(logits)  # once per prompt (prefill); single-token decode steps skip the sync
 
         loss = None
         if labels is not None:
+            _check_labels(labels, hidden_states.shape[:2], self.config.vocab_size)
             # next-token prediction: the logits at i predict labels[i + 1] (computed in fp32, like THUDM)
             shift_logits = logits[:, :-1, :].float()
             shift_labels = labels[:, 1:].to(shift_logits.device)
@@ -691,18 +846,38 @@ class GLMForConditionalGeneration(GLMPreTrainedModel, GenerationMixin):
     # ------------------------------------------------------------------------------------------------------------
     # Generation
     # ------------------------------------------------------------------------------------------------------------
+    def generate(self, inputs: torch.Tensor | None = None, *args, **kwargs):
+        """`GenerationMixin.generate`, with the prompt checked first: a clear error for ids that are not an integer
+        [batch, seq] tensor, or a padding mask of another shape, instead of one from deep inside generate()."""
+        ids = inputs if inputs is not None else kwargs.get("input_ids")
+        if ids is not None:
+            _check_token_tensor("input_ids", ids)
+            mask = kwargs.get("attention_mask")
+            if isinstance(mask, torch.Tensor) and mask.dim() == 2 and mask.shape != ids.shape:
+                raise ValueError(
+                    f"attention_mask has shape {list(mask.shape)}, but input_ids has shape {list(ids.shape)}"
+                )
+        return super().generate(inputs, *args, **kwargs)
+
     def prepare_inputs_for_generation(
         self,
         input_ids: torch.LongTensor,
         past_key_values: Cache | None = None,
         attention_mask: torch.Tensor | None = None,
         inputs_embeds: torch.Tensor | None = None,
+        position_ids: torch.Tensor | None = None,
+        generation_attention_mask: torch.Tensor | None = None,
         **kwargs,
     ) -> dict:
-        """Feed the tokens the cache has not seen, with their 2-D positions recomputed from the full sequence.
+        """Feed the tokens the cache has not seen, with their 2-D positions and mask for this step.
 
-        Works on transformers 4.57 and 5.x alike: the new tokens are found from the cache length (not from
-        `cache_position` / `next_sequence_length`), and generate()'s own 1-D `position_ids` are replaced.
+        By default positions and the prefix-LM mask are rebuilt from the full sequence and the 2-D padding mask
+        (generate()'s own 1-D `position_ids` are replaced). GLM's generation inputs, `position_ids` [B, 2, L + G]
+        and `generation_attention_mask` [B, 1, L + G, L + G] as GLM's tokenizer `build_inputs_for_generation`
+        returns them, are sliced to this step instead. Works on transformers 4.57 and 5.x alike: the new tokens
+        are found from the cache length (not from `cache_position` / `next_sequence_length`), and GLM inputs that
+        generate() expanded for beams / `num_return_sequences` along the wrong dimension (5.x treats 3-D
+        `position_ids` as multimodal [3, B, L]) or not at all are brought back to one row per sequence.
         """
         if inputs_embeds is not None and input_ids.shape[1] == 0:
             raise ValueError(
@@ -710,21 +885,64 @@ class GLMForConditionalGeneration(GLMPreTrainedModel, GenerationMixin):
             )
         cache_length = past_key_values.get_seq_length() if past_key_values is not None else 0
         past_length = cache_length - (self.config.pre_seq_len or 0) if cache_length else 0
-        if past_length == 0 and attention_mask is not None and not bool(attention_mask[:, -1].all()):
-            raise ValueError(
-                "the batch is right-padded (attention_mask has 0 in the last column); generation needs left "
-                "padding: set tokenizer.padding_side = 'left'"
+        batch_size, length = input_ids.shape
+        glm_positions = position_ids if position_ids is not None and position_ids.dim() == 3 else None
+        if glm_positions is not None or generation_attention_mask is not None:
+            step_position_ids, step_mask = self._glm_generation_step(
+                input_ids, past_length, glm_positions, generation_attention_mask, attention_mask
             )
-        position_ids = build_position_ids(input_ids, attention_mask, self.config, validate=past_length == 0)
+        else:
+            if past_length == 0 and attention_mask is not None and not bool(attention_mask[:, -1].all()):
+                raise ValueError(
+                    "the batch is right-padded (attention_mask has 0 in the last column); generation needs left "
+                    "padding: set tokenizer.padding_side = 'left'"
+                )
+            position_ids = build_position_ids(input_ids, attention_mask, self.config, validate=past_length == 0)
+            step_position_ids, step_mask = position_ids[..., past_length:], attention_mask
         model_inputs = {
             "input_ids": input_ids[:, past_length:],
-            "position_ids": position_ids[..., past_length:],
+            "position_ids": step_position_ids,
             "past_key_values": past_key_values,
-            "attention_mask": attention_mask,
+            "attention_mask": step_mask,
         }
-        skipped = {"position_ids", "cache_position", "next_sequence_length", "is_first_iteration", "labels"}
+        skipped = {"cache_position", "next_sequence_length", "is_first_iteration", "labels"}
         model_inputs.update({k: v for k, v in kwargs.items() if k not in skipped and k not in model_inputs})
         return model_inputs
+
+    def _glm_generation_step(
+        self,
+        input_ids: torch.Tensor,
+        past_length: int,
+        position_ids: torch.Tensor | None,
+        generation_attention_mask: torch.Tensor | None,
+        attention_mask: torch.Tensor | None,
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """This step's slices of GLM's precomputed generation positions [B, 2, L + G] and mask [B, 1, L + G, L + G]
+        (either may be absent: it is then built from the tokens)."""
+        batch_size, length = input_ids.shape
+        if generation_attention_mask is not None:
+            mask = _to_batch(generation_attention_mask, batch_size, "generation_attention_mask")
+            if mask.dim() != 4 or mask.shape[-1] < length or mask.shape[-2] < length:
+                raise ValueError(
+                    f"generation_attention_mask {list(generation_attention_mask.shape)} covers fewer than the "
+                    f"{length} tokens generated so far: build the inputs with max_gen_length >= max_new_tokens "
+                    "(tokenizer.build_inputs_for_generation(..., max_gen_length=...))"
+                )
+            step_mask = mask[:, :, past_length:length, :length]
+        else:  # the 2-D padding mask; the model derives the prefix-LM mask from the block positions
+            step_mask = attention_mask
+        if position_ids is not None:
+            positions = _to_batch(position_ids, batch_size, "position_ids")
+            if positions.shape[-1] < length:
+                raise ValueError(
+                    f"position_ids {list(position_ids.shape)} cover fewer than the {length} tokens generated so "
+                    "far: build the inputs with max_gen_length >= max_new_tokens"
+                )
+            step_positions = positions[..., past_length:length]
+        else:
+            step_positions = build_position_ids(input_ids, None, self.config, validate=past_length == 0)
+            step_positions = step_positions[..., past_length:]
+        return step_positions, step_mask
 
     @torch.no_grad()
     def chat(
@@ -745,7 +963,8 @@ class GLMForConditionalGeneration(GLMPreTrainedModel, GenerationMixin):
         inputs, gen_kwargs = self._chat_inputs(
             tokenizer, query, history, logits_processor, do_sample, top_p, temperature
         )
-        output = self.generate(**inputs, max_length=max_length, num_beams=num_beams, **gen_kwargs, **kwargs)
+        length = _chat_length(self.generation_config, max_length, kwargs)
+        output = self.generate(**inputs, **length, num_beams=num_beams, **gen_kwargs, **kwargs)
         response = process_response(
             tokenizer.decode(output[0, inputs["input_ids"].shape[1] :], skip_special_tokens=True)
         )
@@ -774,7 +993,8 @@ class GLMForConditionalGeneration(GLMPreTrainedModel, GenerationMixin):
 
         def run_generate() -> None:
             try:
-                self.generate(**inputs, max_length=max_length, streamer=streamer, **gen_kwargs, **kwargs)
+                length = _chat_length(self.generation_config, max_length, kwargs)
+                self.generate(**inputs, **length, streamer=streamer, **gen_kwargs, **kwargs)
             except BaseException as err:  # re-raised in the caller's thread below
                 errors.append(err)
                 streamer.end()
@@ -805,6 +1025,348 @@ class GLMForConditionalGeneration(GLMPreTrainedModel, GenerationMixin):
         if do_sample:
             gen_kwargs.update(top_p=top_p, temperature=temperature)
         return inputs, gen_kwargs
+
+
+class GLMForSequenceClassification(GLMPreTrainedModel):
+    """GLM's classification head: the first token's final hidden state -> dropout -> tanh(dense) -> dropout ->
+    out_proj with `config.num_labels` outputs (GLM's GLMForSequenceClassification; `dense` and `out_proj` keep its
+    key names). `config.classifier_dropout` (None: `output_dropout_prob`) is the head's dropout.
+
+    GLM pools token 0, which is `[CLS]` in GLM's right-padded batches; with a left-padded 2-D `attention_mask`
+    this head pools each row's first real token, the same `[CLS]`. Inputs of shape [B, C, S] (with masks and
+    positions shaped alike) are C choices per example, each scored by the head (use num_labels=1): logits [B, C].
+    The loss follows `config.problem_type` as in transformers' heads (cross-entropy for integer labels, as GLM).
+    """
+
+    _auto_class = "AutoModelForSequenceClassification"  # save_pretrained copies the code files next to the weights
+    _keys_to_ignore_on_load_unexpected = [r"rotary_emb\.inv_freq", r"^lm_head\."]
+
+    def __init__(self, config: GLMConfig):
+        super().__init__(config)
+        self.num_labels = config.num_labels
+        self.transformer = GLMModel(config)
+        dropout = config.classifier_dropout if config.classifier_dropout is not None else config.output_dropout_prob
+        self.dense = nn.Linear(config.hidden_size, config.hidden_size)
+        self.dropout = nn.Dropout(dropout)
+        self.out_proj = nn.Linear(config.hidden_size, config.num_labels)
+        self.post_init()
+
+    def get_input_embeddings(self) -> nn.Embedding:
+        return self.transformer.word_embeddings
+
+    def set_input_embeddings(self, value: nn.Embedding) -> None:
+        self.transformer.word_embeddings = value
+
+    def forward(
+        self,
+        input_ids: torch.LongTensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+        position_ids: torch.LongTensor | None = None,
+        inputs_embeds: torch.FloatTensor | None = None,
+        labels: torch.Tensor | None = None,
+        output_attentions: bool | None = None,
+        output_hidden_states: bool | None = None,
+        return_dict: bool | None = None,
+        **kwargs,
+    ) -> SequenceClassifierOutput | tuple:
+        r"""
+        Arguments as in [`GLMModel.forward`] (without a cache), plus `labels`: [B] class indices (or floats for
+        regression / multi-label, per `config.problem_type`), or [B] choice indices for [B, C, S] inputs.
+        """
+        return_dict = return_dict if return_dict is not None else self.config.return_dict
+        _refuse_mems(kwargs)
+        num_choices = None
+        if (input_ids if input_ids is not None else inputs_embeds) is not None and (
+            (input_ids is not None and input_ids.dim() == 3) or (inputs_embeds is not None and inputs_embeds.dim() == 4)
+        ):
+            num_choices = (input_ids if input_ids is not None else inputs_embeds).shape[1]
+            input_ids, inputs_embeds, position_ids = (
+                t.flatten(0, 1) if t is not None else None for t in (input_ids, inputs_embeds, position_ids)
+            )
+            if isinstance(attention_mask, torch.Tensor) and attention_mask.dim() >= 2:
+                attention_mask = attention_mask.flatten(0, 1)
+        outputs = self.transformer(
+            input_ids=input_ids,
+            attention_mask=attention_mask,
+            position_ids=position_ids,
+            inputs_embeds=inputs_embeds,
+            use_cache=False,
+            output_attentions=output_attentions,
+            output_hidden_states=output_hidden_states,
+            return_dict=True,
+        )
+        hidden_states = outputs.last_hidden_state  # [B, S, h]
+        batch_size = hidden_states.shape[0]
+        if isinstance(attention_mask, torch.Tensor) and attention_mask.dim() == 2:
+            pool_index = _first_index(attention_mask != 0)  # left padding: the first real token
+        else:
+            pool_index = torch.zeros(batch_size, dtype=torch.long, device=hidden_states.device)
+        pooled = hidden_states[torch.arange(batch_size, device=hidden_states.device), pool_index]  # [B, h]
+        pooled = self.dropout(torch.tanh(self.dense(self.dropout(pooled))))
+        logits = self.out_proj(pooled)  # [B, num_labels]
+        if num_choices is not None:
+            logits = logits.view(-1, num_choices)
+
+        loss = None
+        if labels is not None:
+            loss = self._loss(logits, labels.to(logits.device), num_choices is not None)
+        output = SequenceClassifierOutput(
+            loss=loss, logits=logits, hidden_states=outputs.hidden_states, attentions=outputs.attentions
+        )
+        return output if return_dict else output.to_tuple()
+
+    def _loss(self, logits: torch.Tensor, labels: torch.Tensor, choices: bool) -> torch.Tensor:
+        if choices:
+            return F.cross_entropy(logits.float(), labels)
+        if self.config.problem_type is None:  # transformers' rule
+            if self.num_labels == 1:
+                self.config.problem_type = "regression"
+            elif labels.dtype in (torch.long, torch.int):
+                self.config.problem_type = "single_label_classification"
+            else:
+                self.config.problem_type = "multi_label_classification"
+        if self.config.problem_type == "regression":
+            return F.mse_loss(logits.float().squeeze(-1), labels.float().reshape(-1))
+        if self.config.problem_type == "single_label_classification":
+            return F.cross_entropy(logits.float().view(-1, self.num_labels), labels.view(-1))
+        return F.binary_cross_entropy_with_logits(logits.float(), labels.float())
+
+
+class GLMForMultipleChoice(GLMPreTrainedModel):
+    """GLM's multiple choice by blank filling: a choice scores the summed log-probability of its tokens written into
+    the blank, and every choice of an example is read in one forward pass (GLM's GLMForMultipleChoice).
+
+    Inputs as GLM's tokenizer `build_inputs_for_multiple_choice` builds them: `input_ids` [B, L] with the context
+    followed, for each choice, by `<sop>` and the choice's tokens but its last; `position_ids` [B, 2, L]; a 4-D
+    `attention_mask` [B, 1, L, L] (each choice sees the context and itself, causally); and for every choice its
+    token ids (`choice_ids`) and the positions whose next-token distribution predicts them (`choice_indices`),
+    either in GLM's form (per example, a list of 1-D tensors, one per choice) or padded: LongTensors [B, C, T]
+    with `choice_ids` padded by -100. Logits are the choice scores [B, C]; `labels` [B] the right choice.
+    """
+
+    _auto_class = "AutoModelForMultipleChoice"  # save_pretrained copies the code files next to the weights
+    _tied_weights_keys = {"lm_head.weight": "transformer.word_embeddings.weight"}
+    _keys_to_ignore_on_load_unexpected = [r"rotary_emb\.inv_freq", r"^dense\.", r"^out_proj\."]
+
+    def __init__(self, config: GLMConfig):
+        super().__init__(config)
+        self.transformer = GLMModel(config)
+        self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
+        self.post_init()
+
+    def get_input_embeddings(self) -> nn.Embedding:
+        return self.transformer.word_embeddings
+
+    def set_input_embeddings(self, value: nn.Embedding) -> None:
+        self.transformer.word_embeddings = value
+
+    def get_output_embeddings(self) -> nn.Linear:
+        return self.lm_head
+
+    def set_output_embeddings(self, new_embeddings: nn.Linear) -> None:
+        self.lm_head = new_embeddings
+
+    def forward(
+        self,
+        input_ids: torch.LongTensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+        position_ids: torch.LongTensor | None = None,
+        choice_ids: torch.LongTensor | list | None = None,
+        choice_indices: torch.LongTensor | list | None = None,
+        labels: torch.LongTensor | None = None,
+        inputs_embeds: torch.FloatTensor | None = None,
+        output_attentions: bool | None = None,
+        output_hidden_states: bool | None = None,
+        return_dict: bool | None = None,
+        **kwargs,
+    ) -> MultipleChoiceModelOutput | tuple:
+        return_dict = return_dict if return_dict is not None else self.config.return_dict
+        _refuse_mems(kwargs)
+        if choice_ids is None or choice_indices is None:
+            raise ValueError(
+                "GLMForMultipleChoice needs choice_ids and choice_indices (tokenizer.build_inputs_for_multiple_choice "
+                "builds them with input_ids, position_ids and attention_mask)"
+            )
+        outputs = self.transformer(
+            input_ids=input_ids,
+            attention_mask=attention_mask,
+            position_ids=position_ids,
+            inputs_embeds=inputs_embeds,
+            use_cache=False,
+            output_attentions=output_attentions,
+            output_hidden_states=output_hidden_states,
+            return_dict=True,
+        )
+        hidden_states = outputs.last_hidden_state  # [B, L, h]
+        ids, index = _padded_choices(choice_ids, choice_indices, hidden_states.shape[0], hidden_states.device)
+        valid = ids != -100  # [B, C, T]
+        if bool((index[valid] < 0).any()) or bool((index[valid] >= hidden_states.shape[1]).any()):
+            raise ValueError(f"choice_indices must point into the {hidden_states.shape[1]} input positions")
+        rows = torch.arange(ids.shape[0], device=ids.device)[:, None, None]
+        picked = hidden_states[rows, index.clamp(min=0, max=hidden_states.shape[1] - 1)]  # [B, C, T, h]
+        log_probs = torch.log_softmax(self.lm_head(picked).float(), dim=-1)  # [B, C, T, V]
+        token_log_probs = log_probs.gather(-1, ids.clamp(min=0)[..., None])[..., 0]  # [B, C, T]
+        scores = token_log_probs.masked_fill(~valid, 0.0).sum(dim=-1)  # [B, C]
+
+        loss = F.cross_entropy(scores, labels.to(scores.device)) if labels is not None else None
+        output = MultipleChoiceModelOutput(
+            loss=loss, logits=scores, hidden_states=outputs.hidden_states, attentions=outputs.attentions
+        )
+        return output if return_dict else output.to_tuple()
+
+
+def _padded_choices(choice_ids, choice_indices, batch_size: int, device: torch.device):
+    """`choice_ids` / `choice_indices` as LongTensors [B, C, T] (ids padded with -100), from GLM's nested lists of
+    1-D tensors or from tensors already padded."""
+    if isinstance(choice_ids, torch.Tensor) and isinstance(choice_indices, torch.Tensor):
+        if choice_ids.dim() != 3 or choice_ids.shape != choice_indices.shape or choice_ids.shape[0] != batch_size:
+            raise ValueError(
+                f"padded choice_ids and choice_indices must both be [batch={batch_size}, choices, tokens], got "
+                f"{list(choice_ids.shape)} and {list(choice_indices.shape)}"
+            )
+        return choice_ids.to(device, torch.long), choice_indices.to(device, torch.long)
+    if len(choice_ids) != batch_size or len(choice_indices) != batch_size:
+        raise ValueError(f"choice_ids and choice_indices need one entry per example ({batch_size})")
+    num_choices = {len(c) for c in choice_ids} | {len(c) for c in choice_indices}
+    if len(num_choices) != 1:
+        raise ValueError("every example needs the same number of choices (and of choice_indices entries)")
+    rows = [
+        (torch.as_tensor(i).reshape(-1), torch.as_tensor(x).reshape(-1))
+        for c, n in zip(choice_ids, choice_indices)
+        for i, x in zip(c, n)
+    ]
+    if any(len(i) != len(x) for i, x in rows):
+        raise ValueError("each choice needs as many choice_indices as choice_ids")
+    width = max(len(i) for i, _ in rows)
+    ids = torch.full((len(rows), width), -100, dtype=torch.long)
+    index = torch.zeros((len(rows), width), dtype=torch.long)
+    for row, (i, x) in enumerate(rows):
+        ids[row, : len(i)], index[row, : len(x)] = i, x
+    shape = (batch_size, num_choices.pop(), width)
+    return ids.view(shape).to(device), index.view(shape).to(device)
+
+
+def _check_token_tensor(name: str, ids) -> None:
+    """TypeError / ValueError naming `name` unless `ids` is a non-empty integer tensor [batch, seq] (static checks,
+    no device sync)."""
+    if not isinstance(ids, torch.Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor of token ids [batch, seq], got {type(ids).__name__}")
+    if ids.is_floating_point() or ids.is_complex() or ids.dtype == torch.bool:
+        raise TypeError(f"{name} must hold integer token ids (torch.long), got dtype {ids.dtype}")
+    if ids.dim() != 2:
+        raise ValueError(f"{name} must have shape [batch, seq], got {list(ids.shape)} (add a batch dimension?)")
+    if ids.numel() == 0:
+        raise ValueError(f"{name} is empty (shape {list(ids.shape)}): every batch needs at least one row and token")
+
+
+def _check_embeds(name: str, embeds, hidden_size: int) -> None:
+    """TypeError / ValueError naming `name` unless `embeds` is a finite float tensor [batch, seq, hidden_size]."""
+    if not isinstance(embeds, torch.Tensor) or not embeds.is_floating_point():
+        kind = embeds.dtype if isinstance(embeds, torch.Tensor) else type(embeds).__name__
+        raise TypeError(f"{name} must be a floating-point tensor [batch, seq, hidden_size], got {kind}")
+    if embeds.dim() != 3 or embeds.shape[-1] != hidden_size or embeds.numel() == 0:
+        raise ValueError(
+            f"{name} must have a non-empty shape [batch, seq, hidden_size={hidden_size}], got {list(embeds.shape)}"
+        )
+    if not torch.compiler.is_compiling() and not bool(torch.isfinite(embeds).all()):
+        raise ValueError(f"{name} holds NaN or inf values")
+
+
+def _check_labels(labels, shape: tuple[int, ...], vocab_size: int) -> None:
+    """TypeError / ValueError naming `labels` unless they are token ids of `shape` in [0, vocab_size) or -100."""
+    if not isinstance(labels, torch.Tensor) or labels.is_floating_point() or labels.dtype == torch.bool:
+        kind = labels.dtype if isinstance(labels, torch.Tensor) else type(labels).__name__
+        raise TypeError(f"labels must be an integer tensor of token ids (-100 = ignored), got {kind}")
+    if tuple(labels.shape) != tuple(shape):
+        raise ValueError(f"labels must have the shape of input_ids {list(shape)}, got {list(labels.shape)}")
+    if torch.compiler.is_compiling():
+        return
+    bad = ((labels < 0) | (labels >= vocab_size)) & (labels != -100)
+    if bool(bad.any()):
+        raise ValueError(f"labels hold {int(labels[bad][0])}, outside the vocabulary [0, {vocab_size}) and not -100")
+
+
+def _check_half_overflow(logits: torch.Tensor) -> None:
+    """A clear error instead of NaN logits (greedy search would then emit token 0 silently, sampling crash)."""
+    if not torch.compiler.is_compiling() and not bool(torch.isfinite(logits).all()):
+        raise FloatingPointError(
+            "float16 overflow: the logits hold inf/NaN, so this checkpoint cannot run in float16 on this input. "
+            "Load it with dtype=torch.bfloat16 (float32's range, same memory) or torch.float32."
+        )
+
+
+def _padding_flags(attention_mask: torch.Tensor) -> tuple[bool, bool]:
+    """(holds values other than 0/1, has padding) of a 2-D mask, read with one device sync."""
+    flags = torch.stack((((attention_mask != 0) & (attention_mask != 1)).any(), (attention_mask == 0).any()))
+    not_binary, has_padding = flags.tolist()
+    return not_binary, has_padding
+
+
+def _check_loaded_weights(model: nn.Module, missing_keys) -> None:
+    """Refuse a half-loaded or damaged checkpoint: weights of the model body missing from it (they would run randomly
+    initialised, with only a warning from transformers), or parameters holding NaN / inf (a corrupted file). New heads
+    and the P-tuning prefix encoder may be missing: they are meant to be trained."""
+    prefix = model.base_model_prefix
+    has_body = hasattr(model, prefix)  # a head model: its body lives under `prefix.`
+    body = sorted(
+        k for k in missing_keys if (not has_body or k.startswith(f"{prefix}.")) and "prefix_encoder." not in k
+    )
+    if body:
+        shown = ", ".join(body[:5]) + (f" (+{len(body) - 5} more)" if len(body) > 5 else "")
+        raise ValueError(
+            f"the checkpoint lacks {len(body)} weight(s) of the model body: {shown}. It is incomplete or of another "
+            "architecture (check config.json's variant and sizes); refusing to run with randomly initialised weights."
+        )
+    damaged = []
+    for name, param in model.named_parameters():
+        if not param.is_floating_point() or param.device.type == "meta":
+            continue
+        total = param.detach().sum(dtype=torch.float32 if param.element_size() < 4 else None)  # no large temporary
+        if not bool(torch.isfinite(total)) and not bool(torch.isfinite(param).all()):
+            damaged.append(name)
+    if damaged:
+        raise ValueError(
+            f"the checkpoint holds NaN or inf values in {', '.join(damaged[:5])}: the weight file is damaged "
+            "(re-download or re-convert it)"
+        )
+
+
+def _refuse_mems(kwargs: dict) -> None:
+    if kwargs.get("mems") is not None:
+        raise ValueError(
+            "mems (GLM's cache of hidden states) is not supported: this model keeps a key/value cache in "
+            "past_key_values (a transformers DynamicCache, which generate() manages)"
+        )
+
+
+def _to_batch(tensor: torch.Tensor, batch_size: int, name: str) -> torch.Tensor:
+    """GLM generation inputs with one row per prompt -> one row per generated sequence.
+
+    transformers 4.57 expands them for beams / num_return_sequences itself (repeat_interleave on dim 0); 5.x
+    takes a 3-D `position_ids` for multimodal [3, B, L] positions and repeats along dim 1, turning [B, 2, L] into
+    [B, 2 * k, L]; some callers pass them unexpanded. All three come back as [B * k, ...] here.
+    """
+    rows = tensor.shape[0]
+    if rows == batch_size:
+        if name == "position_ids" and tensor.shape[1] != 2:
+            raise ValueError(f"position_ids must have shape [batch, 2, seq], got {list(tensor.shape)}")
+        return tensor
+    if rows == 0 or batch_size % rows:
+        raise ValueError(f"{name} has {rows} rows, which does not divide the {batch_size} sequences being generated")
+    copies = batch_size // rows
+    if name == "position_ids" and tensor.shape[1] == 2 * copies:  # transformers 5.x: repeated along dim 1
+        tensor = tensor.unflatten(1, (2, copies))[:, :, 0]
+    elif name == "position_ids" and tensor.shape[1] != 2:
+        raise ValueError(f"position_ids must have shape [batch, 2, seq], got {list(tensor.shape)}")
+    return tensor.repeat_interleave(copies, dim=0)
+
+
+def _chat_length(generation_config, max_length: int, kwargs: dict) -> dict:
+    """chat()'s `max_length` for generate(), unless a `max_new_tokens` is in force (passed, or in
+    generation_config.json): generate() would follow that one anyway, and warn about both being set."""
+    if kwargs.get("max_new_tokens") is not None or generation_config.max_new_tokens is not None:
+        return {}
+    return {"max_length": max_length}
 
 
 def build_chat_prompt(query: str, history: list[tuple[str, str]]) -> str:
@@ -843,4 +1405,10 @@ class InvalidScoreLogitsProcessor(LogitsProcessor):
         return scores
 
 
-__all__ = ["GLMPreTrainedModel", "GLMModel", "GLMForConditionalGeneration"]
+__all__ = [
+    "GLMPreTrainedModel",
+    "GLMModel",
+    "GLMForConditionalGeneration",
+    "GLMForSequenceClassification",
+    "GLMForMultipleChoice",
+]

@@ -23,10 +23,11 @@ Attention modes, chosen per call with `is_sparse` (the config holds the default)
   CogView's count `max_text + int((n_left - max_text) * P / max_position_embeddings)`.
 A `pivot_idx` [batch, n] passed by the caller replaces the sampling in every layer (mode 1 then adds
 `log(s // n)`; in mode 2 positions not reached yet simply stay invisible until they are left of a window).
-Modes 1 and 2 never build an s x s matrix: queries are processed in blocks against their own chunk of keys plus
-the gathered pivots, a few blocks at a time (transient memory O(s * (P + t*w)) at most), and a custom backward
-recomputes the probabilities (as flash attention does), so training keeps only q, k, v, the output and the softmax
-log-normaliser per layer.
+Modes 1 and 2 never build an s x s matrix: each (batch, head) row goes a step of query blocks at a time, every
+block against its own key window (an overlapping strided view of the keys, so each product is one plain GEMM with
+no copies) plus the pivots left of it (pivots are sorted, so a step scores only the prefix it can see). The only
+transient is one step's scores (about 4 MiB), and a custom backward recomputes the probabilities (as flash
+attention does), so training keeps only q, k, v and the output per layer, no more than dense sdpa does.
 
 Differences from CogView: pivot sampling uses torch (an optional `torch.Generator` makes it reproducible) instead of
 Python's `random`, and is drawn per layer in the model's forward so gradient checkpointing recomputes with the same
@@ -171,21 +172,30 @@ def sparse_window_attention(
     attends to the keys in [window_start[p], p] and to the pivots j (pivot_idx [B, n], absolute positions) with
     j < window_start[p], whose logits get `pivot_bias`; one softmax over both. Queries go in blocks of `block`
     (span must be a multiple of it); every query of block g finds its window inside one chunk of `span` keys ending
-    at the block's last query. Scores exist only for a few blocks at a time ([B, H, blocks, block, n + span]) and
-    are recomputed in backward (as flash attention does), so the transient memory is one chunk of blocks and
-    nothing quadratic is kept for backward. Returns [B, Q, H, D].
+    at the block's last query, an overlapping strided view of the keys (no copy). Work goes one (batch, head) row
+    and a step of blocks at a time, so every product is one plain GEMM and the scores of a step
+    ([blocks, block, pivots + span]) are the only transient; they are recomputed in backward (as flash attention
+    does), so nothing quadratic is kept for backward. Returns [B, Q, H, D], contiguous.
     """
     geometry = _SparseGeometry(query, key, window_start, block, span, pivot_idx, pivot_bias, key_mask)
     seed = int(torch.randint(0, 2**62, (1,))) if dropout > 0 else 0
     if torch.is_grad_enabled() and (query.requires_grad or key.requires_grad or value.requires_grad):
-        out = _SparseWindowAttention.apply(query, key, value, geometry, scaling, dropout, seed)
-    else:
-        out = _sparse_forward(query, key, value, geometry, scaling, dropout, seed)
-    return out.transpose(1, 2)  # [B, Q, H, D]
+        return _SparseWindowAttention.apply(query, key, value, geometry, scaling, dropout, seed)
+    return _sparse_forward(query, key, value, geometry, scaling, dropout, seed)
+
+
+# Score elements per (batch, head) row and step of blocks (4 MiB in fp32): large enough that the per-step Python
+# and dispatch overhead is small next to the GEMMs, small enough to stay a minor transient.
+_STEP_ELEMENTS = 2**20
 
 
 class _SparseGeometry:
-    """Index bookkeeping of sparse_window_attention: padding, key chunks and the allowed masks."""
+    """Index bookkeeping of sparse_window_attention: padding, per-block key windows, steps and additive masks.
+
+    Keys live in a padded frame: row i of the padded keys is absolute position `chunk_start + i`, and the window
+    chunk of block g is rows [g * block, g * block + span). Pivots are sorted, so the pivots a step of blocks can
+    see are a prefix of them (those left of the step's last window), and only that prefix is scored.
+    """
 
     def __init__(self, query, key, window_start, block, span, pivot_idx, pivot_bias, key_mask):
         bsz, heads, q_len, _ = query.shape
@@ -196,93 +206,80 @@ class _SparseGeometry:
         self.q_len, self.k_len, self.block, self.span = q_len, k_len, block, span
         self.n_blocks = -(-q_len // block)
         self.q_pad = self.n_blocks * block - q_len
-        q_offset = k_len - q_len
-        # Keys of chunk g: absolute positions chunk_start + g * block + [0, span).
-        chunk_start = q_offset + block - span
-        self.left_pad, self.first = max(0, -chunk_start), max(0, chunk_start)
+        self.q_offset = k_len - q_len
+        self.chunk_start = self.q_offset + block - span  # absolute position of the first key of block 0's chunk
+        self.left_pad, self.first = max(0, -self.chunk_start), max(0, self.chunk_start)
         self.pivot_bias = pivot_bias
-        self.pivot_idx = pivot_idx.clamp(max=k_len - 1)  # positions past the keys are masked below
+        # Only scalars, the caller's window_start and [B, n] pivot tensors are kept (this object lives until
+        # backward); positions and masks of a step are built in mask().
+        self.window_start = window_start.to(device)
+        self.raw_pivots = pivot_idx.sort(dim=-1).values
+        self.pivot_idx = self.raw_pivots.clamp(max=k_len - 1)  # positions past the keys are never visible
         self.n_pivots = pivot_idx.shape[1]
-
-        # Small index tensors; the [blocks, block, n + span] masks are built per chunk of blocks in allowed().
-        self.q_pos = torch.arange(q_offset, q_offset + self.n_blocks * block, device=device).view(-1, block, 1)
-        self.k_pos = (chunk_start + torch.arange(self.n_blocks, device=device) * block).view(-1, 1, 1) + torch.arange(
-            span, device=device
-        )
-        start = F.pad(window_start.to(device), (0, self.q_pad), value=k_len).view(self.n_blocks, block, 1)
-        self.start = torch.minimum(start, self.q_pos)  # padded query rows attend to themselves only
         self.key_mask_chunks = self.pivot_visible = None
         if key_mask is not None:
             mask = F.pad(key_mask[:, self.first :].bool(), (self.left_pad, self.q_pad), value=False)
             self.key_mask_chunks = mask.unfold(1, span, block)  # [B, G, span] view
             self.pivot_visible = key_mask.bool().gather(1, self.pivot_idx)  # [B, n]
-        self.raw_pivots = pivot_idx
-        # blocks per chunk: about 2**20 score elements (4 MiB in fp32) at a time
-        self.step = max(1, 2**20 // (bsz * heads * block * (self.n_pivots + span)))
 
-    def chunks(self, x: torch.Tensor) -> torch.Tensor:
-        """[B, H, K, D] -> [B, H, G, D, span], a strided view (overlapping windows)."""
-        x = F.pad(x[:, :, self.first :], (0, 0, self.left_pad, self.q_pad))
-        return x.unfold(2, self.span, self.block)
+        # Steps of blocks, each with the number of (sorted) pivots its queries may see.
+        step = max(1, _STEP_ELEMENTS // (block * (self.n_pivots + span)))
+        bounds = list(range(0, self.n_blocks, step)) + [self.n_blocks]
+        self.steps = list(zip(bounds[:-1], bounds[1:]))
+        counts = [0] * len(self.steps)
+        if self.n_pivots:
+            starts = torch.stack([self.window_start[g0 * block : g1 * block].amax() for g0, g1 in self.steps])
+            counts = (self.raw_pivots[:, None, :] < starts[None, :, None]).sum(-1).amax(0).tolist()
+        self.pivot_counts = counts
+        self.max_step = max(g1 - g0 for g0, g1 in self.steps)
 
-    def new_folded(self, like: torch.Tensor) -> torch.Tensor:
-        """Zeroed gradient buffer in padded key coordinates, [B, H, G + span/block - 1, block, D]."""
-        bsz, heads, _, head_dim = like.shape
-        return like.new_zeros(bsz, heads, self.n_blocks + self.span // self.block - 1, self.block, head_dim)
+    def padded(self, x: torch.Tensor) -> torch.Tensor:
+        """[B, H, K, D] -> [B, H, (G - 1) * block + span, D] in the padded key frame (zeros outside the keys)."""
+        return F.pad(x[:, :, self.first :], (0, 0, self.left_pad, self.q_pad)).contiguous()
 
-    def fold_into(self, folded: torch.Tensor, grad_chunks: torch.Tensor, g0: int) -> None:
-        """Adjoint of chunks() for blocks g0..: add [B, H, g, span, D] into the buffer of new_folded()."""
-        n = grad_chunks.shape[2]
-        for j in range(self.span // self.block):
-            folded[:, :, g0 + j : g0 + j + n] += grad_chunks[:, :, :, j * self.block : (j + 1) * self.block]
+    def windows(self, padded: torch.Tensor) -> torch.Tensor:
+        """Padded keys -> [B, H, G, span, D], a strided view (overlapping windows)."""
+        return padded.unfold(2, self.span, self.block).transpose(-1, -2)
 
-    def unfold_keys(self, folded: torch.Tensor) -> torch.Tensor:
-        """new_folded() buffer -> [B, H, K, D]."""
-        folded = folded.flatten(2, 3)[:, :, self.left_pad : self.left_pad + self.k_len - self.first]
-        return F.pad(folded, (0, 0, self.first, 0))
-
-    def gather_pivots(self, x: torch.Tensor) -> torch.Tensor:
+    def pivots(self, x: torch.Tensor) -> torch.Tensor:
+        """[B, H, K, D] -> the pivot rows [B, H, n, D]."""
         bsz, heads, _, head_dim = x.shape
         return x.gather(2, self.pivot_idx[:, None, :, None].expand(bsz, heads, self.n_pivots, head_dim))
 
-    def scatter_pivots_(self, target: torch.Tensor, grad: torch.Tensor) -> None:
-        """Adjoint of gather_pivots(), accumulated into target in place."""
-        bsz, heads, _, head_dim = grad.shape
-        target.scatter_add_(2, self.pivot_idx[:, None, :, None].expand(bsz, heads, self.n_pivots, head_dim), grad)
+    def unpad(self, padded: torch.Tensor) -> torch.Tensor:
+        """Adjoint of padded(): [B, H, padded, D] -> [B, H, K, D] (a view unless the keys start past the frame)."""
+        x = padded[:, :, self.left_pad : self.left_pad + self.k_len - self.first]
+        return F.pad(x, (0, 0, self.first, 0)) if self.first else x
 
     def blocks(self, x: torch.Tensor) -> torch.Tensor:
-        """[B, H, Q, D] -> [B, H, G, block, D] (a view unless Q needs padding to whole blocks)."""
-        if self.q_pad:
-            x = F.pad(x, (0, 0, 0, self.q_pad))
-        return x.reshape(x.shape[0], x.shape[1], self.n_blocks, self.block, x.shape[-1])
+        """[B, Q, H, D] -> [B, G * block, H, D], zero rows appended to fill the last block."""
+        return F.pad(x, (0, 0, 0, 0, 0, self.q_pad)) if self.q_pad else x
 
-    def allowed(self, g0: int, g1: int) -> torch.Tensor:
-        """Bool [B|1, 1, g, block, n + span] of the keys blocks g0..g1 may attend (pivots first)."""
-        q_pos, k_pos, start = self.q_pos[g0:g1], self.k_pos[g0:g1], self.start[g0:g1]
+    def mask(self, g0: int, g1: int, n: int, dtype: torch.dtype) -> torch.Tensor:
+        """Additive mask [B|1, g, block, n + span] of blocks g0..g1 against their first n pivots and their window
+        chunks: pivot_bias on visible pivots, 0 on window keys, -inf elsewhere."""
+        g, block, device = g1 - g0, self.block, self.window_start.device
+        q_pos = torch.arange(self.q_offset + g0 * block, self.q_offset + g1 * block, device=device).view(g, block, 1)
+        k_pos = torch.arange(g0, g1, device=device).view(g, 1, 1) * block + torch.arange(self.span, device=device)
+        k_pos = k_pos + self.chunk_start  # [g, 1, span] absolute key positions of the chunks
+        start = self.window_start[g0 * block : g1 * block]
+        start = F.pad(start, (0, g * block - start.shape[0]), value=self.k_len).view(g, block, 1)
+        start = torch.minimum(start, q_pos)  # padded query rows attend to themselves only
         window = (k_pos >= start) & (k_pos <= q_pos) & (k_pos >= 0)  # [g, block, span]
         if self.key_mask_chunks is not None:
             window = (window & self.key_mask_chunks[:, g0:g1, None, :]) | (k_pos == q_pos)
         else:
             window = window.unsqueeze(0)
-        if self.n_pivots:
-            pivots = self.raw_pivots[:, None, None, :] < start  # [B, g, block, n]
+        values = torch.zeros(n + self.span, dtype=dtype, device=device)
+        if n:
+            values[:n] = self.pivot_bias
+            pivots = self.raw_pivots[:, None, None, :n] < start  # [B, g, block, n]
             if self.pivot_visible is not None:
-                pivots = pivots & self.pivot_visible[:, None, None, :]
+                pivots = pivots & self.pivot_visible[:, None, None, :n]
             window = torch.cat([pivots, window.expand(pivots.shape[0], -1, -1, -1)], dim=-1)
-        return window.unsqueeze(1)
-
-    def probs(self, q_blocks, key_chunks, pivot_key, g0, g1, scaling):
-        """Attention probabilities (fp32 or wider) of blocks g0..g1: [B, H, g, block, n + span]."""
-        s = torch.einsum("bhgqd,bhgdk->bhgqk", q_blocks[:, :, g0:g1], key_chunks[:, :, g0:g1])
-        if self.n_pivots:
-            s_piv = torch.einsum("bhgqd,bhnd->bhgqn", q_blocks[:, :, g0:g1], pivot_key)
-            s = torch.cat([s_piv, s], dim=-1)
-        s = s.to(_acc_dtype(s)) * scaling
-        if self.n_pivots and self.pivot_bias:
-            s[..., : self.n_pivots] += self.pivot_bias
         # -inf (not the dtype's min): exp(-inf) is fast where exp of huge negatives is not; every row keeps at
         # least its own key, so no row is empty.
-        return torch.softmax(s.masked_fill_(~self.allowed(g0, g1), float("-inf")), dim=-1)
+        return torch.where(window, values, float("-inf"))
 
 
 def _acc_dtype(x: torch.Tensor) -> torch.dtype:
@@ -294,31 +291,97 @@ def _dropout_mask(shape, p: float, generator: torch.Generator, device, dtype) ->
     return (torch.rand(shape, generator=generator, device=device) >= p).to(dtype) / (1 - p)
 
 
+def _scores(x: torch.Tensor, windows: torch.Tensor, pivots: torch.Tensor, block: int, out: torch.Tensor):
+    """x [g * block, D] against its blocks' window rows [g, span, D] and the pivot rows [n, D], written into out
+    [g, block, n + span] (pivots first). Used for q.K^T and for dO.V^T."""
+    n = pivots.shape[0]
+    torch.bmm(x.unflatten(0, (windows.shape[0], block)), windows.transpose(1, 2), out=out[..., n:])
+    if n:
+        torch.mm(x, pivots.t(), out=out.flatten(0, 1)[:, :n])
+    return out
+
+
+def _fold(target: torch.Tensor, grad_windows: torch.Tensor, g0: int, block: int) -> None:
+    """Adjoint of the window views: add grad_windows [g, span, D] of blocks g0.. into target [padded, D]."""
+    g, span, head_dim = grad_windows.shape
+    for j in range(span // block):
+        rows = target[(g0 + j) * block : (g0 + j + g) * block].view(g, block, head_dim)
+        rows += grad_windows[:, j * block : (j + 1) * block]
+
+
+class _Operands:
+    """What sparse attention reads, as per-row views: scaled queries [B, G * block, H, D] (scaling folded into q is
+    cheaper than on the scores), window keys/values [B, H, G, span, D] (overlapping views of padded copies) and
+    pivot keys/values [B, H, n, D]."""
+
+    def __init__(self, geo: _SparseGeometry, query, key, value, scaling: float):
+        self.q = geo.blocks((query * scaling).transpose(1, 2))
+        self.key_windows, self.value_windows = geo.windows(geo.padded(key)), geo.windows(geo.padded(value))
+        self.pivot_key, self.pivot_value = geo.pivots(key), geo.pivots(value)
+
+    def probs(self, geo, b, h, g0, g1, n, mask, buffer) -> torch.Tensor:
+        """Softmax probabilities (fp32 or wider) [g, block, n + span] of row (b, h), blocks g0..g1, first n pivots."""
+        q = self.q[b, g0 * geo.block : g1 * geo.block, h]  # [g * block, D]
+        s = _scores(q, self.key_windows[b, h, g0:g1], self.pivot_key[b, h, :n], geo.block, buffer)
+        s = s.to(mask.dtype) if s.dtype != mask.dtype else s
+        return torch.softmax(s.add_(mask[b if mask.shape[0] > 1 else 0]), dim=-1)
+
+
+def _buffer(geo: _SparseGeometry, like: torch.Tensor) -> torch.Tensor:
+    return like.new_empty(geo.max_step * geo.block * (geo.n_pivots + geo.span))
+
+
+def _view(buffer: torch.Tensor, geo: _SparseGeometry, g: int, n: int) -> torch.Tensor:
+    return buffer[: g * geo.block * (n + geo.span)].view(g, geo.block, n + geo.span)
+
+
 def _sparse_forward(query, key, value, geo: _SparseGeometry, scaling: float, dropout: float, seed: int):
-    """Returns out [B, H, Q, D]."""
+    """Returns out [B, Q, H, D] (contiguous)."""
     bsz, heads, _, head_dim = query.shape
-    n = geo.n_pivots
-    q_blocks = geo.blocks(query)
-    key_chunks, value_chunks = geo.chunks(key), geo.chunks(value)
-    pivot_key, pivot_value = geo.gather_pivots(key), geo.gather_pivots(value)
-    out = query.new_empty(bsz, heads, geo.n_blocks, geo.block, head_dim)
+    block = geo.block
+    if geo.n_blocks == 1 and dropout == 0:
+        return _one_block_forward(query, key, value, geo, scaling)
+    ops = _Operands(geo, query, key, value, scaling)
+    out = query.new_empty(bsz, geo.n_blocks * block, heads, head_dim)
+    buffer = _buffer(geo, query)
+    acc = _acc_dtype(query)
     generator = torch.Generator(device=query.device).manual_seed(seed) if dropout > 0 else None
-    for g0 in range(0, geo.n_blocks, geo.step):
-        g1 = min(g0 + geo.step, geo.n_blocks)
-        p = geo.probs(q_blocks, key_chunks, pivot_key, g0, g1, scaling)
-        if generator is not None:
-            p = p * _dropout_mask(p.shape, dropout, generator, query.device, p.dtype)
-        p = p.to(query.dtype)
-        o = torch.einsum("bhgqk,bhgdk->bhgqd", p[..., n:], value_chunks[:, :, g0:g1])
-        if n:
-            o = o + torch.einsum("bhgqn,bhnd->bhgqd", p[..., :n], pivot_value)
-        out[:, :, g0:g1] = o
-    return out.flatten(2, 3)[:, :, : geo.q_len]
+    for (g0, g1), n in zip(geo.steps, geo.pivot_counts):
+        mask = geo.mask(g0, g1, n, acc)
+        for b in range(bsz):
+            for h in range(heads):
+                p = ops.probs(geo, b, h, g0, g1, n, mask, _view(buffer, geo, g1 - g0, n))
+                if generator is not None:
+                    p = p * _dropout_mask(p.shape, dropout, generator, query.device, p.dtype)
+                p = p.to(query.dtype)
+                o = out[b, g0 * block : g1 * block, h]  # [g * block, D]
+                torch.bmm(p[..., n:], ops.value_windows[b, h, g0:g1], out=o.unflatten(0, (g1 - g0, block)))
+                if n:
+                    o.addmm_(p.flatten(0, 1)[:, :n], ops.pivot_value[b, h, :n])
+    return out[:, : geo.q_len]
+
+
+def _one_block_forward(query, key, value, geo: _SparseGeometry, scaling: float) -> torch.Tensor:
+    """_sparse_forward when all queries form one block (decoding, short prompts): every (batch, head) row at once,
+    a few ops whatever the number of heads. Returns [B, Q, H, D]."""
+    n = geo.pivot_counts[0]
+    q = geo.blocks((query * scaling).transpose(1, 2)).transpose(1, 2)  # [B, H, block, D]
+    key_window, value_window = geo.windows(geo.padded(key))[:, :, 0], geo.windows(geo.padded(value))[:, :, 0]
+    scores = torch.matmul(q, key_window.transpose(-1, -2))  # [B, H, block, span]
+    if n:
+        pivot_key, pivot_value = geo.pivots(key)[:, :, :n], geo.pivots(value)[:, :, :n]
+        scores = torch.cat([torch.matmul(q, pivot_key.transpose(-1, -2)), scores], dim=-1)
+    mask = geo.mask(0, 1, n, _acc_dtype(query))  # [B|1, 1, block, n + span]
+    p = torch.softmax(scores.to(mask.dtype) + mask, dim=-1).to(query.dtype)
+    out = torch.matmul(p[..., n:], value_window)
+    if n:
+        out = out + torch.matmul(p[..., :n], pivot_value)
+    return out.transpose(1, 2)[:, : geo.q_len].contiguous()
 
 
 class _SparseWindowAttention(torch.autograd.Function):
-    """Memory-efficient autograd for sparse_window_attention: saves q, k, v and out; recomputes the probabilities
-    chunk by chunk of blocks in backward (dropout masks are regenerated from the same seed)."""
+    """Memory-efficient autograd for sparse_window_attention: saves q, k, v and out (no more than dense sdpa
+    keeps); recomputes the probabilities step by step in backward (dropout masks regenerated from the seed)."""
 
     @staticmethod
     def forward(ctx, query, key, value, geo, scaling, dropout, seed):
@@ -332,45 +395,58 @@ class _SparseWindowAttention(torch.autograd.Function):
         query, key, value, out = ctx.saved_tensors
         geo, scaling, dropout = ctx.geo, ctx.scaling, ctx.dropout
         bsz, heads, _, head_dim = query.shape
-        n = geo.n_pivots
+        block = geo.block
+        acc = _acc_dtype(query)
 
-        q_blocks, d_out, o_blocks = geo.blocks(query), geo.blocks(grad_out), geo.blocks(out)
-        key_chunks, value_chunks = geo.chunks(key), geo.chunks(value)
-        pivot_key, pivot_value = geo.gather_pivots(key), geo.gather_pivots(value)
-        dq = torch.empty_like(q_blocks)
-        dk_folded, dv_folded = geo.new_folded(key), geo.new_folded(value)
-        d_pivot_key, d_pivot_value = torch.zeros_like(pivot_key), torch.zeros_like(pivot_value)
+        ops = _Operands(geo, query, key, value, scaling)
+        d_out = geo.blocks(grad_out)  # [B, G * block, H, D]
+        # softmax backward needs rowsum(dO * O) per query
+        delta = geo.blocks((grad_out.to(acc) * out.to(acc)).sum(-1, keepdim=True))  # [B, G * block, H, 1]
+        d_query = torch.empty_like(ops.q)
+        # key/value gradients in the padded frame, fp32 at least: several blocks add into each key
+        frame = ops.key_windows.shape[:2] + ((geo.n_blocks - 1) * block + geo.span, head_dim)
+        d_key_padded = key.new_zeros(frame, dtype=acc)
+        d_value_padded = torch.zeros_like(d_key_padded)
+        d_pivot_key = torch.zeros_like(ops.pivot_key, dtype=acc)
+        d_pivot_value = torch.zeros_like(d_pivot_key)
+        buffer, d_buffer = _buffer(geo, query), _buffer(geo, query)
         generator = torch.Generator(device=query.device).manual_seed(ctx.seed) if dropout > 0 else None
-        for g0 in range(0, geo.n_blocks, geo.step):
-            g1 = min(g0 + geo.step, geo.n_blocks)
-            p = geo.probs(q_blocks, key_chunks, pivot_key, g0, g1, scaling)
-            do = d_out[:, :, g0:g1]
-            dp = torch.einsum("bhgqd,bhgdk->bhgqk", do, value_chunks[:, :, g0:g1])
-            if n:
-                dp = torch.cat([torch.einsum("bhgqd,bhnd->bhgqn", do, pivot_value), dp], dim=-1)
-            p_used = p
-            if generator is not None:
-                mask = _dropout_mask(p.shape, dropout, generator, query.device, p.dtype)
-                p_used, dp = p * mask, dp * mask
-            p_used = p_used.to(query.dtype)
-            geo.fold_into(dv_folded, torch.einsum("bhgqk,bhgqd->bhgkd", p_used[..., n:], do), g0)
-            # softmax backward: dS = P * (dP - rowsum(dO * O))
-            acc = p.dtype
-            ds = p * (dp.to(acc) - (do.to(acc) * o_blocks[:, :, g0:g1].to(acc)).sum(-1, keepdim=True))
-            ds = (ds * scaling).to(query.dtype)
-            qb = q_blocks[:, :, g0:g1]
-            dq[:, :, g0:g1] = torch.einsum("bhgqk,bhgdk->bhgqd", ds[..., n:], key_chunks[:, :, g0:g1])
-            geo.fold_into(dk_folded, torch.einsum("bhgqk,bhgqd->bhgkd", ds[..., n:], qb), g0)
-            if n:
-                dq[:, :, g0:g1] += torch.einsum("bhgqn,bhnd->bhgqd", ds[..., :n], pivot_key)
-                d_pivot_key += torch.einsum("bhgqn,bhgqd->bhnd", ds[..., :n], qb)
-                d_pivot_value += torch.einsum("bhgqn,bhgqd->bhnd", p_used[..., :n], do)
-        dk, dv = geo.unfold_keys(dk_folded), geo.unfold_keys(dv_folded)
-        if n:
-            geo.scatter_pivots_(dk, d_pivot_key)
-            geo.scatter_pivots_(dv, d_pivot_value)
-        dq = dq.flatten(2, 3)[:, :, : geo.q_len]
-        return dq, dk, dv, None, None, None, None
+        for (g0, g1), n in zip(geo.steps, geo.pivot_counts):
+            g, rows = g1 - g0, slice(g0 * block, g1 * block)
+            mask = geo.mask(g0, g1, n, acc)
+            for b in range(bsz):
+                for h in range(heads):
+                    p = ops.probs(geo, b, h, g0, g1, n, mask, _view(buffer, geo, g, n))  # [g, block, n + span]
+                    do = d_out[b, rows, h]  # [g * block, D]
+                    value_windows, pivot_value = ops.value_windows[b, h, g0:g1], ops.pivot_value[b, h, :n]
+                    dp = _scores(do, value_windows, pivot_value, block, _view(d_buffer, geo, g, n))
+                    dp = dp.to(acc) if dp.dtype != acc else dp
+                    p_used = p
+                    if generator is not None:
+                        drop = _dropout_mask(p.shape, dropout, generator, query.device, p.dtype)
+                        p_used, dp = p * drop, dp * drop
+                    p_used = p_used.to(query.dtype)
+                    # dV = P^T dO: window part folded back onto the keys, pivot part summed over the blocks
+                    dv_windows = torch.bmm(p_used[..., n:].transpose(1, 2), do.unflatten(0, (g, block)))
+                    _fold(d_value_padded[b, h], dv_windows, g0, block)
+                    # softmax backward, in place: dS = P * (dP - rowsum(dO * O))
+                    ds = dp.sub_(delta[b, rows, h].unflatten(0, (g, block))).mul_(p).to(query.dtype)
+                    q = ops.q[b, rows, h]  # [g * block, D]
+                    dq = d_query[b, rows, h]
+                    torch.bmm(ds[..., n:], ops.key_windows[b, h, g0:g1], out=dq.unflatten(0, (g, block)))
+                    dk_windows = torch.bmm(ds[..., n:].transpose(1, 2), q.unflatten(0, (g, block)))
+                    _fold(d_key_padded[b, h], dk_windows, g0, block)
+                    if n:
+                        d_pivot_value[b, h, :n] += torch.mm(p_used.flatten(0, 1)[:, :n].t(), do)
+                        dq.addmm_(ds.flatten(0, 1)[:, :n], ops.pivot_key[b, h, :n])
+                        d_pivot_key[b, h, :n] += torch.mm(ds.flatten(0, 1)[:, :n].t(), q)
+        d_key, d_value = geo.unpad(d_key_padded), geo.unpad(d_value_padded)
+        if geo.n_pivots:
+            index = geo.pivot_idx[:, None, :, None].expand(d_pivot_key.shape)
+            d_key.scatter_add_(2, index, d_pivot_key)
+            d_value.scatter_add_(2, index, d_pivot_value)
+        d_query = d_query[:, : geo.q_len].mul_(scaling).transpose(1, 2)  # q was scaled before the scores
+        return d_query, d_key.to(key.dtype), d_value.to(value.dtype), None, None, None, None
 
 
 class GPT2SparseAttention(nn.Module):
@@ -484,6 +560,32 @@ class GPT2SparseLayer(GradientCheckpointingLayer):
         return hidden_states, attn_weights
 
 
+def _check_loaded_weights(model: nn.Module, missing_keys) -> None:
+    """Refuse a half-loaded or damaged checkpoint: weights of the model body missing from it (they would run randomly
+    initialised, with only a warning from transformers), or parameters holding NaN / inf (a corrupted file)."""
+    prefix = model.base_model_prefix
+    has_body = hasattr(model, prefix)  # a head model: its body lives under `prefix.`
+    body = sorted(k for k in missing_keys if not has_body or k.startswith(f"{prefix}."))
+    if body:
+        shown = ", ".join(body[:5]) + (f" (+{len(body) - 5} more)" if len(body) > 5 else "")
+        raise ValueError(
+            f"the checkpoint lacks {len(body)} weight(s) of the model body: {shown}. It is incomplete or of another "
+            "architecture (check config.json's sizes); refusing to run with randomly initialised weights."
+        )
+    damaged = []
+    for name, param in model.named_parameters():
+        if not param.is_floating_point() or param.device.type == "meta":
+            continue
+        total = param.detach().sum(dtype=torch.float32 if param.element_size() < 4 else None)  # no large temporary
+        if not bool(torch.isfinite(total)) and not bool(torch.isfinite(param).all()):
+            damaged.append(name)
+    if damaged:
+        raise ValueError(
+            f"the checkpoint holds NaN or inf values in {', '.join(damaged[:5])}: the weight file is damaged "
+            "(re-download or re-convert it)"
+        )
+
+
 class GPT2SparsePreTrainedModel(PreTrainedModel):
     config_class = GPT2SparseConfig
     base_model_prefix = "model"
@@ -492,6 +594,13 @@ class GPT2SparsePreTrainedModel(PreTrainedModel):
     _supports_sdpa = True
     _supports_flash_attn = False
     _supports_flex_attn = False
+
+    @classmethod
+    def from_pretrained(cls, *args, **kwargs):
+        want_info = kwargs.pop("output_loading_info", False)
+        model, info = super().from_pretrained(*args, output_loading_info=True, **kwargs)
+        _check_loaded_weights(model, info.get("missing_keys", []))  # never run half-loaded or damaged weights
+        return (model, info) if want_info else model
 
     def _init_weights(self, module: nn.Module) -> None:
         std = self.config.init_method_std
@@ -525,6 +634,28 @@ def sample_pivots(
     # Text first (key -1), then images in random order, never anything else (key 2).
     keys = torch.where(is_text, -1.0, torch.where(is_image, noise, 2.0))
     return keys.topk(num_pivots, dim=-1, largest=False).indices.sort(dim=-1).values
+
+
+def _check_token_tensor(name: str, ids) -> None:
+    """TypeError / ValueError naming `name` unless `ids` is a non-empty integer tensor [batch, seq] (no device sync)."""
+    if not isinstance(ids, torch.Tensor) or ids.is_floating_point() or ids.is_complex() or ids.dtype == torch.bool:
+        kind = ids.dtype if isinstance(ids, torch.Tensor) else type(ids).__name__
+        raise TypeError(f"{name} must be an integer tensor of token ids [batch, seq], got {kind}")
+    if ids.dim() != 2 or ids.numel() == 0:
+        raise ValueError(f"{name} must have a non-empty shape [batch, seq], got {list(ids.shape)}")
+
+
+def _check_embeds(name: str, embeds, hidden_size: int) -> None:
+    """TypeError / ValueError naming `name` unless `embeds` is a finite float tensor [batch, seq, hidden_size]."""
+    if not isinstance(embeds, torch.Tensor) or not embeds.is_floating_point():
+        kind = embeds.dtype if isinstance(embeds, torch.Tensor) else type(embeds).__name__
+        raise TypeError(f"{name} must be a floating-point tensor [batch, seq, hidden_size], got {kind}")
+    if embeds.dim() != 3 or embeds.shape[-1] != hidden_size or embeds.numel() == 0:
+        raise ValueError(
+            f"{name} must have a non-empty shape [batch, seq, hidden_size={hidden_size}], got {list(embeds.shape)}"
+        )
+    if not torch.compiler.is_compiling() and not bool(torch.isfinite(embeds).all()):
+        raise ValueError(f"{name} holds NaN or inf values")
 
 
 def check_pivot_candidates(is_text: torch.Tensor, is_image: torch.Tensor, num_pivots: int, mode: int) -> None:
@@ -603,13 +734,26 @@ class GPT2SparseModel(GPT2SparsePreTrainedModel):
             output_attentions = getattr(config, "output_attentions", False)
         if output_hidden_states is None:
             output_hidden_states = getattr(config, "output_hidden_states", False)
+        if isinstance(is_sparse, bool) or not isinstance(is_sparse, (int, torch.Tensor, type(None))):
+            raise TypeError(
+                f"is_sparse must be an int (0 dense, 1 sparse training, 2 sparse inference), got {is_sparse!r}"
+            )
         mode = config.is_sparse if is_sparse is None else int(is_sparse)
         if mode not in (0, 1, 2):
             raise ValueError(f"is_sparse must be 0 (dense), 1 (sparse training) or 2 (sparse inference), got {mode}")
         if (input_ids is None) == (inputs_embeds is None):
             raise ValueError("Pass exactly one of input_ids and inputs_embeds")
         if input_ids is not None:
-            if input_ids.numel() and (int(input_ids.min()) < 0 or int(input_ids.max()) >= config.vocab_size):
+            _check_token_tensor("input_ids", input_ids)
+        else:
+            _check_embeds("inputs_embeds", inputs_embeds, config.hidden_size)
+        check_ranges = not torch.compiler.is_compiling()  # data-dependent checks would break a compiled graph
+        if input_ids is not None:
+            if (
+                check_ranges
+                and input_ids.numel()
+                and (int(input_ids.min()) < 0 or int(input_ids.max()) >= config.vocab_size)
+            ):
                 raise ValueError(
                     f"input_ids must lie in [0, vocab_size={config.vocab_size}), got values in "
                     f"[{int(input_ids.min())}, {int(input_ids.max())}]"
@@ -618,9 +762,9 @@ class GPT2SparseModel(GPT2SparsePreTrainedModel):
         bsz, q_len = inputs_embeds.shape[:2]
         device = inputs_embeds.device
 
-        if self.gradient_checkpointing and self.training and use_cache:
-            use_cache = False
         use_cache = config.use_cache if use_cache is None else use_cache
+        if self.gradient_checkpointing and self.training and use_cache:
+            use_cache = False  # resolved first: the checkpointed layers warn about a cache they are handed
         if mems is not None and len(mems) == 0:
             mems = None
         if mems is not None:
@@ -630,7 +774,13 @@ class GPT2SparseModel(GPT2SparsePreTrainedModel):
                 raise ValueError("is_sparse=1 (sparse training) does not support mems; use is_sparse=0 or 2")
             if len(mems) < config.num_layers:
                 raise ValueError(f"mems must hold at least num_layers={config.num_layers} tensors, got {len(mems)}")
-            if any(m.shape[0] != bsz or m.shape[-1] != config.hidden_size for m in mems[: config.num_layers]):
+            if any(
+                not isinstance(m, torch.Tensor)
+                or m.dim() != 3
+                or m.shape[0] != bsz
+                or m.shape[-1] != config.hidden_size
+                for m in mems[: config.num_layers]
+            ):
                 raise ValueError(f"every mems tensor must have shape [batch={bsz}, mem_len, {config.hidden_size}]")
             use_cache = False
             past_len = mems[0].shape[1]
@@ -652,21 +802,42 @@ class GPT2SparseModel(GPT2SparsePreTrainedModel):
                     f"max_position_embeddings={config.max_position_embeddings}"
                 )
             position_ids = torch.arange(past_len, k_len, device=device).unsqueeze(0)
-        elif position_ids.numel() and int(position_ids.max()) >= config.max_position_embeddings:
-            raise ValueError(
-                f"position_ids must be below max_position_embeddings={config.max_position_embeddings}, "
-                f"got {int(position_ids.max())}"
-            )
+        elif position_ids.is_floating_point():
+            raise TypeError(f"position_ids must be an integer tensor, got dtype {position_ids.dtype}")
+        elif check_ranges and position_ids.numel():
+            low, high = torch.stack(torch.aminmax(position_ids)).tolist()  # one device sync
+            if low < 0 or high >= config.max_position_embeddings:
+                raise ValueError(
+                    f"position_ids must lie in [0, max_position_embeddings={config.max_position_embeddings}), "
+                    f"got values in [{low}, {high}]"
+                )
 
         key_mask = None
-        if attention_mask is not None:
+        if attention_mask is not None and not check_ranges:
+            key_mask = attention_mask.bool()  # compiled: no data-dependent checks (an all-ones mask masks nothing)
+        elif attention_mask is not None:
             if attention_mask.dim() != 2 or attention_mask.shape != (bsz, k_len):
                 raise ValueError(
                     f"attention_mask must be a 2-D [batch, key_length] padding mask of shape ({bsz}, {k_len}) "
                     f"(cache/memory positions included), got {tuple(attention_mask.shape)}"
                 )
-            if not bool(attention_mask.all()):
+            is_pad = attention_mask == 0
+            flags = torch.stack(
+                (((attention_mask != 0) & (attention_mask != 1)).any(), is_pad.any(), is_pad.all(-1).any())
+            )
+            not_binary, has_padding, empty_row = flags.tolist()  # one device sync for all three
+            if not_binary:
+                raise ValueError("attention_mask must hold 0/1 (1 = real token, 0 = padding), got other values")
+            if empty_row:
+                raise ValueError("attention_mask has a row of padding only: every row needs at least one real token")
+            if has_padding:
                 key_mask = attention_mask.bool()
+        if sep is not None:
+            sep_values = torch.as_tensor(sep)
+            if sep_values.is_floating_point() or sep_values.dtype == torch.bool:
+                raise TypeError(f"sep must be an int or an integer tensor [batch] of prefix lengths, got {sep!r}")
+            if sep_values.numel() not in (1, bsz) or bool((sep_values < 0).any()):
+                raise ValueError(f"sep must be one prefix length >= 0, or one per row (batch={bsz}), got {sep!r}")
 
         dense_mask, sparse = None, None
         if mode == 0:
@@ -884,7 +1055,24 @@ class GPT2SparseLMHeadModel(GPT2SparsePreTrainedModel, GenerationMixin):
     def set_output_embeddings(self, new_embeddings: nn.Linear) -> None:
         self.lm_head = new_embeddings
 
+    def generate(self, inputs: torch.Tensor | None = None, *args, **kwargs):
+        """`GenerationMixin.generate`, with the prompt checked first: a clear error for ids that are not an integer
+        [batch, seq] tensor, or a padding mask of another shape, instead of one from deep inside generate()."""
+        ids = inputs if inputs is not None else kwargs.get("input_ids")
+        if ids is not None:
+            _check_token_tensor("input_ids", ids)
+            mask = kwargs.get("attention_mask")
+            if isinstance(mask, torch.Tensor) and mask.shape != ids.shape:
+                raise ValueError(f"attention_mask has shape {list(mask.shape)}, but input_ids has {list(ids.shape)}")
+        return super().generate(inputs, *args, **kwargs)
+
     def prepare_inputs_for_generation(self, input_ids: torch.LongTensor, **kwargs) -> dict:
+        past, mask = kwargs.get("past_key_values"), kwargs.get("attention_mask")
+        if mask is not None and (past is None or past.get_seq_length() == 0) and not bool(mask[:, -1].all()):
+            # the next token would be predicted from a padding position: a silently wrong continuation
+            raise ValueError(
+                "the batch is right-padded (attention_mask has 0 in the last column); generation needs left padding"
+            )
         model_inputs = super().prepare_inputs_for_generation(input_ids, **kwargs)
         mode = model_inputs.get("is_sparse")
         mode = self.config.is_sparse if mode is None else mode
@@ -950,6 +1138,16 @@ class GPT2SparseLMHeadModel(GPT2SparsePreTrainedModel, GenerationMixin):
 
         loss = None
         if labels is not None:
+            if labels.is_floating_point() or labels.shape != hidden_states.shape[:2]:
+                raise ValueError(
+                    f"labels must be integer token ids of the input's shape {list(hidden_states.shape[:2])}, got "
+                    f"{labels.dtype} {list(labels.shape)}"
+                )
+            bad = ((labels < 0) | (labels >= self.config.vocab_size)) & (labels != -100)
+            if not torch.compiler.is_compiling() and bool(bad.any()):
+                raise ValueError(
+                    f"labels hold {int(labels[bad][0])}, outside [0, vocab_size={self.config.vocab_size}) and not -100"
+                )
             shift_logits = logits[:, :-1].float().reshape(-1, logits.shape[-1])
             shift_labels = labels[:, 1:].to(logits.device).reshape(-1)
             loss = F.cross_entropy(shift_logits, shift_labels, ignore_index=-100)

@@ -1,4 +1,4 @@
-"""GLM tokenizer: one SentencePiece tokenizer class for ChatGLM-6B and for GLM's Chinese models.
+"""GLM tokenizer: one tokenizer class for ChatGLM-6B and for GLM's Chinese and English models.
 
 `GLMTokenizer` is a slow (`PreTrainedTokenizer`) tokenizer loaded with
 `AutoTokenizer.from_pretrained(path, trust_remote_code=True)`; it works on transformers 4.57 and 5.x.
@@ -17,6 +17,12 @@ One class, several *flavours* (the `flavour` init argument, saved in tokenizer_c
   `[SEP]` 50001, `[CLS]` 50002, `[MASK]` 50003, `[UNUSED1]` 50004, `[UNUSED2]` 50005 (placeholders that
   keep the layout), `<|startofpiece|>` 50006, `<|endofpiece|>` 50007, `[sMASK]` 50008, `[gMASK]` 50009;
   `[UNK]` is the SentencePiece unknown piece (id 0). Decoding puts spaces around these tokens.
+- `"glm-english"` reproduces GLM's `GLMGPT2Tokenizer` (glm-10b, glm-2b): GPT-2's byte-level BPE
+  (`vocab.json` + `merges.txt`, 50257 tokens, run by the `tokenizers` library) with `[CLS] + ids +
+  <|endoftext|>` and left truncation like the Chinese flavour, and GLM's tokens after the BPE vocabulary in
+  the order the checkpoints were trained with (GLM's GPT2BPETokenizer command tokens): `<|startofpiece|>`
+  50257, `<|endofpiece|>` 50258, `[CLS]` 50259, `[MASK]` 50260, `[SEP]` 50261, `[UNK]` 50262, `[gMASK]`
+  50263, `[sMASK]` 50264; `<|endoftext|>` (50256) is bos, eos, unk and pad, as in GPT2Tokenizer.
 
 Both flavours follow what the references did under transformers 4.33 (the last version they ran
 on): whitespace next to a special token typed in the text is stripped, and `decode` uses
@@ -31,10 +37,12 @@ How this differs from the references: the tokenizer returns `input_ids` and `att
 (`padding_side="right"` per call works too), and `build_inputs_for_generation` returns causal-LM
 style labels (see its docstring).
 
-Adding a flavour: a flavour is a `_Flavour` record below plus, if it is not SentencePiece, a
-vocabulary backend with the `_SentencePieceVocab` interface (`size`, `unk_id`, `encode_pieces`,
-`piece_to_id`, `id_to_piece`, `decode_pieces`, `has_piece`, `save`). A GPT-2 BPE backend for
-`"glm-english"` (gpt2-vocab.json / gpt2-merges.txt plus GLM's special tokens after 50257) fits there.
+Adding a flavour: a flavour is a `_Flavour` record below plus, if it is neither SentencePiece nor
+GPT-2 BPE, a vocabulary backend with the `_SentencePieceVocab` interface (`size`, `unk_id`,
+`encode_pieces`, `piece_to_id`, `pieces_to_ids`, `id_to_piece`, `decode_pieces`, `has_piece`, `save`).
+
+Blank infilling helpers (all flavours): `build_inputs_for_generation` (the span to generate or learn) and
+`build_inputs_for_multiple_choice` (GLM's one-pass scoring of answer choices, for `GLMForMultipleChoice`).
 
 Building a new tokenizer for the `"chatglm"` flavour (e.g. a small model trained on your corpus):
 train a SentencePiece model whose pieces include
@@ -75,13 +83,15 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import sentencepiece as spm
+from tokenizers import Tokenizer, decoders, models, pre_tokenizers
 from transformers import PreTrainedTokenizer
 from transformers.tokenization_utils_base import AddedToken, BatchEncoding
 from transformers.utils import logging
 
 logger = logging.get_logger(__name__)
 
-VOCAB_FILES_NAMES = {"vocab_file": "tokenizer.model"}
+# SentencePiece flavours use `vocab_file`; the GPT-2 BPE flavour `bpe_vocab_file` and `merges_file`.
+VOCAB_FILES_NAMES = {"vocab_file": "tokenizer.model", "bpe_vocab_file": "vocab.json", "merges_file": "merges.txt"}
 
 # ChatGLM-6B's prompt (THUDM's `chat`): a single question is sent as is; with history every turn is
 # "[Round i]\n问：q\n答：r\n" (0-indexed) and the new question "[Round n]\n问：q\n答：". With
@@ -124,6 +134,7 @@ class _Flavour:
     truncation_side: str = "right"
     chat_template: str | None = None
     required_pieces: tuple[str, ...] = field(default=())
+    backend: str = "sentencepiece"  # or "gpt2-bpe"
 
 
 FLAVOURS: dict[str, _Flavour] = {
@@ -177,6 +188,37 @@ FLAVOURS: dict[str, _Flavour] = {
         ),
         truncation_side="left",
     ),
+    "glm-english": _Flavour(
+        name="glm-english",
+        named_tokens={
+            "bos_token": "<|endoftext|>",
+            "eos_token": "<|endoftext|>",
+            "unk_token": "<|endoftext|>",
+            "pad_token": "<|endoftext|>",
+            "cls_token": "[CLS]",
+            "mask_token": "[MASK]",
+            "sep_token": "[SEP]",
+        },
+        extra_tokens=("<|startofpiece|>", "<|endofpiece|>", "[UNK]", "[gMASK]", "[sMASK]"),
+        sop_token="<|startofpiece|>",
+        eop_token="<|endofpiece|>",
+        gmask_token="[gMASK]",
+        smask_token="[sMASK]",
+        appended_tokens=(
+            "<|startofpiece|>",
+            "<|endofpiece|>",
+            "[CLS]",
+            "[MASK]",
+            "[SEP]",
+            "[UNK]",
+            "[gMASK]",
+            "[sMASK]",
+        ),
+        keep_whitespace=frozenset({"<|endoftext|>"}),  # GPT2Tokenizer's own AddedToken: no stripping
+        truncation_side="left",
+        required_pieces=("<|endoftext|>",),
+        backend="gpt2-bpe",
+    ),
 }
 
 
@@ -207,19 +249,24 @@ class _SentencePieceVocab:
     def piece_to_id(self, piece: str) -> int:
         return self.sp.piece_to_id(piece)
 
+    def pieces_to_ids(self, pieces: list[str]) -> list[int]:
+        return self.sp.piece_to_id(pieces) if pieces else []  # one C++ call
+
     def id_to_piece(self, index: int) -> str:
         return self.sp.id_to_piece(index)
 
     def decode_pieces(self, pieces: list[str]) -> str:
         return self.sp.decode_pieces(pieces)
 
-    def save(self, path: str) -> None:
+    def save(self, directory: str, prefix: str) -> tuple[str, ...]:
+        path = os.path.join(directory, prefix + VOCAB_FILES_NAMES["vocab_file"])
         if os.path.isfile(self.vocab_file):
             if os.path.abspath(self.vocab_file) != os.path.abspath(path):
                 shutil.copyfile(self.vocab_file, path)
         else:  # the source file went away (e.g. a temporary download): write the loaded model
             with open(path, "wb") as f:
                 f.write(self.sp.serialized_model_proto())
+        return (path,)
 
     # Pickling: SentencePieceProcessor is not picklable; keep the serialized model instead.
     def __getstate__(self) -> dict[str, Any]:
@@ -233,13 +280,101 @@ class _SentencePieceVocab:
         self.sp.LoadFromSerializedProto(state["sp"])
 
 
+def _bytes_to_unicode() -> dict[int, str]:
+    """GPT-2's reversible map from the 256 byte values to printable characters (byte-level BPE alphabet):
+    printable Latin-1 bytes map to themselves, the others to code points from 256 upwards."""
+    printable = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1), *range(ord("®"), ord("ÿ") + 1)]
+    mapping, extra = {b: chr(b) for b in printable}, 0
+    for b in range(256):
+        if b not in mapping:
+            mapping[b] = chr(256 + extra)
+            extra += 1
+    return mapping
+
+
+class _GPT2BPEVocab:
+    """GPT-2's byte-level BPE (`vocab.json` + `merges.txt`) as a vocabulary backend.
+
+    Tokenising runs in the `tokenizers` library (GPT-2's pre-tokenisation regex and byte-level alphabet, the
+    same pieces as transformers' slow GPT2Tokenizer); decoding maps the pieces back to bytes here.
+    """
+
+    def __init__(self, vocab_file: str | None, merges_file: str | None):
+        for name, path in (("vocab.json", vocab_file), ("merges.txt", merges_file)):
+            if not isinstance(path, (str, os.PathLike)) or not os.path.isfile(path):
+                raise ValueError(
+                    f"the GPT-2 BPE flavour needs its {name} file (GLM's gpt2-vocab.json / gpt2-merges.txt), got "
+                    f"{path!r}: pass bpe_vocab_file= (or vocab_file=) and merges_file="
+                )
+        self.vocab_file, self.merges_file = os.fspath(vocab_file), os.fspath(merges_file)
+        try:
+            with open(self.vocab_file, encoding="utf-8") as f:
+                encoder = json.load(f)
+            with open(self.merges_file, encoding="utf-8") as f:
+                merges = [tuple(line.split()) for line in f.read().split("\n") if line and not line.startswith("#")]
+        except (OSError, ValueError) as err:
+            raise ValueError(f"cannot read the GPT-2 BPE files {self.vocab_file}, {self.merges_file}: {err}") from err
+        if not isinstance(encoder, dict) or any(len(m) != 2 for m in merges):
+            raise ValueError(f"{self.vocab_file} / {self.merges_file} are not a GPT-2 vocabulary and merge list")
+        self._build(encoder, merges)
+
+    def _build(self, encoder: dict[str, int], merges: list[tuple[str, str]]) -> None:
+        self.encoder, self.merges = encoder, merges
+        self.decoder = {i: piece for piece, i in encoder.items()}
+        self.size = len(encoder)
+        self.unk_id = encoder.get("<|endoftext|>", 0)  # GPT2Tokenizer's unk_token
+        self.byte_decoder = {c: b for b, c in _bytes_to_unicode().items()}
+        tokenizer = Tokenizer(models.BPE(vocab=encoder, merges=merges))
+        tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+        tokenizer.decoder = decoders.ByteLevel()
+        self.tokenizer = tokenizer
+
+    def has_piece(self, piece: str) -> bool:
+        return piece in self.encoder
+
+    def encode_pieces(self, text: str) -> list[str]:
+        return self.tokenizer.encode(text, add_special_tokens=False).tokens if text else []
+
+    def piece_to_id(self, piece: str) -> int:
+        return self.encoder.get(piece, self.unk_id)
+
+    def pieces_to_ids(self, pieces: list[str]) -> list[int]:
+        return [self.encoder.get(p, self.unk_id) for p in pieces]
+
+    def id_to_piece(self, index: int) -> str:
+        return self.decoder[index]
+
+    def decode_pieces(self, pieces: list[str]) -> str:
+        data = bytearray(self.byte_decoder[c] for c in "".join(pieces))
+        return data.decode("utf-8", errors="replace")  # GPT2Tokenizer's default errors="replace"
+
+    def save(self, directory: str, prefix: str) -> tuple[str, ...]:
+        vocab_path = os.path.join(directory, prefix + VOCAB_FILES_NAMES["bpe_vocab_file"])
+        merges_path = os.path.join(directory, prefix + VOCAB_FILES_NAMES["merges_file"])
+        with open(vocab_path, "w", encoding="utf-8") as f:
+            f.write(json.dumps(self.encoder, ensure_ascii=False) + "\n")
+        with open(merges_path, "w", encoding="utf-8") as f:
+            f.write("#version: 0.2\n" + "".join(f"{a} {b}\n" for a, b in self.merges))
+        return vocab_path, merges_path
+
+    # Pickling: keep the vocabulary and merges, rebuild the `tokenizers` object.
+    def __getstate__(self) -> dict[str, Any]:
+        return {"vocab_file": self.vocab_file, "merges_file": self.merges_file, "encoder": self.encoder,
+                "merges": self.merges}  # fmt: skip
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        self.vocab_file, self.merges_file = state["vocab_file"], state["merges_file"]
+        self._build(state["encoder"], [tuple(m) for m in state["merges"]])
+
+
 class GLMTokenizer(PreTrainedTokenizer):
-    """SentencePiece tokenizer for GLM models (ChatGLM-6B and GLM's Chinese models); see the module docstring.
+    """Tokenizer for GLM models (ChatGLM-6B, GLM's Chinese and English models); see the module docstring.
 
     Args:
         vocab_file: the SentencePiece model (`tokenizer.model`; ChatGLM-6B's `ice_text.model`,
-            GLM's `cog-pretrain.model`).
-        flavour: `"chatglm"` or `"glm-chinese"`.
+            GLM's `cog-pretrain.model`); for `"glm-english"` it may name the BPE `vocab.json` instead.
+        flavour: `"chatglm"`, `"glm-chinese"` or `"glm-english"`.
+        bpe_vocab_file, merges_file: `"glm-english"` only: GPT-2's `vocab.json` and `merges.txt`.
         num_image_tokens: ChatGLM only; ids below it are image tokens and text ids are shifted by it
             (THUDM's tokenizer_config.json sets 0; the pre-April-2023 checkpoints used 20000).
         max_blank_length: ChatGLM only; the longest space run encoded as one `<|blank_N|>` piece.
@@ -258,6 +393,8 @@ class GLMTokenizer(PreTrainedTokenizer):
         max_blank_length: int = 80,
         remove_space: bool = False,
         do_lower_case: bool = False,
+        bpe_vocab_file: str | None = None,
+        merges_file: str | None = None,
         **kwargs,
     ):
         if flavour not in FLAVOURS:
@@ -276,8 +413,12 @@ class GLMTokenizer(PreTrainedTokenizer):
         self.remove_space = remove_space
         self._lowercase = do_lower_case
         # The vocabulary must exist before PreTrainedTokenizer.__init__, which calls get_vocab().
-        self.vocab_file = vocab_file
-        self._vocab = _SentencePieceVocab(vocab_file)
+        if spec.backend == "gpt2-bpe":
+            self._vocab = _GPT2BPEVocab(bpe_vocab_file or vocab_file, merges_file)
+            self.vocab_file, self.bpe_vocab_file, self.merges_file = None, self._vocab.vocab_file, merges_file
+        else:
+            self._vocab = _SentencePieceVocab(vocab_file)
+            self.vocab_file, self.bpe_vocab_file, self.merges_file = vocab_file, None, None
         self._check_pieces()
         self._text_offset = num_image_tokens  # id of SentencePiece piece 0
         sp_end = num_image_tokens + self._vocab.size
@@ -405,6 +546,14 @@ class GLMTokenizer(PreTrainedTokenizer):
         """
         if not isinstance(text, str):
             raise TypeError(f"text must be a str, got {type(text).__name__}")
+        if not text.isascii():
+            try:
+                text.encode("utf-8")
+            except UnicodeEncodeError as err:  # SentencePiece would fail with an opaque C++ cast error
+                raise ValueError(
+                    f"text is not valid Unicode: {err.reason} at index {err.start} ({text[err.start]!r}); "
+                    "decode the source bytes with errors='replace' first"
+                ) from err
         split_special_tokens = kwargs.pop("split_special_tokens", getattr(self, "split_special_tokens", False))
         text, kwargs = self.prepare_for_tokenization(text, **kwargs)
         if split_special_tokens or not self._added_tokens_encoder:
@@ -448,7 +597,7 @@ class GLMTokenizer(PreTrainedTokenizer):
             return super().convert_tokens_to_ids(tokens)
         tokens = list(tokens)
         added, appended, offset = self._added_tokens_encoder, self._appended, self._text_offset
-        piece_ids = self._vocab.sp.piece_to_id(tokens) if tokens else []
+        piece_ids = self._vocab.pieces_to_ids(tokens)
         return [
             added[t] if t in added else appended[t] if t in appended else i + offset for t, i in zip(tokens, piece_ids)
         ]
@@ -490,6 +639,8 @@ class GLMTokenizer(PreTrainedTokenizer):
         parts: list[str] = []
         run: list[str] = []
         for index in token_ids:
+            if isinstance(index, (bool, float, str, bytes)) or not hasattr(index, "__index__"):
+                raise TypeError(f"token_ids must hold integer token ids, got {type(index).__name__} {index!r}")
             index = int(index)
             if index in skip or index == pad_id or 0 <= index < self._text_offset:
                 continue
@@ -612,31 +763,11 @@ class GLMTokenizer(PreTrainedTokenizer):
 
         if not isinstance(max_gen_length, int) or max_gen_length < 1:
             raise ValueError(f"max_gen_length={max_gen_length!r}: expected an int >= 1")
-        if "input_ids" not in model_input:
-            raise ValueError("model_input has no 'input_ids': pass what the tokenizer returned")
-        input_ids = model_input["input_ids"]
+        input_ids = model_input.get("input_ids") if hasattr(model_input, "get") else None
         as_tensor = torch.is_tensor(input_ids)
-        rows = input_ids.tolist() if as_tensor else list(input_ids)
-        if rows and not isinstance(rows[0], (list, tuple)):
-            rows = [rows]  # one unbatched row
-        rows = [list(r) for r in rows]
-        mask = model_input.get("attention_mask")
-        if mask is None:
-            masks = [[1] * len(r) for r in rows]
-        else:
-            masks = mask.tolist() if torch.is_tensor(mask) else list(mask)
-            if masks and not isinstance(masks[0], (list, tuple)):
-                masks = [masks]
-        blanks = set(self.mask_token_ids)
         sop, eop, pad = self.sop_token_id, self.eop_token_id, self.pad_token_id
         contexts = []
-        for i, (row, row_mask) in enumerate(zip(rows, masks)):
-            real = [t for t, m in zip(row, row_mask) if m]
-            if not any(t in blanks for t in real):
-                raise ValueError(
-                    f"model_input['input_ids'] row {i} has no blank token: expected one of "
-                    f"{self.mask_token}, {self.smask_token}, {self.gmask_token} (ids {sorted(blanks)})"
-                )
+        for real, _ in self._real_rows_with_blank(model_input):
             contexts.append(real if real[-1] == sop else real + [sop])
 
         spans: list[list[int]] = [[] for _ in contexts]
@@ -660,15 +791,121 @@ class GLMTokenizer(PreTrainedTokenizer):
             return BatchEncoding(batch)
         return BatchEncoding({k: torch.tensor(v, dtype=torch.long, device=input_ids.device) for k, v in batch.items()})
 
+    def build_inputs_for_multiple_choice(
+        self, model_input: dict[str, Any], choices: list[list[str]], max_length: int | None = None
+    ) -> BatchEncoding:
+        """Inputs for `GLMForMultipleChoice`: every answer choice written into the blank, in one sequence.
+
+        As GLM's tokenizer does it: per example (a row of `model_input`, its padding dropped) the context is
+        followed, for each choice, by the start-of-piece token and the choice's tokens but its last, so that
+        the prediction after `<sop>` + choice[:i] scores choice[i]. The choice tokens take the position of the
+        context's blank (its first [MASK], [sMASK] or [gMASK]; GLM required a [MASK]) and block positions
+        1, 2, ...; each choice sees the context and, causally, itself; the context sees only itself.
+
+        Returns tensors: `input_ids` [B, L], `position_ids` [B, 2, L], `attention_mask` [B, 1, L, L]
+        (1 = attend), `choice_ids` and `choice_indices` [B, C, T] (`choice_ids` padded with -100); pass them all
+        to the model. Rows are right-padded with the pad token (GLM used id 0), their positions repeating the
+        last one. Every example needs the same number of choices. `max_length` is ignored, as in GLM.
+        """
+        import torch
+
+        examples = self._real_rows_with_blank(model_input)
+        if isinstance(choices, (str, bytes)) or len(choices) != len(examples):
+            raise ValueError(f"choices must hold one list of answer strings per example ({len(examples)})")
+        if len({len(c) for c in choices}) != 1 or not choices[0]:
+            raise ValueError("every example needs the same (non-zero) number of choices")
+        sop = self.sop_token_id
+        samples = []
+        for (context, blank), row_choices in zip(examples, choices):
+            tokens, positions, blocks = list(context), list(range(len(context))), [0] * len(context)
+            spans, choice_ids, choice_indices = [], [], []
+            for choice in row_choices:
+                ids = self.encode(choice, add_special_tokens=False)
+                if not ids:
+                    raise ValueError(f"choice {choice!r} encodes to no tokens")
+                spans.append((len(tokens), len(ids)))
+                choice_ids.append(ids)
+                choice_indices.append(list(range(len(tokens), len(tokens) + len(ids))))
+                tokens += [sop] + ids[:-1]
+                positions += [blank] * len(ids)
+                blocks += list(range(1, len(ids) + 1))
+            mask = torch.zeros(len(tokens), len(tokens), dtype=torch.long)
+            mask[: len(context), : len(context)] = 1  # the context reads itself (bidirectionally)
+            for start, length in spans:  # each choice: the context, then itself causally
+                mask[start : start + length, : len(context)] = 1
+                mask[start : start + length, start : start + length] = torch.ones(length, length).tril()
+            samples.append((tokens, positions, blocks, mask, choice_ids, choice_indices))
+
+        width = max(len(s[0]) for s in samples)
+        span_width = max(len(ids) for s in samples for ids in s[4])
+        input_ids, position_ids, masks, choice_ids, choice_indices = [], [], [], [], []
+        for tokens, positions, blocks, mask, ids, index in samples:
+            extra = width - len(tokens)
+            input_ids.append(tokens + [self.pad_token_id] * extra)
+            position_ids.append([positions + positions[-1:] * extra, blocks + blocks[-1:] * extra])
+            masks.append(torch.nn.functional.pad(mask, (0, extra, 0, extra)))
+            choice_ids.append([i + [-100] * (span_width - len(i)) for i in ids])
+            choice_indices.append([i + [0] * (span_width - len(i)) for i in index])
+        return BatchEncoding(
+            {
+                "input_ids": torch.tensor(input_ids, dtype=torch.long),
+                "position_ids": torch.tensor(position_ids, dtype=torch.long),
+                "attention_mask": torch.stack(masks)[:, None],
+                "choice_ids": torch.tensor(choice_ids, dtype=torch.long),
+                "choice_indices": torch.tensor(choice_indices, dtype=torch.long),
+            }
+        )
+
+    def _real_rows_with_blank(self, model_input: dict[str, Any]) -> list[tuple[list[int], int]]:
+        """The rows of a tokenizer output without their padding, each with the index of its first blank token."""
+        import torch
+
+        if not hasattr(model_input, "get") or model_input.get("input_ids") is None:
+            raise ValueError("model_input has no 'input_ids': pass what the tokenizer returned")
+        input_ids = model_input["input_ids"]
+        rows = input_ids.tolist() if torch.is_tensor(input_ids) else list(input_ids)
+        if rows and not isinstance(rows[0], (list, tuple)):
+            rows = [rows]  # one unbatched row
+        mask = model_input.get("attention_mask")
+        if mask is None:
+            masks = [[1] * len(r) for r in rows]
+        else:
+            masks = mask.tolist() if torch.is_tensor(mask) else list(mask)
+            if masks and not isinstance(masks[0], (list, tuple)):
+                masks = [masks]
+        blanks = set(self.mask_token_ids)
+        result = []
+        for i, (row, row_mask) in enumerate(zip(rows, masks)):
+            real = [t for t, m in zip(row, row_mask) if m]
+            blank = next((j for j, t in enumerate(real) if t in blanks), None)
+            if blank is None:
+                raise ValueError(
+                    f"model_input['input_ids'] row {i} has no blank token: expected one of "
+                    f"{self.mask_token}, {self.smask_token}, {self.gmask_token} (ids {sorted(blanks)})"
+                )
+            result.append((real, blank))
+        return result
+
     # ------------------------------------------------------------------ saving
-    def save_vocabulary(self, save_directory: str, filename_prefix: str | None = None) -> tuple[str]:
+    def save_vocabulary(self, save_directory: str, filename_prefix: str | None = None) -> tuple[str, ...]:
         if not os.path.isdir(save_directory):
             raise ValueError(f"save_directory={save_directory!r} is not a directory")
-        path = os.path.join(
-            save_directory, (filename_prefix + "-" if filename_prefix else "") + VOCAB_FILES_NAMES["vocab_file"]
-        )
-        self._vocab.save(path)
-        return (path,)
+        return self._vocab.save(save_directory, filename_prefix + "-" if filename_prefix else "")
+
+    @classmethod
+    def from_pretrained(cls, *args, **kwargs):
+        """`PreTrainedTokenizer.from_pretrained`, surfacing our own error for a damaged vocabulary file.
+
+        transformers 4.x handles an error of `__init__` with `except import_protobuf_decode_error():`, whose evaluation
+        raises an unrelated "requires the protobuf library" ImportError when protobuf is not installed; the real
+        error (e.g. "vocab_file=... is not a SentencePiece model") is then only its context.
+        """
+        try:
+            return super().from_pretrained(*args, **kwargs)
+        except ImportError as err:
+            if "protobuf" in str(err) and isinstance(err.__context__, (ValueError, TypeError)):
+                raise err.__context__ from None
+            raise
 
     def save_pretrained(self, save_directory: str | os.PathLike, *args, **kwargs) -> tuple[str, ...]:
         """Save, then rewrite what transformers 5.x writes in a form 4.x reads too.

@@ -136,15 +136,9 @@ FRESH_LOAD = """
     ids = model.generate(**enc, max_new_tokens=8)  # generation_config.json: 3 beams, no 2-gram repeats, forced BOS
     base = AutoModel.from_pretrained(folder, trust_remote_code=True)
     text = tok.batch_decode(ids, skip_special_tokens=True)
-    if int(transformers.__version__.split(".")[0]) >= 5:
-        try:  # 5.x removed every text-to-text pipeline task; generate() is the replacement
-            transformers.pipeline("text2text-generation", model=folder, trust_remote_code=True)
-            piped = "text2text-generation still exists"
-        except KeyError as err:
-            piped = text if "removed" in str(err) else str(err)
-    else:
-        pipe = transformers.pipeline("text2text-generation", model=folder, trust_remote_code=True)
-        piped = [r["generated_text"] for r in pipe(["the cat sat.", "a hat."], max_new_tokens=8)]
+    # 5.x removed the native task; config.json's custom_pipelines serves it on both versions
+    pipe = transformers.pipeline("text2text-generation", model=folder, trust_remote_code=True)
+    piped = [r["generated_text"] for r in pipe(["the cat sat.", "a hat."], max_new_tokens=8)]
     tied = model.lm_head.weight is model.model.shared.weight
     tensors = {"logits": logits, "ids": ids, "input_ids": enc.input_ids, "mask": enc.attention_mask}
     save_file({k: v.contiguous() for k, v in tensors.items()}, out)

@@ -25,6 +25,7 @@ VARIANTS = [
     dict(seed=1, overrides={}, rows=[prompt([5, 6, 7]) + [8], prompt([9]) + [10, 11, 12]]),
     dict(seed=2, overrides=dict(num_layers=3, hidden_size=48, num_attention_heads=4), rows=[prompt([5, 6, 7], MASK)]),
     dict(seed=3, overrides=dict(pre_seq_len=3, prefix_projection=True), rows=[prompt([20, 21, 22, 23], GMASK)]),
+    dict(seed=4, overrides=dict(variant="glm"), rows=[prompt([5, 6, 7], MASK) + [8], prompt([9]) + [10, 11]]),
 ]
 
 LOAD_ALL = """

@@ -1,9 +1,10 @@
-"""`scripts/convert_checkpoint.py --arch chatglm-6b` on THUDM-style folders built at test time from tiny models.
+"""`scripts/convert_checkpoint.py --arch chatglm-6b` / `--arch glm` on THUDM-style folders built at test time.
 
 The command's main() runs in-process (the parity test runs the same command as a subprocess); the converted
 folder is loaded in a fresh process.
 
-(Parity with THUDM's own outputs on a converted checkpoint is tests/test_glm_reference_parity.py.)
+(Parity with THUDM's own outputs on a converted checkpoint: tests/test_glm_reference_parity.py for ChatGLM-6B,
+tests/test_glm_variant_parity.py for the GLM-10B family.)
 """
 
 from __future__ import annotations
@@ -171,6 +172,130 @@ def test_bad_sources_fail_with_a_clear_message(model, tmp_path, capsys, case, ch
     save_file(state, src / "model.safetensors")
     dst = tmp_path / "converted"
     assert converter_main()(["--arch", "chatglm-6b", "--src", str(src), "--dst", str(dst)]) == 2
+    err = capsys.readouterr().err
+    assert "Traceback" not in err
+    assert re.search(message, err), err
+    assert not dst.exists(), "a failed conversion must not leave a destination folder"
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# --arch glm: THUDM/glm-* folders (GLM-10B family). Parity with GLM's own outputs: tests/test_glm_variant_parity.py.
+# ---------------------------------------------------------------------------------------------------------------
+GLM_DATA = REPO_ROOT / "tests" / "data" / "glm_reference"
+GLM_FILES = ["config.json", "added_tokens.json", "tokenizer_config.json"]
+
+
+def glm_folder(folder, config_changes: dict | None = None, state_changes: dict | None = None, drop=(), files=GLM_FILES):
+    """A THUDM/glm-* style folder: the reference checkpoint's files, optionally edited."""
+    folder.mkdir()
+    for name in files:
+        shutil.copy(GLM_DATA / name, folder / name)
+    if config_changes:
+        config = json.loads((folder / "config.json").read_text())
+        config.update(config_changes)
+        (folder / "config.json").write_text(json.dumps(config))
+    state = load_file(GLM_DATA / "model.safetensors")
+    state.update(state_changes or {})
+    for name in drop:
+        state.pop(name)
+    save_file(state, folder / "model.safetensors")
+    return folder
+
+
+def test_glm_folder_with_bare_keys_converts(tmp_path, capsys):
+    """A bare GLMModel state dict (no `glm.` prefix) converts to the same tensors; bfloat16 on request."""
+    state = load_file(GLM_DATA / "model.safetensors")
+    bare = {k.removeprefix("glm."): v for k, v in state.items() if k.startswith("glm.")}
+    src = glm_folder(tmp_path / "glm", drop=list(state))
+    save_file(bare, src / "model.safetensors")
+    dst = tmp_path / "converted"
+    assert converter_main()(["--arch", "glm", "--src", str(src), "--dst", str(dst), "--dtype", "bfloat16"]) == 0
+    weights = load_file(dst / "model.safetensors")
+    assert "transformer.word_embeddings.weight" in weights and "dense.weight" not in weights
+    assert weights["transformer.position_embeddings.weight"].shape == (65, 32)  # max_sequence_length + 1 rows
+    assert all(t.dtype == torch.bfloat16 for t in weights.values())
+    config = json.loads((dst / "config.json").read_text())
+    assert config["variant"] == "glm" and config["inner_hidden_size"] == 4 * config["hidden_size"]
+    assert (config["bos_token_id"], config["eos_token_id"], config["pad_token_id"]) == (151, 152, 150)
+    assert (config["mask_token_id"], config["gmask_token_id"], config["smask_token_id"]) == (154, 157, 158)
+    assert config["embedding_dropout_prob"] == config["output_dropout_prob"] == 0.1
+    assert "sequence-classification head" not in capsys.readouterr().err
+
+
+def test_glm_token_ids_without_tokenizer_files_follow_glms_layouts(tmp_path, capsys):
+    if str(REPO_ROOT / "scripts") not in sys.path:
+        sys.path.insert(0, str(REPO_ROOT / "scripts"))
+    glm = importlib.import_module("converters.glm")
+    src = tmp_path / "glm-10b"
+    src.mkdir()
+    (src / "config.json").write_text(json.dumps({"model_type": "glm", "vocab_size": 50304}))
+    ids, _ = glm.glm_token_ids(src, 50304)  # glm-10b / glm-2b: the English (GPT-2 BPE) layout
+    assert (ids["<|startofpiece|>"], ids["<|endofpiece|>"], ids["[MASK]"], ids["[gMASK]"]) == (
+        50257,
+        50258,
+        50260,
+        50263,
+    )
+    assert "vocab_size 50304" in capsys.readouterr().err
+    ids, _ = glm.glm_token_ids(src, 50048)  # glm-10b-chinese / glm-large-chinese
+    assert (ids["<|endoftext|>"], ids["[MASK]"], ids["[sMASK]"], ids["[gMASK]"]) == (50000, 50003, 50008, 50009)
+
+
+def test_glm_english_tokenizer_files_are_converted(tmp_path):
+    if str(REPO_ROOT / "scripts") not in sys.path:
+        sys.path.insert(0, str(REPO_ROOT / "scripts"))
+    from converters.tokenizer_files import convert_glm_tokenizer
+    from transformers import AutoTokenizer
+
+    src, out = tmp_path / "glm-10b", tmp_path / "out"
+    src.mkdir()
+    out.mkdir()
+    assert convert_glm_tokenizer(src, out) == []  # no vocabulary files: nothing written
+    shutil.copy(TOKENIZER_DATA / "gpt2-vocab.json", src / "vocab.json")
+    shutil.copy(TOKENIZER_DATA / "gpt2-merges.txt", src / "merges.txt")
+    golden = json.loads((GLM_DATA / "tokenizer_en.json").read_text(encoding="utf-8"))
+    (src / "tokenizer_config.json").write_text(json.dumps(golden["tokenizer_config"]))
+    (src / "added_tokens.json").write_text(json.dumps(golden["added_tokens"]))
+    written = convert_glm_tokenizer(src, out)
+    assert {"vocab.json", "merges.txt", "tokenizer_config.json", "tokenization_glm.py"} <= set(written)
+    tok = AutoTokenizer.from_pretrained(out, trust_remote_code=True)
+    case = golden["cases"][-3]
+    assert tok(case["text"])["input_ids"] == case["ids"]
+    (src / "added_tokens.json").write_text(json.dumps({**golden["added_tokens"], "[gMASK]": 50262}))
+    with pytest.raises(ValueError, match=r"\[gMASK\]: 50262 in added_tokens.json, 50263 here"):
+        convert_glm_tokenizer(src, tmp_path)
+
+
+GLM_BAD_SOURCES = [
+    ("not glm", dict(config=dict(model_type="chatglm")), "model_type 'glm'"),
+    ("1-D positions", dict(config=dict(block_position_encoding=False)), "block_position_encoding=False"),
+    ("relative", dict(config=dict(relative_encoding=True)), "relative_encoding=True"),
+    ("attention_scale", dict(config=dict(attention_scale=2.0)), "attention_scale=2.0"),
+    ("unknown tensor", dict(extra={"glm.transformer.layers.0.attention.bogus.weight": torch.zeros(2)}),
+     "have no place in the converted model: glm.transformer.layers.0.attention.bogus.weight"),
+    ("wrong shape", dict(extra={"glm.transformer.position_embeddings.weight": torch.zeros(64, 32)}),
+     r"glm.transformer.position_embeddings.weight has shape \[64, 32\]"),
+    ("missing tensor", dict(drop=["glm.transformer.block_position_embeddings.weight"]),
+     "missing from .*transformer.block_position_embeddings.weight"),
+    ("half a head", dict(drop=["out_proj.weight", "out_proj.bias"]), "incomplete classification head"),
+    ("bert tokenizer", dict(tokenizer=dict(tokenizer_class="GLMBertTokenizer")), "GLMBertTokenizer.*not supported"),
+    ("unknown layout", dict(files=["config.json"], config=dict(vocab_size=160)), "cannot tell the special-token ids"),
+]  # fmt: skip
+
+
+@pytest.mark.parametrize("case,change,message", GLM_BAD_SOURCES, ids=[c[0] for c in GLM_BAD_SOURCES])
+def test_bad_glm_sources_fail_with_a_clear_message(tmp_path, capsys, case, change, message):
+    src = glm_folder(
+        tmp_path / "glm",
+        change.get("config"),
+        change.get("extra"),
+        change.get("drop", ()),
+        change.get("files", GLM_FILES),
+    )
+    if "tokenizer" in change:
+        (src / "tokenizer_config.json").write_text(json.dumps(change["tokenizer"]))
+    dst = tmp_path / "converted"
+    assert converter_main()(["--arch", "glm", "--src", str(src), "--dst", str(dst)]) == 2
     err = capsys.readouterr().err
     assert "Traceback" not in err
     assert re.search(message, err), err

@@ -1,4 +1,4 @@
-"""Shared helpers for the GLM (ChatGLM-6B variant) tests: tiny configs, informative random weights, inputs.
+"""Shared helpers for the GLM tests (both variants): tiny configs, informative random weights, inputs.
 
 No tests live here. The model classes are loaded the way users get them, through transformers' dynamic-module
 loader from the repository root (the code files use relative imports, so they are not importable directly).
@@ -68,13 +68,16 @@ def spread_weights(model: torch.nn.Module, seed: int = 1) -> torch.nn.Module:
             value = torch.randn(shape, generator=generator)  # random signs and scales
         elif name.endswith("bias"):
             value = torch.randn(shape, generator=generator) * 0.2
-        elif "word_embeddings" in name or "prefix_encoder.embedding" in name:
+        elif "word_embeddings" in name or "prefix_encoder.embedding" in name or "position_embeddings" in name:
             value = torch.randn(shape, generator=generator)
         else:
             scale = 8.0 if name.endswith(("attention.dense.weight", "dense_4h_to_h.weight")) else 1.0
             value = torch.randn(shape, generator=generator) * scale / math.sqrt(shape[-1])
         param.copy_(value.to(param.dtype))
     return model
+
+
+VARIANTS = ("chatglm", "glm")
 
 
 def tiny_model(seed: int = 1, attn_implementation: str | None = None, **overrides):

@@ -1,4 +1,4 @@
-"""Generation tests of the GLM model (ChatGLM-6B variant): generate() modes, streaming, chat()/stream_chat().
+"""Generation tests of the GLM model: generate() modes (for both variants), streaming, chat()/stream_chat().
 
 Token comparisons tolerate only genuine float ties (top-2 logits within 1e-4 where two paths diverge).
 """
@@ -14,6 +14,7 @@ from test_glm_fixtures import (
     GMASK,
     PAD,
     SOP,
+    VARIANTS,
     assert_same_tokens_or_near_tie,
     left_pad,
     modeling_module,
@@ -45,10 +46,11 @@ def strip_row(sequence: torch.Tensor, prompt_width: int, prompt_len: int) -> tor
     return torch.cat((tokens[:prompt_len], generated))
 
 
+@pytest.mark.parametrize("variant", VARIANTS)
 @PROPERTY
 @given(lengths=st.lists(st.integers(1, 7), min_size=1, max_size=3), seed=st.integers(0, 999))
-def test_greedy_with_cache_equals_without(lengths, seed):
-    model = tiny_model(seed=seed % 3 + 1)
+def test_greedy_with_cache_equals_without(variant, lengths, seed):
+    model = tiny_model(seed=seed % 3 + 1, variant=variant)
     ids, mask = left_pad(rows_from(seed, lengths))
     cached = model.generate(input_ids=ids, attention_mask=mask, use_cache=True, **GREEDY)
     uncached = model.generate(input_ids=ids, attention_mask=mask, use_cache=False, **GREEDY)
@@ -62,10 +64,11 @@ def test_greedy_with_cache_equals_without(lengths, seed):
         )
 
 
+@pytest.mark.parametrize("variant", VARIANTS)
 @PROPERTY
 @given(lengths=st.lists(st.integers(1, 8), min_size=2, max_size=4), seed=st.integers(0, 999))
-def test_batched_left_padded_greedy_equals_one_by_one(lengths, seed):
-    model = tiny_model(seed=seed % 3 + 1)
+def test_batched_left_padded_greedy_equals_one_by_one(variant, lengths, seed):
+    model = tiny_model(seed=seed % 3 + 1, variant=variant)
     rows = rows_from(seed, lengths)
     ids, mask = left_pad(rows)
     batched = model.generate(input_ids=ids, attention_mask=mask, **GREEDY)
@@ -79,10 +82,11 @@ def test_batched_left_padded_greedy_equals_one_by_one(lengths, seed):
         )
 
 
+@pytest.mark.parametrize("variant", VARIANTS)
 @PROPERTY
 @given(lengths=st.lists(st.integers(1, 6), min_size=1, max_size=2), seed=st.integers(0, 999))
-def test_beam_search_with_cache_equals_without(lengths, seed):
-    model = tiny_model(seed=seed % 3 + 1)
+def test_beam_search_with_cache_equals_without(variant, lengths, seed):
+    model = tiny_model(seed=seed % 3 + 1, variant=variant)
     ids, mask = left_pad(rows_from(seed, lengths))
     beam = dict(num_beams=3, num_return_sequences=2, do_sample=False, max_new_tokens=5)
     cached = model.generate(input_ids=ids, attention_mask=mask, use_cache=True, **beam)
@@ -91,18 +95,20 @@ def test_beam_search_with_cache_equals_without(lengths, seed):
     assert torch.equal(cached, uncached), f"{cached}\n{uncached}"
 
 
+@pytest.mark.parametrize("variant", VARIANTS)
 @PROPERTY
 @given(lengths=st.lists(st.integers(1, 6), min_size=1, max_size=3), seed=st.integers(0, 999))
-def test_beam_with_one_beam_equals_greedy(lengths, seed):
-    model = tiny_model(seed=seed % 3 + 1)
+def test_beam_with_one_beam_equals_greedy(variant, lengths, seed):
+    model = tiny_model(seed=seed % 3 + 1, variant=variant)
     ids, mask = left_pad(rows_from(seed, lengths))
     greedy = model.generate(input_ids=ids, attention_mask=mask, **GREEDY)
     one_beam = model.generate(input_ids=ids, attention_mask=mask, num_beams=1, early_stopping=True, **GREEDY)
     assert torch.equal(greedy, one_beam)
 
 
-def test_batched_beam_search_equals_one_by_one():
-    model = tiny_model()
+@pytest.mark.parametrize("variant", VARIANTS)
+def test_batched_beam_search_equals_one_by_one(variant):
+    model = tiny_model(variant=variant)
     rows = rows_from(7, [2, 6, 4])
     ids, mask = left_pad(rows)
     beam = dict(num_beams=3, do_sample=False, max_new_tokens=5)
@@ -112,8 +118,9 @@ def test_batched_beam_search_equals_one_by_one():
         assert torch.equal(strip_row(batched[b], ids.shape[1], len(row)), strip_row(alone, len(row), len(row)))
 
 
-def test_sampling_with_a_seed_is_reproducible_and_cache_independent():
-    model = tiny_model()
+@pytest.mark.parametrize("variant", VARIANTS)
+def test_sampling_with_a_seed_is_reproducible_and_cache_independent(variant):
+    model = tiny_model(variant=variant)
     ids, mask = left_pad(rows_from(11, [3, 5]))
     sample = dict(do_sample=True, top_p=0.9, temperature=0.8, max_new_tokens=8)
     torch.manual_seed(5)
@@ -126,8 +133,9 @@ def test_sampling_with_a_seed_is_reproducible_and_cache_independent():
     assert many.shape[0] == 6
 
 
-def test_eos_is_eop_and_stops_generation():
-    model = tiny_model()
+@pytest.mark.parametrize("variant", VARIANTS)
+def test_eos_is_eop_and_stops_generation(variant):
+    model = tiny_model(variant=variant)
     assert model.generation_config.eos_token_id == EOP
     ids = torch.tensor(rows_from(3, [5]))
     free = model.generate(ids, **GREEDY)[0, ids.shape[1] :]

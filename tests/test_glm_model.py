@@ -1,6 +1,7 @@
-"""Core tests of the GLM model, ChatGLM-6B variant: masks and positions, forward invariants, bad inputs, weights.
+"""Core tests of the GLM model: masks and positions, forward invariants, bad inputs, weights.
 
-Invariants are hypothesis property tests on tiny random models with spread weights (see test_glm_fixtures).
+Invariants are hypothesis property tests on tiny random models with spread weights (see test_glm_fixtures), run
+for both architecture variants (ChatGLM-6B and the GLM-10B family) where they apply to both.
 """
 
 from __future__ import annotations
@@ -22,6 +23,7 @@ from test_glm_fixtures import (
     SMASK,
     SOP,
     TINY,
+    VARIANTS,
     VOCAB,
     glm_class,
     left_pad,
@@ -38,20 +40,26 @@ PROPERTY = settings(max_examples=10, deadline=None)
 # ---------------------------------------------------------------------------------------------------------------
 # Position ids and the prefix-LM mask against a per-row reference written from THUDM's description
 # ---------------------------------------------------------------------------------------------------------------
-def reference_row(ids: list[int], real: list[int]) -> tuple[list[int], list[int], list[list[bool]]]:
-    """THUDM's rules for one left-padded row, with plain Python loops: positions, block positions, mask."""
+def reference_row(ids: list[int], real: list[int], variant: str) -> tuple[list[int], list[int], list[list[bool]]]:
+    """The references' rules for one left-padded row, with plain Python loops: positions, block positions, mask.
+    The span takes the position of the first [gMASK] else the first blank (THUDM's ChatGLM), or of the first blank
+    of any kind (GLM's tokenizer)."""
     n = len(ids)
     pad = real.index(1) if 1 in real else n
     tokens = ids[pad:]
     context = tokens.index(SOP)
-    blank = GMASK if GMASK in tokens else next(t for t in tokens if t in (MASK, SMASK))
-    blank_pos = tokens.index(blank)
+    if variant == "chatglm":
+        blank = GMASK if GMASK in tokens else next(t for t in tokens if t in (MASK, SMASK))
+        blank_pos = tokens.index(blank)
+    else:
+        blank_pos = next(i for i, t in enumerate(tokens) if t in (MASK, SMASK, GMASK))
     positions = [0] * pad + list(range(context)) + [blank_pos] * (len(tokens) - context)
     blocks = [0] * pad + [0] * context + list(range(1, len(tokens) - context + 1))
     mask = [[real[j] == 1 and (j <= i or j - pad < context) for j in range(n)] for i in range(n)]
     return positions, blocks, mask
 
 
+@pytest.mark.parametrize("variant", VARIANTS)
 @PROPERTY
 @given(
     lengths=st.lists(st.integers(1, 8), min_size=1, max_size=4),
@@ -59,18 +67,18 @@ def reference_row(ids: list[int], real: list[int]) -> tuple[list[int], list[int]
     blank=st.sampled_from([GMASK, MASK, SMASK]),
     seed=st.integers(0, 1000),
 )
-def test_positions_and_mask_match_thudm_rules(lengths, span, blank, seed):
+def test_positions_and_mask_match_the_reference_rules(variant, lengths, span, blank, seed):
     g = torch.Generator().manual_seed(seed)
     rows = [random_prompt(g, n, blank) + torch.randint(5, 100, (span,), generator=g).tolist() for n in lengths]
-    if len(rows) > 1:  # a prompt holding both kinds of blank: the [gMASK] position wins (THUDM's model)
+    if len(rows) > 1:  # both kinds of blank: [gMASK] wins for ChatGLM, the first blank for GLM
         rows[-1] = [MASK] + rows[-1][: -1 - span] + [GMASK, SOP] + rows[-1][len(rows[-1]) - span :]
     ids, attention_mask = left_pad(rows)
     modeling = modeling_module()
-    config = tiny_config()
+    config = tiny_config(variant=variant)
     position_ids = modeling.build_position_ids(ids, attention_mask, config)
     mask = modeling.build_attention_mask(position_ids[:, 1], attention_mask, past_length=0)
     for b in range(len(rows)):
-        positions, blocks, ref_mask = reference_row(ids[b].tolist(), attention_mask[b].tolist())
+        positions, blocks, ref_mask = reference_row(ids[b].tolist(), attention_mask[b].tolist(), variant)
         assert position_ids[b, 0].tolist() == positions, f"row {b}"
         assert position_ids[b, 1].tolist() == blocks, f"row {b}"
         assert mask[b, 0].tolist() == ref_mask, f"row {b}"
@@ -104,9 +112,10 @@ def test_forward_outputs_and_tied_head():
     assert base(ids).last_hidden_state.shape == (1, 7, TINY["hidden_size"])
 
 
-def test_spread_weights_make_generation_informative():
+@pytest.mark.parametrize("variant", VARIANTS)
+def test_spread_weights_make_generation_informative(variant):
     """The fixture's weights must not just repeat the last token (otherwise generation tests prove little)."""
-    model = tiny_model()
+    model = tiny_model(variant=variant)
     g = torch.Generator().manual_seed(3)
     outputs = set()
     for _ in range(5):
@@ -116,10 +125,11 @@ def test_spread_weights_make_generation_informative():
     assert any(len(set(o)) > 2 for o in outputs), f"generations repeat one token: {outputs}"
 
 
+@pytest.mark.parametrize("variant", VARIANTS)
 @PROPERTY
 @given(lengths=st.lists(st.integers(1, 7), min_size=1, max_size=3), extra=st.integers(1, 4), seed=st.integers(0, 999))
-def test_cached_equals_uncached_logits(lengths, extra, seed):
-    model = tiny_model(seed=seed % 3 + 1)
+def test_cached_equals_uncached_logits(variant, lengths, extra, seed):
+    model = tiny_model(seed=seed % 3 + 1, variant=variant)
     g = torch.Generator().manual_seed(seed)
     rows = [random_prompt(g, n) + torch.randint(5, 100, (extra,), generator=g).tolist() for n in lengths]
     ids, mask = left_pad(rows)
@@ -141,10 +151,11 @@ def test_cached_equals_uncached_logits(lengths, extra, seed):
         cache = step.past_key_values
 
 
+@pytest.mark.parametrize("variant", VARIANTS)
 @PROPERTY
 @given(lengths=st.lists(st.integers(1, 8), min_size=2, max_size=4), span=st.integers(0, 3), seed=st.integers(0, 999))
-def test_left_padded_batch_equals_rows_alone(lengths, span, seed):
-    model = tiny_model()
+def test_left_padded_batch_equals_rows_alone(variant, lengths, span, seed):
+    model = tiny_model(variant=variant)
     g = torch.Generator().manual_seed(seed)
     rows = [random_prompt(g, n) + torch.randint(5, 100, (span,), generator=g).tolist() for n in lengths]
     ids, mask = left_pad(rows)
@@ -154,10 +165,12 @@ def test_left_padded_batch_equals_rows_alone(lengths, span, seed):
         assert_close(batched[b, -len(row) :], alone, atol=1e-4, msg=f"row {b}")
 
 
+@pytest.mark.parametrize("variant", VARIANTS)
 @PROPERTY
 @given(lengths=st.lists(st.integers(1, 8), min_size=1, max_size=3), span=st.integers(0, 3), seed=st.integers(0, 999))
-def test_eager_equals_sdpa(lengths, span, seed):
-    eager, sdpa = tiny_model(attn_implementation="eager"), tiny_model(attn_implementation="sdpa")
+def test_eager_equals_sdpa(variant, lengths, span, seed):
+    eager = tiny_model(attn_implementation="eager", variant=variant)
+    sdpa = tiny_model(attn_implementation="sdpa", variant=variant)
     g = torch.Generator().manual_seed(seed)
     rows = [random_prompt(g, n) + torch.randint(5, 100, (span,), generator=g).tolist() for n in lengths]
     ids, mask = left_pad(rows)
@@ -171,8 +184,9 @@ def test_eager_equals_sdpa(lengths, span, seed):
     )
 
 
-def test_explicit_position_ids_and_4d_mask_reproduce_the_default():
-    model = tiny_model()
+@pytest.mark.parametrize("variant", VARIANTS)
+def test_explicit_position_ids_and_4d_mask_reproduce_the_default(variant):
+    model = tiny_model(variant=variant)
     ids, mask = left_pad([prompt([5, 6, 7, 8]) + [9], prompt([10, 11]) + [12, 13]])
     default = model(ids, attention_mask=mask).logits
     modeling = modeling_module()
@@ -208,8 +222,9 @@ def test_labels_give_shifted_cross_entropy():
     assert_close(summed, expected * int(keep.sum()) / 10, atol=1e-5, msg="loss / num_items_in_batch")
 
 
-def test_gradient_checkpointing_gives_the_same_gradients():
-    model = tiny_model().train()
+@pytest.mark.parametrize("variant", VARIANTS)
+def test_gradient_checkpointing_gives_the_same_gradients(variant):
+    model = tiny_model(variant=variant).train()  # (the GLM variant's dropout is 0 in the tiny config)
     ids = torch.tensor([prompt([5, 6, 7]) + [8, 9, EOP]] * 2)
     model(ids, labels=ids).loss.backward()
     expected = {n: p.grad.clone() for n, p in model.named_parameters()}
@@ -343,9 +358,17 @@ def test_bad_configs_name_the_field(overrides, field):
         tiny_config(**overrides)
 
 
-def test_variant_glm_is_reserved():
-    with pytest.raises(NotImplementedError, match="variant='glm'"):
-        glm_class()(tiny_config(variant="glm"))
+def test_variant_glm_builds_glms_layout():
+    """GLM-10B family: learned position and block-position tables of max_sequence_length + 1 rows, no rotary,
+    ChatGLM's key names otherwise (GLM's own minus its `glm.` prefix), the head tied."""
+    model = glm_class()(tiny_config(variant="glm"))
+    keys = set(model.state_dict())
+    table = ("transformer.position_embeddings.weight", "transformer.block_position_embeddings.weight")
+    assert keys == thudm_keys(TINY["num_layers"]) | set(table)
+    for name in table:
+        assert model.state_dict()[name].shape == (TINY["max_sequence_length"] + 1, TINY["hidden_size"])
+    assert model.transformer.rotary_emb is None
+    assert model.lm_head.weight is model.transformer.word_embeddings.weight
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -426,8 +449,9 @@ def test_resize_token_embeddings_keeps_the_tie():
     assert model(torch.tensor([GOOD])).logits.shape[-1] == VOCAB + 8
 
 
-def test_device_map_auto_loads(tmp_path):
-    model = tiny_model()
+@pytest.mark.parametrize("variant", VARIANTS)
+def test_device_map_auto_loads(tmp_path, variant):
+    model = tiny_model(variant=variant)
     model.save_pretrained(tmp_path)
     loaded = glm_class().from_pretrained(tmp_path, device_map="auto").eval()
     ids = torch.tensor([GOOD])

@@ -145,17 +145,54 @@ def test_sparse_attention_matches_dense_masked_reference(mode, w, t, blocks, ext
         assert_close(a, b, atol=1e-5, msg=f"mode {mode} d{name}")
 
 
-def test_sparse_attention_gradcheck_with_dropout_and_padding():
-    """Finite differences (float64) through the custom backward, with attention dropout and padded keys."""
+@pytest.mark.parametrize("mode", [1, 2])
+def test_sparse_attention_step_by_step_matches_reference(mode, monkeypatch):
+    """One block per step (the many-step path long sequences take): pivot prefixes per step, window gradients
+    folded across steps, unsorted pivots and padded keys, forward and gradients against the dense reference."""
+    monkeypatch.setattr(mod, "_STEP_ELEMENTS", 1)
+    g = torch.Generator().manual_seed(mode)
+    w, t, batch, n_piv = 3, 2, 2, 5
+    k_len = 8 * w + (2 if mode == 2 else 0)
+    q_len = k_len if mode == 1 else 11  # mode 2: a chunk of queries after cached keys, last block partial
+    q, k, v = (torch.randn(batch, 2, n, 4, generator=g, requires_grad=True) for n in (q_len, k_len, k_len))
+    pivots = torch.stack([torch.randperm(k_len, generator=g)[:n_piv] for _ in range(batch)])  # unsorted
+    key_mask = torch.ones(batch, k_len, dtype=torch.bool)
+    key_mask[1, :4] = False  # left padding of row 1: its keys and any pivot there are invisible
+    pos = torch.arange(k_len - q_len, k_len)
+    if mode == 1:
+        start, block, span, bias = (pos // w - (t - 1)) * w, w, t * w, math.log(k_len // n_piv)
+    else:
+        block = min(q_len, w)
+        start, span, bias = pos - (t * w - 1), -(-(t * w + block - 1) // block) * block, 0.0
+    out = mod.sparse_window_attention(q, k, v, start, block, span, pivots, bias, key_mask, 4**-0.5)
+    allowed, ref_bias = allowed_and_bias(mode, q_len, k_len, w, t, pivots)
+    own_key = pos.view(1, -1, 1) == torch.arange(k_len).view(1, 1, -1)
+    allowed = (allowed & key_mask[:, None, :]) | own_key
+    expected = dense_reference(q, k, v, allowed, ref_bias)
+    assert_close(out, expected, atol=1e-5, msg=f"mode {mode} step by step")
+    grad = torch.randn(out.shape, generator=g)
+    ours = torch.autograd.grad(out, (q, k, v), grad)
+    ref = torch.autograd.grad(expected, (q, k, v), grad.double())
+    for name, a, b in zip("qkv", ours, ref):
+        assert_close(a, b, atol=1e-5, msg=f"mode {mode} step by step d{name}")
+
+
+@pytest.mark.parametrize("step_elements, heads, head_dim", [(None, 2, 3), (1, 1, 2)])
+def test_sparse_attention_gradcheck_with_dropout_and_padding(step_elements, heads, head_dim, monkeypatch):
+    """Finite differences (float64) through the custom backward, with attention dropout and padded keys, in one
+    step and one block per step (dropout masks must be replayed in the same order)."""
+    if step_elements is not None:
+        monkeypatch.setattr(mod, "_STEP_ELEMENTS", step_elements)
     g = torch.Generator().manual_seed(0)
-    q, k, v = (torch.randn(2, 2, 9, 3, generator=g, dtype=torch.double, requires_grad=True) for _ in range(3))
+    shape = (2, heads, 9, head_dim)
+    q, k, v = (torch.randn(shape, generator=g, dtype=torch.double, requires_grad=True) for _ in range(3))
     pos = torch.arange(9)
     key_mask = torch.ones(2, 9, dtype=torch.bool)
     key_mask[1, :3] = False
     pivots = torch.tensor([[0, 1, 6], [3, 4, 5]])  # row 1: pivot 6 is visible only to the last block
     geo = mod._SparseGeometry(q, k, (pos // 3 - 1) * 3, 3, 6, pivots, 0.7, key_mask)
     fn = lambda q, k, v: mod._SparseWindowAttention.apply(q, k, v, geo, 0.5, 0.3, 1234)  # noqa: E731
-    assert torch.autograd.gradcheck(fn, (q, k, v), eps=1e-6, atol=1e-5)
+    assert torch.autograd.gradcheck(fn, (q, k, v), eps=1e-6, atol=1e-5, fast_mode=True)
     with torch.no_grad():
         dropped = fn(q, k, v)
         kept = mod._SparseWindowAttention.apply(q, k, v, geo, 0.5, 0.0, 0)

@@ -22,6 +22,11 @@ sys.path.insert(0, str(REPO_ROOT))
 from tokenization_glm import GLMTokenizer  # noqa: E402
 
 GOLDEN = json.loads((TEST_DATA / "tokenizer" / "golden.json").read_text(encoding="utf-8"))
+# GLM's GLMGPT2Tokenizer (glm-10b, glm-2b) under transformers 4.33.3; made as tests/data/glm_reference/README.md says
+GOLDEN_EN = json.loads((TEST_DATA / "glm_reference" / "tokenizer_en.json").read_text(encoding="utf-8"))
+GPT2_FILES = dict(
+    bpe_vocab_file=str(TOKENIZER_DATA / "gpt2-vocab.json"), merges_file=str(TOKENIZER_DATA / "gpt2-merges.txt")
+)
 VENVS = {"4": REPO_ROOT / ".venv" / "tf4" / "bin" / "python", "5": REPO_ROOT / ".venv" / "tf5" / "bin" / "python"}
 SETTINGS = settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
 
@@ -34,6 +39,11 @@ def chatglm() -> GLMTokenizer:
 @pytest.fixture(scope="module")
 def glmzh() -> GLMTokenizer:
     return GLMTokenizer(str(TOKENIZER_DATA / "cog-pretrain.model"), flavour="glm-chinese")
+
+
+@pytest.fixture(scope="module")
+def glmen() -> GLMTokenizer:
+    return GLMTokenizer(flavour="glm-english", **GPT2_FILES)
 
 
 def _mismatches(pairs) -> str:
@@ -95,6 +105,29 @@ def test_glm_chinese_special_token_ids_and_left_truncation(glmzh):
         glmzh("a", "b")
 
 
+def test_glm_english_ids_and_decode_match_glm(glmen):
+    cases = GOLDEN_EN["cases"]
+    assert not _mismatches((c["text"], glmen(c["text"])["input_ids"], c["ids"]) for c in cases)
+    for c in cases:
+        assert glmen.decode(c["ids"]) == c["decoded"], c["text"]
+        assert glmen.decode(c["ids"], clean_up_tokenization_spaces=True) == c["decoded_default"], c["text"]
+        if "[UNK]" not in c["text"]:  # ours lists GLM's [UNK] with the special tokens, GLM's tokenizer did not
+            assert glmen.decode(c["ids"], skip_special_tokens=True) == c["decoded_skip"], c["text"]
+
+
+def test_glm_english_special_token_layout_and_left_truncation(glmen):
+    """The ids glm-10b / glm-2b were trained with: GLM's command tokens after GPT-2's 50257."""
+    assert {t: glmen.convert_tokens_to_ids(t) for t in GOLDEN_EN["special_ids"]} == GOLDEN_EN["special_ids"]
+    assert {name: getattr(glmen, name) for name in GOLDEN_EN["named_ids"]} == GOLDEN_EN["named_ids"]
+    assert glmen.mask_token_ids == [50260, 50264, 50263]
+    assert len(glmen) == glmen.vocab_size == GOLDEN_EN["len"] == 50265
+    t = GOLDEN_EN["truncation"]
+    assert glmen(t["text"], truncation=True, max_length=t["max_length"])["input_ids"] == t["ids"]
+    assert glmen.convert_tokens_to_ids(["Ġthe", "not-a-piece"]) == [262, glmen.unk_token_id]
+    with pytest.raises(ValueError, match="merges.txt"):
+        GLMTokenizer(flavour="glm-english", bpe_vocab_file=GPT2_FILES["bpe_vocab_file"])
+
+
 # ----------------------------------------------------------------------------- blank infilling inputs
 def test_generation_inputs_match_glm_reference(glmzh):
     """Ours == GLM's without targets; with targets ours are the reference's sequence + <eop>, labels shifted by one."""
@@ -107,6 +140,53 @@ def test_generation_inputs_match_glm_reference(glmzh):
         ids, labels = train["input_ids"][0].tolist(), train["labels"][0].tolist()
         assert ids[:-1] == g["train_input_ids"] and ids[-1] == glmzh.eop_token_id
         assert labels[1:] == g["train_labels"]  # the reference labels are already shifted: its loss is off by one
+
+
+def test_english_generation_inputs_match_glm_reference(glmen):
+    """As for the Chinese tokenizer; GLM's positions equal the model's own for an unpadded prompt."""
+    for g in GOLDEN_EN["generation"]:
+        enc = glmen(g["prompt"], return_tensors="pt")
+        gen = glmen.build_inputs_for_generation(enc, max_gen_length=16)
+        assert gen["input_ids"][0].tolist() == g["gen_input_ids"]
+        train = glmen.build_inputs_for_generation(enc, max_gen_length=16, targets=g["target"])
+        ids, labels = train["input_ids"][0].tolist(), train["labels"][0].tolist()
+        assert ids[:-1] == g["train_input_ids"] and ids[-1] == glmen.eop_token_id
+        assert labels[1:] == g["train_labels"]
+        # GLM's span positions: the first blank's index (what the model builds from these tokens)
+        blank, sop = next(i for i, t in enumerate(ids) if t in glmen.mask_token_ids), len(g["gen_input_ids"]) - 1
+        assert g["train_position_ids"][0][sop:] == [blank] * (len(g["train_input_ids"]) - sop)
+
+
+def test_multiple_choice_inputs_match_glm_reference(glmen):
+    """Unpadded examples: exactly GLM's tensors. A right-padded batch: GLM kept each context's padding inside the
+    sequence; ours drops it, so every choice moves left by the padding and nothing else changes."""
+    for case in GOLDEN_EN["multiple_choice"]:
+        contexts, choices = case["contexts"], case["choices"]
+        ours = glmen.build_inputs_for_multiple_choice(glmen(contexts, padding=True, return_tensors="pt"), choices)
+        lengths = [len(glmen(c)["input_ids"]) for c in contexts]
+        width = max(lengths)
+        for b, n in enumerate(lengths):
+            shift = width - n  # GLM's right padding inside this example
+            real = n + sum(len(ids) for ids in case["choice_ids"][b])
+            ref_keep = list(range(n)) + list(range(width, width + real - n))
+            assert ours["input_ids"][b, :real].tolist() == [case["input_ids"][b][i] for i in ref_keep]
+            for row in range(2):
+                assert ours["position_ids"][b, row, :real].tolist() == [
+                    case["position_ids"][b][row][i] for i in ref_keep
+                ]
+            ref_mask = [[case["attention_mask"][b][0][i][j] for j in ref_keep] for i in ref_keep]
+            assert ours["attention_mask"][b, 0, :real, :real].tolist() == ref_mask
+            assert (ours["attention_mask"][b, 0, real:] == 0).all() and (
+                ours["input_ids"][b, real:] == glmen.pad_token_id
+            ).all()
+            for c, (ids, index) in enumerate(zip(case["choice_ids"][b], case["choice_indices"][b])):
+                assert ours["choice_ids"][b, c, : len(ids)].tolist() == ids
+                assert (ours["choice_ids"][b, c, len(ids) :] == -100).all()
+                assert ours["choice_indices"][b, c, : len(ids)].tolist() == [i - shift for i in index]
+    with pytest.raises(ValueError, match="one list of answer strings per example"):
+        glmen.build_inputs_for_multiple_choice(glmen(["a [MASK] b"], return_tensors="pt"), [["x"], ["y"]])
+    with pytest.raises(ValueError, match="no blank token"):
+        glmen.build_inputs_for_multiple_choice(glmen(["no blank"], return_tensors="pt"), [["x", "y"]])
 
 
 @pytest.mark.parametrize("flavour", ["chatglm", "glm-chinese"])
@@ -311,12 +391,16 @@ def test_save_load_fresh_process_both_versions(tmp_path):
 
     GLMTokenizer.register_for_auto_class("AutoTokenizer")
     expected = {}
-    for flavour, vocab in [("chatglm", "ice_text.model"), ("glm-chinese", "cog-pretrain.model")]:
-        tok = GLMTokenizer(str(TOKENIZER_DATA / vocab), flavour=flavour)
+    for flavour, files, vocab_files in [
+        ("chatglm", dict(vocab_file=str(TOKENIZER_DATA / "ice_text.model")), {"tokenizer.model"}),
+        ("glm-chinese", dict(vocab_file=str(TOKENIZER_DATA / "cog-pretrain.model")), {"tokenizer.model"}),
+        ("glm-english", GPT2_FILES, {"vocab.json", "merges.txt"}),
+    ]:
+        tok = GLMTokenizer(flavour=flavour, **files)
         tok.add_tokens(["<added_tok>"])
         folder = tmp_path / flavour
         tok.save_pretrained(folder)
-        assert {"tokenizer.model", "tokenizer_config.json", "tokenization_glm.py"} <= {p.name for p in folder.iterdir()}
+        assert vocab_files | {"tokenizer_config.json", "tokenization_glm.py"} <= {p.name for p in folder.iterdir()}
         config = json.loads((folder / "tokenizer_config.json").read_text())
         assert config["auto_map"]["AutoTokenizer"] == ["tokenization_glm.GLMTokenizer", None]
         assert not isinstance(config.get("extra_special_tokens"), list)  # 4.x cannot read that form
@@ -339,9 +423,13 @@ def test_save_load_fresh_process_both_versions(tmp_path):
     assert json.loads(proc.stdout) == expected
 
 
-def test_pickle_roundtrip(glmzh):
+def test_pickle_roundtrip(glmzh, glmen):
     clone = pickle.loads(pickle.dumps(glmzh))
     assert clone("北京是[MASK]的首都")["input_ids"] == glmzh("北京是[MASK]的首都")["input_ids"]
+    clone = pickle.loads(pickle.dumps(glmen))
+    assert (
+        clone("The capital of [MASK] is Paris.")["input_ids"] == glmen("The capital of [MASK] is Paris.")["input_ids"]
+    )
 
 
 # ----------------------------------------------------------------------------- a new SentencePiece model

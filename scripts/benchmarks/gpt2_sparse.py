@@ -1,17 +1,28 @@
-"""Sparse GPT-2 (CogView) attention: sparse training (is_sparse=1) and sparse inference (is_sparse=2) against
-dense attention (is_sparse=0, sdpa and eager) on long sequences.
+"""Sparse GPT-2 (CogView) attention on long sequences: sparse training (is_sparse=1) and sparse inference
+(is_sparse=2) against dense attention (is_sparse=0, sdpa and eager), s = 1024 .. 8192.
 
     python scripts/benchmark.py --only gpt2_sparse [--quick]
-    python scripts/benchmarks/gpt2_sparse.py [--quick] [--sizes 1024,2048] [--plot out.png]
+    python scripts/benchmarks/gpt2_sparse.py [--quick] [--sizes 1024,2048] [--threads N] [--out DIR]
 
 Model: hidden 256, 4 layers, 4 heads, w=64, t=4, P=256 (CogView's text2image settings), vocab 1024 with the
-first 32 tokens of each row text and the rest image tokens, fp32, batch 1. Each case runs in its own
-subprocess so its peak resident memory can be read (ru_maxrss minus the resident size after building the model
-and inputs, i.e. the activations and temporaries of the step), measured in a second process with
-MALLOC_MMAP_THRESHOLD_=65536 so that freed tensors leave the resident set (see _run_case). Times are medians over the repeats,
-after one warm-up step. Rows: `train` = forward + backward of the LM loss, `infer` = forward under no_grad.
-Targets (at the largest size): mode-1 step <= 0.6x dense sdpa, mode-1 peak <= dense sdpa and <= 0.5x dense
-eager, log-log time slope of mode 1 <= 1.3 between the two largest sizes.
+first 32 tokens of each row text and the rest image tokens, fp32, batch 1, no dropout; the sdpa and eager models
+hold the same weights. Rows: `train s=N` = forward + backward of the LM loss (mode 1 against mode 0), `infer s=N`
+= forward under no_grad (mode 2 against mode 0).
+
+Time: one fresh process runs every case of every size in turn within each round, after one warm-up step each,
+so that machine load hits all cases and sizes alike (the ratios and the slope compare steps timed seconds apart,
+not minutes); medians over 5 rounds. Peak memory: one fresh process per case; after a warm-up step on 512 tokens
+(library initialisation, code pages and allocator pools are not activations), the peak resident set during one
+step minus the resident set before it, with MALLOC_MMAP_THRESHOLD_=65536 so that freed tensors leave the resident
+set and the peak tracks live tensors rather than glibc's heap high-water mark. On a shared machine pass
+`--threads 1`: with more torch threads than free cores, every kernel waits for descheduled worker threads, which
+costs the sparse modes (hundreds of mid-sized kernels per layer) far more than sdpa's one fused kernel.
+
+Targets at the largest size (issue 7): mode-1 step <= 0.6x dense sdpa; mode-1 peak memory <= dense sdpa's and
+<= 0.5x dense eager's; mode-1 time growing about linearly (log-log slope <= 1.3 between the two largest sizes).
+A full run writes gpt2_sparse_scaling.json (numbers, slope, PASS/FAIL per target, machine) and
+gpt2_sparse_scaling.png (time and peak memory against s, log-log) into benchmarks/results/ (or --out); a quick
+run (1024..4096, one round) writes them only when --out is given, so it never replaces the full sweep's files.
 """
 
 from __future__ import annotations
@@ -19,47 +30,31 @@ from __future__ import annotations
 import json
 import math
 import os
+import platform
 import subprocess
 import sys
-import types
+import time
 from pathlib import Path
 
-REPO_ROOT = Path(__file__).resolve().parent.parent.parent
+from _common import REPO_ROOT, alternate, repo_module
+
 FULL_SIZES = (1024, 2048, 4096, 8192)
 QUICK_SIZES = (1024, 2048, 4096)
-EAGER_LIMIT = 8192  # eager keeps 4 layers of [heads, s, s] fp32 probabilities for backward: 4 GiB at 8192
+WARMUP_TOKENS = 512
+RESULTS = REPO_ROOT / "benchmarks" / "results"
+STEM = "gpt2_sparse_scaling"
+# name: (is_sparse, attention implementation)
+TRAIN = {"sparse1": (1, "sdpa"), "dense_sdpa": (0, "sdpa"), "dense_eager": (0, "eager")}
+INFER = {"sparse2": (2, "sdpa"), "dense_sdpa": (0, "sdpa")}
+LIMITS = {"time_vs_sdpa": 0.6, "memory_vs_sdpa": 1.0, "memory_vs_eager": 0.5, "time_slope": 1.3}
 
 
-def _import_model():
-    """Import the repository's model files as a package (they use relative imports, as remote code does)."""
-    if "gpt2_sparse_repo" not in sys.modules:
-        pkg = types.ModuleType("gpt2_sparse_repo")
-        pkg.__path__ = [str(REPO_ROOT)]
-        sys.modules["gpt2_sparse_repo"] = pkg
-    from gpt2_sparse_repo.configuration_gpt2_sparse import GPT2SparseConfig
-    from gpt2_sparse_repo.modeling_gpt2_sparse import GPT2SparseLMHeadModel
-
-    return GPT2SparseConfig, GPT2SparseLMHeadModel
-
-
-def _measure(case: dict) -> dict:
-    """Run one case in this process: {'mode', 'attn', 'kind', 's', 'repeats'} -> {'ms', 'peak_mib'}."""
-    import resource
-    import statistics
-    import time
-
+def _model(s: int, attn: str):
     import torch
 
-    def rss_mib() -> float:
-        with open("/proc/self/statm") as f:
-            return int(f.read().split()[1]) * resource.getpagesize() / 2**20
-
-    GPT2SparseConfig, GPT2SparseLMHeadModel = _import_model()
-    if case.get("threads"):
-        torch.set_num_threads(case["threads"])
-    torch.manual_seed(0)
-    s = case["s"]
-    config = GPT2SparseConfig(
+    config_class = repo_module("configuration_gpt2_sparse").GPT2SparseConfig
+    model_class = repo_module("modeling_gpt2_sparse").GPT2SparseLMHeadModel
+    config = config_class(
         vocab_size=1024,
         hidden_size=256,
         num_layers=4,
@@ -71,149 +66,266 @@ def _measure(case: dict) -> dict:
         key_window_times=4,
         num_pivot=256,
         num_image_tokens=960,
-        attn_implementation=case["attn"],
+        attn_implementation=attn,
     )
-    model = GPT2SparseLMHeadModel(config)
-    ids = torch.randint(0, 960, (1, s))
-    ids[:, :32] = torch.randint(960, 1024, (1, 32))
-    gen = torch.Generator().manual_seed(0)
-    training = case["kind"] == "train"
-    model.train(training)
-
-    def step():
-        if training:
-            out = model(ids, labels=ids, is_sparse=case["mode"], generator=gen, use_cache=False)
-            out.loss.backward()
-            model.zero_grad(set_to_none=True)
-        else:
-            with torch.no_grad():
-                model(ids, is_sparse=case["mode"], generator=gen, use_cache=False, logits_to_keep=1)
-
-    base = rss_mib()
-    step()  # warm-up
-    times = []
-    for _ in range(case["repeats"]):
-        start = time.perf_counter()
-        step()
-        times.append((time.perf_counter() - start) * 1000)
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB -> MiB on Linux
-    return {"ms": statistics.median(times) if times else float("nan"), "peak_mib": peak - base}
+    torch.manual_seed(0)
+    return model_class(config)
 
 
-def _subprocess(case: dict, env: dict) -> dict:
+def _tokens(s: int):
+    import torch
+
+    generator = torch.Generator().manual_seed(s)
+    ids = torch.randint(0, 960, (1, s), generator=generator)
+    ids[:, :32] = torch.randint(960, 1024, (1, 32), generator=generator)  # text tokens: always pivots
+    return ids
+
+
+def _step(model, ids, mode: int, kind: str):
+    import torch
+
+    generator = torch.Generator().manual_seed(0)
+    model.train(kind == "train")
+
+    def train():
+        out = model(ids, labels=ids, is_sparse=mode, generator=generator, use_cache=False)
+        out.loss.backward()
+        model.zero_grad(set_to_none=True)
+
+    def infer():
+        with torch.no_grad():
+            model(ids, is_sparse=mode, generator=generator, use_cache=False, logits_to_keep=1)
+
+    return train if kind == "train" else infer
+
+
+def time_all(args: dict) -> dict:
+    """In a fresh process: {'<s>/train/<name>': [ms, ...], '<s>/infer/<name>': [...]} for every size of
+    args['sizes'], all cases alternating within each round."""
+    import torch
+
+    if args.get("threads"):
+        torch.set_num_threads(args["threads"])
+    cases = {}
+    for s in args["sizes"]:
+        models = {attn: _model(s, attn) for attn in ("sdpa", "eager")}
+        ids = _tokens(s)
+        for kind, table in (("train", TRAIN), ("infer", INFER)):
+            for name, (mode, attn) in table.items():
+                cases[f"{s}/{kind}/{name}"] = _step(models[attn], ids, mode, kind)
+    return alternate(cases, args["repeats"], "cpu")
+
+
+def peak_case(args: dict) -> dict:
+    """In a fresh process: the peak resident memory (MiB) of one step of one case, above the resident set after a
+    warm-up step on WARMUP_TOKENS tokens."""
+    import resource
+
+    import torch
+
+    def resident_mib() -> float:
+        with open("/proc/self/statm") as f:
+            return int(f.read().split()[1]) * resource.getpagesize() / 2**20
+
+    if args.get("threads"):
+        torch.set_num_threads(args["threads"])
+    mode, attn = (TRAIN if args["kind"] == "train" else INFER)[args["name"]]
+    model = _model(args["s"], attn)
+    _step(model, _tokens(WARMUP_TOKENS), mode, args["kind"])()
+    step = _step(model, _tokens(args["s"]), mode, args["kind"])
+    base = resident_mib()
+    step()
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux
+    return {"peak_mib": peak - base}
+
+
+def _in_subprocess(function: str, args: dict, env: dict | None = None) -> dict:
     code = (
-        "import json, sys; sys.path.insert(0, sys.argv[1]); "
-        "from benchmarks.gpt2_sparse import _measure; print(json.dumps(_measure(json.loads(sys.argv[2]))))"
+        "import json, sys; sys.path.insert(0, sys.argv[1]); import gpt2_sparse; "
+        f"print(json.dumps(gpt2_sparse.{function}(json.loads(sys.argv[2]))))"
     )
     proc = subprocess.run(
-        [sys.executable, "-c", code, str(REPO_ROOT / "scripts"), json.dumps(case)],
+        [sys.executable, "-c", code, str(Path(__file__).resolve().parent), json.dumps(args)],
         capture_output=True,
         text=True,
-        env=env,
+        env={**os.environ, **(env or {})},
     )
     if proc.returncode != 0:
-        return {"error": proc.stderr.strip().splitlines()[-1] if proc.stderr.strip() else f"exit {proc.returncode}"}
+        lines = proc.stderr.strip().splitlines()
+        return {"error": lines[-1] if lines else f"exit {proc.returncode}"}
     return json.loads(proc.stdout.strip().splitlines()[-1])
 
 
-def _run_case(case: dict) -> dict:
-    """Time in one fresh process, peak memory in another: the memory run sends every allocation above 64 KiB
-    through mmap (MALLOC_MMAP_THRESHOLD_), so freed tensors leave the resident set and ru_maxrss tracks live
-    tensors rather than glibc's heap high-water mark; that setting slows allocation-heavy code, hence two runs."""
-    timed = _subprocess(case, dict(os.environ))
-    if "error" in timed:
-        return timed
-    memory = _subprocess(dict(case, repeats=0), dict(os.environ, MALLOC_MMAP_THRESHOLD_="65536"))
-    return {"ms": timed["ms"], "peak_mib": memory.get("peak_mib", float("nan"))}
+def _median(values: list[float]) -> float:
+    values = sorted(values)
+    mid = len(values) // 2
+    return values[mid] if len(values) % 2 else (values[mid - 1] + values[mid]) / 2
 
 
-PLOT = "benchmarks/results/gpt2_sparse.png"  # next to scripts/benchmark.py's default results folder
-
-
-def run(
-    quick: bool = False, sizes: tuple[int, ...] | None = None, plot: str | None = PLOT, threads: int | None = None
-) -> list[dict]:
-    """threads: torch intra-op threads per case (default: torch's); 1 gives steadier numbers on a shared machine,
-    where the many small kernels of the sparse path suffer most from descheduled worker threads."""
-    sizes = sizes or (QUICK_SIZES if quick else FULL_SIZES)
-    repeats = 1 if quick else 3
+def size_rows(s: int, times: dict, threads: int | None) -> list[dict]:
+    """The train and infer rows of one sequence length: times from time_all, peak memory measured here."""
     rows = []
-    for s in sizes:
-        train = {
-            name: _run_case(
-                {"mode": mode, "attn": attn, "kind": "train", "s": s, "repeats": repeats, "threads": threads}
+    for kind, table, sparse in (("train", TRAIN, "sparse1"), ("infer", INFER, "sparse2")):
+        row: dict = {"case": f"{kind} s={s}", "s": s}
+        for name in table:
+            if "error" in times:
+                row[f"{name}_error"] = times["error"]
+            else:
+                row[f"{name}_ms"] = _median(times[f"{s}/{kind}/{name}"])
+            memory = _in_subprocess(
+                "peak_case",
+                {"s": s, "kind": kind, "name": name, "threads": threads},
+                {"MALLOC_MMAP_THRESHOLD_": "65536"},
             )
-            for name, mode, attn in (("sparse1", 1, "sdpa"), ("dense_sdpa", 0, "sdpa"), ("dense_eager", 0, "eager"))
-            if name != "dense_eager" or s <= EAGER_LIMIT
-        }
-        infer = {
-            name: _run_case(
-                {"mode": mode, "attn": "sdpa", "kind": "infer", "s": s, "repeats": repeats, "threads": threads}
-            )
-            for name, mode in (("sparse2", 2), ("dense_sdpa", 0))
-        }
-        row = {"case": f"train s={s}", "s": s}
-        for name, res in train.items():
-            for key, value in res.items():
-                row[f"{name}_{key}"] = value
-        if "ms" in train["sparse1"] and "ms" in train["dense_sdpa"]:
-            row["ratio"] = train["sparse1"]["ms"] / train["dense_sdpa"]["ms"]
-            row["mem_vs_sdpa"] = train["sparse1"]["peak_mib"] / max(train["dense_sdpa"]["peak_mib"], 1e-9)
-        if "ms" in train.get("dense_eager", {}) and "ms" in train["sparse1"]:
-            row["mem_vs_eager"] = train["sparse1"]["peak_mib"] / max(train["dense_eager"]["peak_mib"], 1e-9)
+            row[f"{name}_peak_mib"] = memory.get("peak_mib", float("nan"))
+            if "error" in memory:
+                row[f"{name}_error"] = memory["error"]
+        if f"{sparse}_ms" in row and "dense_sdpa_ms" in row:
+            row["ratio"] = row[f"{sparse}_ms"] / row["dense_sdpa_ms"]
+        row["mem_vs_sdpa"] = row[f"{sparse}_peak_mib"] / row["dense_sdpa_peak_mib"]
+        if kind == "train":
+            row["mem_vs_eager"] = row["sparse1_peak_mib"] / row["dense_eager_peak_mib"]
         rows.append(row)
-        row = {"case": f"infer s={s}", "s": s}
-        for name, res in infer.items():
-            for key, value in res.items():
-                row[f"{name}_{key}"] = value
-        if "ms" in infer["sparse2"] and "ms" in infer["dense_sdpa"]:
-            row["ratio"] = infer["sparse2"]["ms"] / infer["dense_sdpa"]["ms"]
-        rows.append(row)
-
-    train_rows = [r for r in rows if r["case"].startswith("train") and "sparse1_ms" in r]
-    if len(train_rows) >= 2:
-        a, b = train_rows[-2], train_rows[-1]
-        slope = math.log(b["sparse1_ms"] / a["sparse1_ms"]) / math.log(b["s"] / a["s"])
-        rows.append({"case": f"mode-1 log-log time slope s={a['s']}..{b['s']}", "slope": slope})
-    if plot:
-        _plot(rows, plot)
     return rows
 
 
-def _plot(rows: list[dict], path: str) -> None:
+def verdict(rows: list[dict]) -> tuple[float | None, list[dict]]:
+    """(mode-1 slope between the two largest sizes, the issue's targets checked at the largest size)."""
+    train = [r for r in rows if r["case"].startswith("train") and "sparse1_ms" in r]
+    if not train:
+        return None, []
+    slope = None
+    if len(train) >= 2:
+        a, b = train[-2], train[-1]
+        slope = math.log(b["sparse1_ms"] / a["sparse1_ms"]) / math.log(b["s"] / a["s"])
+    last = train[-1]
+    values = {
+        "time_vs_sdpa": last.get("ratio"),
+        "memory_vs_sdpa": last.get("mem_vs_sdpa"),
+        "memory_vs_eager": last.get("mem_vs_eager"),
+        "time_slope": slope,
+    }
+    targets = []
+    for name, value in values.items():
+        ok = value is not None and not math.isnan(value) and value <= LIMITS[name]
+        targets.append({"target": name, "at": last["s"], "value": value, "limit": LIMITS[name], "pass": ok})
+    return slope, targets
+
+
+def machine(threads: int | None) -> dict:
+    import torch
+    import transformers
+
+    cpu = platform.machine()
+    try:
+        cpu = next(
+            line.split(":", 1)[1].strip()
+            for line in Path("/proc/cpuinfo").read_text().splitlines()
+            if line.startswith("model name")
+        )
+    except (OSError, StopIteration):
+        pass
+    return {
+        "cpu": cpu,
+        "cores": os.cpu_count(),
+        "torch_threads": threads or torch.get_num_threads(),
+        "torch": torch.__version__,
+        "transformers": transformers.__version__,
+        "date": time.strftime("%Y-%m-%d %H:%M"),
+    }
+
+
+def run(
+    quick: bool = False, sizes: tuple[int, ...] | None = None, threads: int | None = None, out: Path | None = None
+) -> list[dict]:
+    """Rows for scripts/benchmark.py; a full run (or one given `out`) also writes the json and the plot."""
+    sizes = sizes or (QUICK_SIZES if quick else FULL_SIZES)
+    repeats = 1 if quick else 5
+    load_before = os.getloadavg()
+    times = _in_subprocess("time_all", {"sizes": list(sizes), "repeats": repeats, "threads": threads})
+    rows = [row for s in sizes for row in size_rows(s, times, threads)]
+    slope, targets = verdict(rows)
+    summary = list(rows)
+    if slope is not None:
+        summary.append({"case": f"mode-1 time slope s={sizes[-2]}..{sizes[-1]} (log-log)", "slope": slope})
+    summary += [
+        {"case": f"target {t['target']} at s={t['at']}", "value": t["value"], "limit": t["limit"], "pass": t["pass"]}
+        for t in targets
+    ]
+    if out is None and not quick:
+        out = RESULTS
+    if out is not None:
+        out = Path(out)
+        out.mkdir(parents=True, exist_ok=True)
+        result = {
+            "machine": machine(threads),
+            "load_average_before_after": [load_before, os.getloadavg()],
+            "setup": __doc__.split("\n\n")[2].replace("\n", " "),
+            "repeats": repeats,
+            "rows": rows,
+            "slope": slope,
+            "targets": targets,
+        }
+        (out / f"{STEM}.json").write_text(json.dumps(result, indent=2) + "\n")
+        plot(rows, targets, out / f"{STEM}.png", result["machine"])
+    return summary
+
+
+def plot(rows: list[dict], targets: list[dict], path: Path, machine: dict | None = None) -> bool:
+    """Time and peak memory against s, log-log. False (and nothing written) without matplotlib."""
     try:
         import matplotlib
 
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
     except ImportError:
-        print("gpt2_sparse benchmark: matplotlib is not installed, skipping the plot", file=sys.stderr)
-        return
-    fig, ax = plt.subplots(figsize=(6, 4))
-    for kind, names in (("train", ("sparse1", "dense_sdpa", "dense_eager")), ("infer", ("sparse2", "dense_sdpa"))):
-        sel = [r for r in rows if r["case"].startswith(kind)]
-        for name in names:
-            pts = [(r["s"], r[f"{name}_ms"]) for r in sel if f"{name}_ms" in r]
-            if pts:
-                ax.loglog(*zip(*pts), marker="o", label=f"{kind} {name}")
-    ax.set_xlabel("sequence length")
-    ax.set_ylabel("ms per step")
-    ax.legend()
+        print("gpt2_sparse benchmark: matplotlib is not installed, no plot", file=sys.stderr)
+        return False
+    lines = (
+        ("train", "sparse1", "mode 1 (sparse), fwd+bwd", "tab:green", "-", "s"),
+        ("train", "dense_sdpa", "mode 0 sdpa, fwd+bwd", "tab:blue", "-", "o"),
+        ("train", "dense_eager", "mode 0 eager, fwd+bwd", "tab:red", "-", "o"),
+        ("infer", "sparse2", "mode 2 (sparse), fwd", "tab:green", "--", "s"),
+        ("infer", "dense_sdpa", "mode 0 sdpa, fwd", "tab:blue", "--", "o"),
+    )
+    fig, axes = plt.subplots(1, 2, figsize=(11, 4.2))
+    for ax, key, ylabel in ((axes[0], "ms", "ms per step"), (axes[1], "peak_mib", "peak memory of a step (MiB)")):
+        for kind, name, label, color, style, marker in lines:
+            points = [
+                (r["s"], r[f"{name}_{key}"])
+                for r in rows
+                if r["case"].startswith(kind) and isinstance(r.get(f"{name}_{key}"), float)
+            ]
+            if points:
+                size = 8 if marker == "s" else 5  # squares under circles where the lines coincide (memory)
+                ax.loglog(*zip(*points), marker=marker, markersize=size, color=color, linestyle=style, label=label)
+        sizes = sorted({r["s"] for r in rows})
+        ax.set_xticks(sizes, [str(s) for s in sizes])
+        ax.minorticks_off()
+        ax.set_xlabel("sequence length s")
+        ax.set_ylabel(ylabel)
+        ax.grid(True, which="major", alpha=0.3)
+    axes[0].legend(fontsize=8)
+    status = ", ".join(
+        f"{t['target']} {t['value']:.2f} {'PASS' if t['pass'] else 'FAIL'}" for t in targets if t["value"]
+    )
+    where = f"{machine['cpu']}, {machine['torch_threads']} thread(s), torch {machine['torch']}" if machine else "CPU"
+    fig.suptitle(f"Sparse GPT-2: hidden 256, 4 layers, w=64, t=4, P=256, fp32; {where}\n{status}", fontsize=9)
     fig.tight_layout()
-    Path(path).parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path)
-    print(f"gpt2_sparse benchmark: plot written to {path}", file=sys.stderr)
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return True
 
 
 if __name__ == "__main__":
     import argparse
 
-    parser = argparse.ArgumentParser(description="sparse GPT-2 attention benchmark")
-    parser.add_argument("--quick", action="store_true")
+    parser = argparse.ArgumentParser(description="sparse GPT-2 attention scaling benchmark")
+    parser.add_argument("--quick", action="store_true", help="s = 1024..4096, one round, no files unless --out")
     parser.add_argument("--sizes", default=None, help="comma-separated sequence lengths")
-    parser.add_argument("--threads", type=int, default=None, help="torch threads per case (default: torch's)")
-    parser.add_argument("--plot", default=PLOT, help="PNG path (written only if matplotlib is installed)")
+    parser.add_argument("--threads", type=int, default=None, help="torch threads per process (default: torch's)")
+    parser.add_argument("--out", type=Path, default=None, help=f"folder for {STEM}.json/.png (default {RESULTS})")
     args = parser.parse_args()
     chosen = tuple(int(x) for x in args.sizes.split(",")) if args.sizes else None
-    for result in run(quick=args.quick, sizes=chosen, plot=args.plot, threads=args.threads):
+    for result in run(quick=args.quick, sizes=chosen, threads=args.threads, out=args.out):
         print(json.dumps({k: round(v, 3) if isinstance(v, float) else v for k, v in result.items()}))

@@ -1,4 +1,6 @@
-"""`--arch chatglm-6b`: a THUDM/chatglm-6b style folder -> this repository's GLM model (ChatGLM-6B variant).
+"""`--arch chatglm-6b` and `--arch glm`: THUDM's ChatGLM-6B and GLM checkpoints -> this repository's GLM model.
+
+`--arch chatglm-6b`: a THUDM/chatglm-6b style folder -> the ChatGLM-6B variant.
 
 SRC holds THUDM's `config.json` (`model_type` "chatglm"), the weights as `pytorch_model*.bin` shards (with
 `pytorch_model.bin.index.json`) or safetensors, and usually `ice_text.model` + `tokenizer_config.json`.
@@ -14,6 +16,21 @@ Our state-dict keys are THUDM's, so tensors are copied, not renamed; what the co
 - tokenizer: `convert_chatglm_tokenizer` writes `tokenizer.model` (ice_text.model) and our GLMTokenizer's
   tokenizer_config.json when SRC has ice_text.model;
 - generation_config.json with `<sop>`/`<eop>`/`<pad>` ids, and the model code files.
+
+`--arch glm`: a THUDM/glm-* folder (glm-10b, glm-10b-chinese, glm-large-chinese, glm-2b; `model_type` "glm",
+weights under GLM's `glm.` prefix, `pytorch_model*.bin` shards or safetensors) -> the GLM variant:
+- config.json: GLM's sizes and dropouts (GLM's GLMConfig defaults for fields left out), `variant` "glm", the
+  MLP width 4 * hidden and LayerNorm eps 1e-5 GLM hard-codes, and the special-token ids, which GLM's
+  config.json does not carry: from `added_tokens.json` when SRC has it, else the layout of the tokenizer
+  named in `tokenizer_config.json` (GLMGPT2Tokenizer: English, GLMChineseTokenizer: Chinese), else guessed
+  from the vocabulary size (50304: English, 50048: Chinese) with a note. Settings this model does not
+  implement (`block_position_encoding` false, `relative_encoding`, `attention_scale` != 1) are refused;
+- weights: `glm.word_embeddings.weight` -> `transformer.word_embeddings.weight`, `glm.transformer.*` ->
+  `transformer.*` (bare GLMModel keys without `glm.` too), shapes checked; a classification head (`dense`,
+  `out_proj`, e.g. the one glm-2b ships) is reported and kept, with `num_labels` set from it, for
+  `AutoModelForSequenceClassification` (the causal-LM class ignores it); anything else is an error;
+- tokenizer: GLMTokenizer files (flavour "glm-english" from `vocab.json` + `merges.txt`, "glm-chinese" from
+  `cog-pretrain.model`) when SRC has them.
 """
 
 from __future__ import annotations
@@ -70,6 +87,35 @@ DROPPED_CONFIG_KEYS = {
     "torch_dtype",
 }
 THUDM_RESIDUAL_ALPHA = math.sqrt(2 * 28)  # GLMBlock(num_layers=28) default that ChatGLMModel never overrides
+
+# GLM's GLMConfig defaults (THUDM's glm-* remote code, configuration_glm.py), for fields a config.json leaves out.
+GLM_DEFAULTS = dict(
+    num_layers=24,
+    vocab_size=30592,
+    hidden_size=1024,
+    num_attention_heads=16,
+    embedding_dropout_prob=0.1,
+    attention_dropout_prob=0.1,
+    output_dropout_prob=0.1,
+    max_sequence_length=512,
+    block_position_encoding=True,
+    relative_encoding=False,
+    attention_scale=1.0,
+    initializer_range=0.02,
+)
+# Special-token ids of GLM's tokenizers: the layout the checkpoints were trained with (GLM's command tokens).
+GLM_TOKEN_LAYOUTS = {
+    "GLMGPT2Tokenizer": {
+        "<|endoftext|>": 50256, "<|startofpiece|>": 50257, "<|endofpiece|>": 50258, "[MASK]": 50260,
+        "[gMASK]": 50263, "[sMASK]": 50264,
+    },
+    "GLMChineseTokenizer": {
+        "<|endoftext|>": 50000, "[MASK]": 50003, "<|startofpiece|>": 50006, "<|endofpiece|>": 50007,
+        "[sMASK]": 50008, "[gMASK]": 50009,
+    },
+}  # fmt: skip
+GLM_VOCAB_SIZES = {50304: "GLMGPT2Tokenizer", 50048: "GLMChineseTokenizer"}  # glm-10b / glm-2b, *-chinese
+GLM_HEAD_KEYS = ("dense.weight", "dense.bias", "out_proj.weight", "out_proj.bias")
 
 
 def _load_config_class():
@@ -222,4 +268,159 @@ def convert_chatglm(src: Path, out: Path, dtype: torch.dtype | None, args: argpa
         print(f"convert_checkpoint.py: note: no ice_text.model in {src}; no tokenizer written", file=sys.stderr)
 
 
-ARCHS = {"chatglm-6b": convert_chatglm}
+def glm_token_ids(src: Path, vocab_size: int) -> tuple[dict[str, int], str]:
+    """GLM's special-token ids for the checkpoint in `src`, and where they came from."""
+    tok_config = read_json(src / "tokenizer_config.json") if (src / "tokenizer_config.json").is_file() else {}
+    tokenizer_class = tok_config.get("tokenizer_class")
+    if tokenizer_class in GLM_TOKEN_LAYOUTS:
+        ids, source = dict(GLM_TOKEN_LAYOUTS[tokenizer_class]), f"the {tokenizer_class} layout"
+    elif tokenizer_class is not None:
+        raise ConversionError(
+            f"{src / 'tokenizer_config.json'}: tokenizer_class {tokenizer_class!r} is not supported (GLM's BERT / "
+            "RoBERTa vocabularies have no [gMASK]/[sMASK]); supported: " + ", ".join(sorted(GLM_TOKEN_LAYOUTS))
+        )
+    elif vocab_size in GLM_VOCAB_SIZES:
+        tokenizer_class = GLM_VOCAB_SIZES[vocab_size]
+        ids, source = dict(GLM_TOKEN_LAYOUTS[tokenizer_class]), f"the {tokenizer_class} layout (from vocab_size)"
+        print(
+            f"convert_checkpoint.py: note: no tokenizer_config.json in {src}; vocab_size {vocab_size} is taken for "
+            f"{tokenizer_class}'s special-token ids",
+            file=sys.stderr,
+        )
+    else:
+        raise ConversionError(
+            f"cannot tell the special-token ids of {src}: it has no tokenizer_config.json naming GLM's tokenizer "
+            f"and vocab_size {vocab_size} is none of {sorted(GLM_VOCAB_SIZES)}"
+        )
+    if (src / "added_tokens.json").is_file():  # the files shipped with the checkpoint win
+        added = read_json(src / "added_tokens.json")
+        ids.update({k: int(v) for k, v in added.items() if k in ids})
+        source += " and added_tokens.json"
+    return ids, source
+
+
+def glm_config(src: Path, dtype: torch.dtype | None):
+    """Our GLMConfig (variant "glm") for GLM's config.json in `src`; a ConversionError names any field we cannot honour."""
+    glm = read_json(src / "config.json")
+    if glm.get("model_type") != "glm":
+        raise ConversionError(
+            f"{src / 'config.json'} has model_type {glm.get('model_type')!r}; --arch glm expects GLM's config "
+            "(model_type 'glm', THUDM/glm-10b and its siblings)"
+        )
+    fields = {**GLM_DEFAULTS, **{k: v for k, v in glm.items() if k in GLM_DEFAULTS}}
+    for name, supported in (("block_position_encoding", True), ("relative_encoding", False), ("attention_scale", 1.0)):
+        if fields.pop(name) != supported:
+            raise ConversionError(
+                f"{src / 'config.json'}: {name}={glm[name]!r} is not supported (GLM's published checkpoints use "
+                f"{name}={supported!r})"
+            )
+    ids, source = glm_token_ids(src, fields["vocab_size"])
+    fields.update(
+        variant="glm",
+        inner_hidden_size=4 * fields["hidden_size"],  # GLM's MLP is hard-coded to 4 * hidden
+        layernorm_epsilon=1e-5,  # hard-coded in GLM's GLMStack
+        bos_token_id=ids["<|startofpiece|>"],
+        eos_token_id=ids["<|endofpiece|>"],
+        pad_token_id=ids["<|endoftext|>"],
+        mask_token_id=ids["[MASK]"],
+        gmask_token_id=ids["[gMASK]"],
+        smask_token_id=ids["[sMASK]"],
+        tie_word_embeddings=True,
+        use_cache=True,
+    )
+    source_dtype = glm.get("torch_dtype")
+    fields["torch_dtype"] = str(dtype).removeprefix("torch.") if dtype is not None else source_dtype
+    if fields["torch_dtype"] is None:
+        del fields["torch_dtype"]
+    try:
+        config = _load_config_class()(**fields)
+    except ValueError as err:
+        raise ConversionError(f"{src / 'config.json'} (special-token ids from {source}): {err}") from err
+    config.architectures = ["GLMForConditionalGeneration"]
+    return config
+
+
+def expected_glm_shapes(config) -> dict[str, tuple[int, ...]]:
+    """Every tensor of the converted GLM-variant model (our key names) with its shape."""
+    rows = (config.max_sequence_length + 1, config.hidden_size)  # GLM's position tables
+    shapes = expected_shapes(config)  # word embeddings, blocks, final LayerNorm: the ChatGLM names and shapes
+    shapes.update(
+        {"transformer.position_embeddings.weight": rows, "transformer.block_position_embeddings.weight": rows}
+    )
+    return shapes
+
+
+def _glm_name(name: str) -> str:
+    """GLM's key -> ours: drop the `glm.` prefix; a bare GLMModel's word embeddings move under `transformer.`."""
+    name = name.removeprefix("glm.")
+    return "transformer." + name if name.startswith("word_embeddings.") else name
+
+
+def convert_glm_weights(src: Path, out: Path, config, dtype: torch.dtype | None) -> None:
+    shapes = expected_glm_shapes(config)
+    writer = SafetensorsWriter(out, dtype)
+    unplaced, head = [], {}
+    for raw_name, tensor in iter_tensors(src):
+        name = _glm_name(raw_name)
+        if name in GLM_HEAD_KEYS:
+            head[name] = tensor
+            continue
+        if name == "lm_head.weight":  # not in GLM's models (the head is tied); accept an identical copy
+            continue
+        if name not in shapes:
+            unplaced.append(raw_name)
+            continue
+        if tuple(tensor.shape) != shapes[name]:
+            raise ConversionError(
+                f"{raw_name} has shape {list(tensor.shape)}, but config.json implies {list(shapes[name])}"
+            )
+        if not tensor.is_floating_point():
+            raise ConversionError(f"{raw_name} has dtype {tensor.dtype}; expected floating-point weights")
+        writer.add(name, tensor)
+    check_all_placed(unplaced, src)
+    missing = sorted(set(shapes) - writer.names)
+    if missing:
+        shown = ", ".join(missing[:10]) + (f" (+{len(missing) - 10} more)" if len(missing) > 10 else "")
+        raise ConversionError(f"{len(missing)} tensor(s) the model needs are missing from {src}: {shown}")
+    if head:
+        h = config.hidden_size
+        if set(head) != set(GLM_HEAD_KEYS):
+            raise ConversionError(f"{src}: an incomplete classification head ({', '.join(sorted(head))}); expected "
+                                  f"{', '.join(GLM_HEAD_KEYS)}")  # fmt: skip
+        num_labels = head["out_proj.weight"].shape[0]
+        expected = {"dense.weight": (h, h), "dense.bias": (h,), "out_proj.weight": (num_labels, h),
+                    "out_proj.bias": (num_labels,)}  # fmt: skip
+        for name, tensor in head.items():
+            if tuple(tensor.shape) != expected[name]:
+                raise ConversionError(f"{name} has shape {list(tensor.shape)}, expected {list(expected[name])}")
+            writer.add(name, tensor)
+        config.num_labels = num_labels
+        print(
+            f"convert_checkpoint.py: note: {src} also holds a sequence-classification head (dense, out_proj: "
+            f"{num_labels} labels, as glm-2b ships); it is kept for AutoModelForSequenceClassification and ignored "
+            "by AutoModelForCausalLM",
+            file=sys.stderr,
+        )
+    writer.close()
+
+
+def convert_glm(src: Path, out: Path, dtype: torch.dtype | None, args: argparse.Namespace) -> None:
+    src, out = Path(src), Path(out)
+    config = glm_config(src, dtype)
+    convert_glm_weights(src, out, config, dtype)
+    config.save_pretrained(str(out))
+    write_json(
+        out / "generation_config.json",
+        {"bos_token_id": config.bos_token_id, "eos_token_id": config.eos_token_id, "pad_token_id": config.pad_token_id},
+    )
+    copy_code_files(out, CODE_FILES)
+    written = []
+    if (REPO_ROOT / "tokenization_glm.py").is_file():
+        from .tokenizer_files import convert_glm_tokenizer
+
+        written = convert_glm_tokenizer(src, out)
+    if not written:
+        print(f"convert_checkpoint.py: note: no GLM tokenizer files in {src}; no tokenizer written", file=sys.stderr)
+
+
+ARCHS = {"chatglm-6b": convert_chatglm, "glm": convert_glm}

@@ -3,9 +3,12 @@
 - `convert_chatglm_tokenizer(src, out)`: a THUDM/chatglm-6b folder (`ice_text.model`,
   `tokenizer_config.json`) -> `tokenizer.model` (ice_text.model copied), `tokenizer_config.json` with
   flavour "chatglm" and the auto_map, `chat_template.jinja`, `tokenization_glm.py`.
-- `convert_glm_tokenizer(src, out)`: a THUDM/glm-* folder with `cog-pretrain.model` (glm-large-chinese,
-  glm-10b-chinese) -> the same files with flavour "glm-chinese". GLM's English (GPT-2 BPE) and
-  RoBERTa/BERT tokenizers are not supported yet and are reported as such.
+- `convert_glm_tokenizer(src, out)`: a THUDM/glm-* folder -> the same files with flavour "glm-chinese"
+  (GLMChineseTokenizer, `cog-pretrain.model`: glm-large-chinese, glm-10b-chinese) or "glm-english"
+  (GLMGPT2Tokenizer, `vocab.json` + `merges.txt`, or SwissArmyTransformer's `gpt2-vocab.json` +
+  `gpt2-merges.txt`: glm-10b, glm-2b; written as `vocab.json` + `merges.txt`). GLM's RoBERTa/BERT
+  tokenizers (no [gMASK]/[sMASK]) are refused. When SRC has `added_tokens.json`, its ids must agree with
+  the flavour's layout.
 
 The files are written by `GLMTokenizer.save_pretrained` from this repository's tokenization_glm.py,
 so the output loads with `AutoTokenizer.from_pretrained(out, trust_remote_code=True)` on
@@ -20,6 +23,7 @@ from pathlib import Path
 
 from .common import REPO_ROOT, ConversionError, read_json
 
+GPT2_FILE_NAMES = [("vocab.json", "merges.txt"), ("gpt2-vocab.json", "gpt2-merges.txt")]
 CHATGLM_SOP_PIECE_ID = 130004  # "<sop>" in ice_text.model; THUDM's bos_token_id minus it = num_image_tokens
 
 
@@ -86,18 +90,38 @@ def convert_chatglm_tokenizer(src: Path, out: Path) -> list[str]:
 
 
 def convert_glm_tokenizer(src: Path, out: Path) -> list[str]:
-    """Write the tokenizer of a THUDM/glm-* folder into `out` (GLM's Chinese SentencePiece tokenizer only)."""
+    """Write the tokenizer of a THUDM/glm-* folder into `out`; returns the names written ([] when SRC has no
+    vocabulary files)."""
     src, out = Path(src), Path(out)
     tok_config = read_json(src / "tokenizer_config.json") if (src / "tokenizer_config.json").is_file() else {}
-    tokenizer_class = tok_config.get("tokenizer_class", "GLMChineseTokenizer")
-    vocab = src / "cog-pretrain.model"
-    if tokenizer_class != "GLMChineseTokenizer" or not vocab.is_file():
+    tokenizer_class = tok_config.get("tokenizer_class")
+    bpe_files = next(
+        ((src / v, src / m) for v, m in GPT2_FILE_NAMES if (src / v).is_file() and (src / m).is_file()), None
+    )
+    if tokenizer_class is None:  # guess from the files present
+        tokenizer_class = "GLMChineseTokenizer" if (src / "cog-pretrain.model").is_file() else "GLMGPT2Tokenizer"
+    if tokenizer_class == "GLMChineseTokenizer":
+        if not (src / "cog-pretrain.model").is_file():
+            return []
+        kwargs = dict(vocab_file=str(src / "cog-pretrain.model"), flavour="glm-chinese")
+    elif tokenizer_class == "GLMGPT2Tokenizer":
+        if bpe_files is None:
+            return []
+        kwargs = dict(bpe_vocab_file=str(bpe_files[0]), merges_file=str(bpe_files[1]), flavour="glm-english")
+    else:
         raise ConversionError(
-            f"{src}: tokenizer_class {tokenizer_class!r} is not supported yet (only GLMChineseTokenizer with "
-            "cog-pretrain.model); convert the weights with the tokenizer files left out"
+            f"{src}: tokenizer_class {tokenizer_class!r} is not supported (GLM's RoBERTa/BERT tokenizers have no "
+            "[gMASK]/[sMASK]); only GLMChineseTokenizer and GLMGPT2Tokenizer are"
         )
     try:
-        tokenizer = _tokenizer_class()(str(vocab), flavour="glm-chinese", model_max_length=_model_max_length(src, 1024))
+        tokenizer = _tokenizer_class()(**kwargs, model_max_length=_model_max_length(src, 1024))
     except ValueError as err:
-        raise ConversionError(f"cannot build the GLM Chinese tokenizer from {vocab}: {err}") from err
+        raise ConversionError(f"cannot build the {kwargs['flavour']} tokenizer from {src}: {err}") from err
+    if (src / "added_tokens.json").is_file():
+        added = read_json(src / "added_tokens.json")
+        ours = {token: tokenizer.convert_tokens_to_ids(token) for token in added}
+        wrong = {token: (int(i), ours[token]) for token, i in added.items() if int(i) != ours[token]}
+        if wrong:
+            shown = ", ".join(f"{t}: {a} in added_tokens.json, {b} here" for t, (a, b) in wrong.items())
+            raise ConversionError(f"{src / 'added_tokens.json'} places GLM's tokens differently: {shown}")
     return _save(tokenizer, out)
