@@ -45,6 +45,7 @@ from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 from transformers.utils import can_return_tuple, logging
 
 from .configuration_bart_gen import BartGenConfig
+from .fast_decoding import fast_cpu_gemv, use_growing_kv_layers
 
 logger = logging.get_logger(__name__)
 
@@ -584,6 +585,8 @@ class BartGenDecoder(BartGenPreTrainedModel):
                 if encoder_hidden_states is not None
                 else DynamicCache()
             )
+        if past_key_values is not None:
+            use_growing_kv_layers(past_key_values)
         past_length = past_key_values.get_seq_length() if past_key_values is not None else 0
         _check_length(past_length + T, self.config.max_position_embeddings, "the decoder sequence (cache + new tokens)")
         _check_mask_shape(attention_mask, (B, past_length + T), "decoder_attention_mask")
@@ -831,23 +834,27 @@ class BartGenForConditionalGeneration(BartGenPreTrainedModel, GenerationMixin):
                     labels, self.config.pad_token_id, self.config.decoder_start_token_id
                 )
 
-        outputs = self.model(
-            input_ids,
-            attention_mask=attention_mask,
-            decoder_input_ids=decoder_input_ids,
-            decoder_attention_mask=decoder_attention_mask,
-            encoder_outputs=encoder_outputs,
-            past_key_values=past_key_values,
-            inputs_embeds=inputs_embeds,
-            decoder_inputs_embeds=decoder_inputs_embeds,
-            use_cache=use_cache,
-            output_attentions=output_attentions,
-            output_hidden_states=output_hidden_states,
-            return_dict=True,
-        )
-        hidden_states = outputs.last_hidden_state  # (B, T, C)
-        keep = slice(-logits_to_keep, None) if isinstance(logits_to_keep, int) else logits_to_keep
-        logits = self.lm_head(hidden_states[:, keep, :]) + self.final_logits_bias.to(hidden_states.device)  # (B, T, V)
+        # a decoding step of generate() (the encoder ran before): batch-1 bf16 steps take the fast CPU gemv
+        decoder_tokens = decoder_input_ids if decoder_input_ids is not None else decoder_inputs_embeds
+        rows = decoder_tokens.shape[:2].numel() if encoder_outputs is not None and decoder_tokens is not None else 0
+        with fast_cpu_gemv(rows, self.lm_head.weight):
+            outputs = self.model(
+                input_ids,
+                attention_mask=attention_mask,
+                decoder_input_ids=decoder_input_ids,
+                decoder_attention_mask=decoder_attention_mask,
+                encoder_outputs=encoder_outputs,
+                past_key_values=past_key_values,
+                inputs_embeds=inputs_embeds,
+                decoder_inputs_embeds=decoder_inputs_embeds,
+                use_cache=use_cache,
+                output_attentions=output_attentions,
+                output_hidden_states=output_hidden_states,
+                return_dict=True,
+            )
+            hidden_states = outputs.last_hidden_state  # (B, T, C)
+            keep = slice(-logits_to_keep, None) if isinstance(logits_to_keep, int) else logits_to_keep
+            logits = self.lm_head(hidden_states[:, keep, :]) + self.final_logits_bias.to(hidden_states.device)
 
         loss = None
         if labels is not None:

@@ -64,6 +64,7 @@ from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 from transformers.utils import logging
 
 from .configuration_glm import GLMConfig
+from .fast_decoding import fast_cpu_gemv, use_growing_kv_layers
 
 logger = logging.get_logger(__name__)
 
@@ -93,11 +94,12 @@ class GLMRotaryEmbedding(nn.Module):
 
     @torch.no_grad()
     def forward(self, position_ids: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
-        # position_ids: [B, 2, S] (position, block position) -> cos, sin: [B, 1, S, head_dim]
+        # position_ids: [B, 2, S] (position, block position) -> cos, sin: [B, S, 1, 1, head_dim], broadcasting
+        # against the queries and keys laid out [B, S, H, 2 (q, k), head_dim]
         freqs = position_ids[..., None].float() * self.inv_freq  # [B, 2, S, rotary_dim / 2]
         emb = torch.cat((freqs, freqs), dim=-1)  # [B, 2, S, rotary_dim]
-        emb = emb.transpose(1, 2).flatten(2)  # [B, S, head_dim]: position half, then block-position half
-        return emb.cos()[:, None].to(dtype), emb.sin()[:, None].to(dtype)
+        emb = emb.transpose(1, 2).flatten(2)[:, :, None, None]  # [B, S, 1, 1, head_dim]: position, block position
+        return emb.cos().to(dtype), emb.sin().to(dtype)
 
 
 def rotate_half_2d(x: torch.Tensor) -> torch.Tensor:
@@ -106,11 +108,9 @@ def rotate_half_2d(x: torch.Tensor) -> torch.Tensor:
     return torch.cat((-x[..., 1:, :], x[..., :1, :]), dim=-2).flatten(-3)
 
 
-def apply_rotary_pos_emb(
-    q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor
-) -> tuple[torch.Tensor, torch.Tensor]:
-    # q, k: [B, H, S, D]; cos, sin: [B, 1, S, D]
-    return q * cos + rotate_half_2d(q) * sin, k * cos + rotate_half_2d(k) * sin
+def apply_rotary_pos_emb(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """x * cos + rotate_half_2d(x) * sin, for the queries and keys of a step at once (x: [B, S, H, 2, D])."""
+    return x * cos + rotate_half_2d(x) * sin
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -270,14 +270,17 @@ class GLMMLP(nn.Module):
         return self.dense_4h_to_h(F.gelu(self.dense_h_to_4h(hidden_states), approximate=self.gelu_approximate))
 
 
-def split_qkv_per_head(qkv: torch.Tensor, num_heads: int, head_dim: int) -> tuple[torch.Tensor, ...]:
-    """ChatGLM's fused projection: [B, S, H * (q|k|v)] -> query, key, value, each [B, H, S, D]."""
-    return qkv.unflatten(-1, (num_heads, 3 * head_dim)).transpose(1, 2).split(head_dim, dim=-1)
+def split_qkv_per_head(qkv: torch.Tensor, num_heads: int, head_dim: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """ChatGLM's fused projection: [B, S, H * (q|k|v)] -> queries and keys [B, S, H, 2, D], values [B, S, H, D]."""
+    qkv = qkv.unflatten(-1, (num_heads, 3, head_dim))
+    return qkv[..., :2, :], qkv[..., 2, :]
 
 
-def split_qkv_contiguous(qkv: torch.Tensor, num_heads: int, head_dim: int) -> tuple[torch.Tensor, ...]:
-    """GLM's fused projection: [B, S, (all q | all k | all v)] -> query, key, value, each [B, H, S, D]."""
-    return qkv.unflatten(-1, (3, num_heads, head_dim)).permute(2, 0, 3, 1, 4).unbind(0)
+def split_qkv_contiguous(qkv: torch.Tensor, num_heads: int, head_dim: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """GLM's fused projection: [B, S, (all q | all k | all v)] -> queries and keys [B, S, H, 2, D], values
+    [B, S, H, D]."""
+    qkv = qkv.unflatten(-1, (3, num_heads, head_dim))
+    return qkv[..., :2, :, :].transpose(-3, -2), qkv[..., 2, :, :]
 
 
 def eager_attention_forward(
@@ -335,9 +338,11 @@ class GLMAttention(nn.Module):
     ) -> tuple[torch.Tensor, torch.Tensor | None]:
         batch_size, query_length, _ = hidden_states.shape
         qkv = self.query_key_value(hidden_states)  # [B, q, 3 * hidden]
-        query, key, value = self.split_qkv(qkv, self.num_heads, self.head_dim)  # each [B, H, q, D]
-        if position_embeddings is not None:  # ChatGLM's rotary cos/sin
-            query, key = apply_rotary_pos_emb(query, key, *position_embeddings)
+        query_key, value = self.split_qkv(qkv, self.num_heads, self.head_dim)  # [B, q, H, 2, D], [B, q, H, D]
+        if position_embeddings is not None:  # ChatGLM's rotary cos/sin, queries and keys in one go
+            query_key = apply_rotary_pos_emb(query_key, *position_embeddings)
+        query, key = query_key.transpose(1, 2).unbind(-2)  # each [B, H, q, D]
+        value = value.transpose(1, 2)
 
         if past_key_values is not None:
             key, value = past_key_values.update(key, value, self.layer_idx)  # [B, H, kv, D]
@@ -387,12 +392,16 @@ class GLMBlock(GradientCheckpointingLayer):
         attention_output, weights = self.attention(
             attention_input, attention_mask, position_embeddings, past_key_values, prefix_key_value, **kwargs
         )
+        if self.training:
+            attention_output = self.dropout(attention_output)
         residual = attention_input if self.residual_from_norm else hidden_states
-        hidden_states = residual * self.alpha + self.dropout(attention_output)
+        hidden_states = torch.add(attention_output, residual, alpha=self.alpha)  # residual * alpha + output
         mlp_input = self.post_attention_layernorm(hidden_states)
+        mlp_output = self.mlp(mlp_input)
+        if self.training:
+            mlp_output = self.dropout(mlp_output)
         residual = mlp_input if self.residual_from_norm else hidden_states
-        hidden_states = residual * self.alpha + self.dropout(self.mlp(mlp_input))
-        return hidden_states, weights
+        return torch.add(mlp_output, residual, alpha=self.alpha), weights
 
 
 class GLMPrefixEncoder(nn.Module):
@@ -562,6 +571,8 @@ class GLMModel(GLMPreTrainedModel):
 
         if use_cache and past_key_values is None:
             past_key_values = DynamicCache(config=config)
+        if past_key_values is not None:
+            use_growing_kv_layers(past_key_values)
         past_length, prefix_key_values = self._prepare_prefix(past_key_values, batch_size, inputs_embeds.dtype)
         prefix_length = config.pre_seq_len or 0
         if past_length + query_length > config.max_sequence_length:
@@ -802,20 +813,22 @@ class GLMForConditionalGeneration(GLMPreTrainedModel, GenerationMixin):
         """
         return_dict = return_dict if return_dict is not None else self.config.return_dict
         _refuse_mems(kwargs)
-        outputs = self.transformer(
-            input_ids=input_ids,
-            attention_mask=attention_mask,
-            position_ids=position_ids,
-            past_key_values=past_key_values,
-            inputs_embeds=inputs_embeds,
-            use_cache=use_cache,
-            output_attentions=output_attentions,
-            output_hidden_states=output_hidden_states,
-            return_dict=True,
-        )
-        hidden_states = outputs.last_hidden_state
-        keep = slice(-logits_to_keep, None) if isinstance(logits_to_keep, int) else logits_to_keep
-        logits = self.lm_head(hidden_states[:, keep, :])
+        tokens = input_ids if input_ids is not None else inputs_embeds
+        with fast_cpu_gemv(tokens.shape[:2].numel() if tokens is not None else 0, self.lm_head.weight):
+            outputs = self.transformer(
+                input_ids=input_ids,
+                attention_mask=attention_mask,
+                position_ids=position_ids,
+                past_key_values=past_key_values,
+                inputs_embeds=inputs_embeds,
+                use_cache=use_cache,
+                output_attentions=output_attentions,
+                output_hidden_states=output_hidden_states,
+                return_dict=True,
+            )
+            hidden_states = outputs.last_hidden_state
+            keep = slice(-logits_to_keep, None) if isinstance(logits_to_keep, int) else logits_to_keep
+            logits = self.lm_head(hidden_states[:, keep, :])
         if logits.dtype == torch.float16 and hidden_states.shape[1] > 1 and not self.training:
             _check_half_overflow(logits)  # once per prompt (prefill); single-token decode steps skip the sync
 

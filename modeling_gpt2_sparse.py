@@ -52,6 +52,7 @@ from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 from transformers.utils import can_return_tuple, logging
 
 from .configuration_gpt2_sparse import GPT2SparseConfig
+from .fast_decoding import fast_cpu_gemv, use_growing_kv_layers
 
 logger = logging.get_logger(__name__)
 
@@ -787,6 +788,8 @@ class GPT2SparseModel(GPT2SparsePreTrainedModel):
         else:
             if use_cache and past_key_values is None:
                 past_key_values = DynamicCache(config=config)
+            if past_key_values is not None:
+                use_growing_kv_layers(past_key_values)
             past_len = past_key_values.get_seq_length() if past_key_values is not None else 0
         k_len = past_len + q_len
         if mode == 1 and past_len > 0:
@@ -1115,26 +1118,28 @@ class GPT2SparseLMHeadModel(GPT2SparsePreTrainedModel, GenerationMixin):
         >>> model.generate(ids, max_new_tokens=8, do_sample=False, is_sparse=2)
         ```
         """
-        outputs = self.model(
-            input_ids=input_ids,
-            attention_mask=attention_mask,
-            position_ids=position_ids,
-            past_key_values=past_key_values,
-            inputs_embeds=inputs_embeds,
-            use_cache=use_cache,
-            output_attentions=output_attentions,
-            output_hidden_states=output_hidden_states,
-            mems=mems,
-            is_sparse=is_sparse,
-            sep=sep,
-            pivot_idx=pivot_idx,
-            image_mask=image_mask,
-            generator=generator,
-            **kwargs,
-        )
-        hidden_states = outputs.last_hidden_state
-        slice_indices = slice(-logits_to_keep, None) if isinstance(logits_to_keep, int) else logits_to_keep
-        logits = self.lm_head(hidden_states[:, slice_indices, :])
+        tokens = input_ids if input_ids is not None else inputs_embeds
+        with fast_cpu_gemv(tokens.shape[:2].numel() if tokens is not None else 0, self.lm_head.weight):
+            outputs = self.model(
+                input_ids=input_ids,
+                attention_mask=attention_mask,
+                position_ids=position_ids,
+                past_key_values=past_key_values,
+                inputs_embeds=inputs_embeds,
+                use_cache=use_cache,
+                output_attentions=output_attentions,
+                output_hidden_states=output_hidden_states,
+                mems=mems,
+                is_sparse=is_sparse,
+                sep=sep,
+                pivot_idx=pivot_idx,
+                image_mask=image_mask,
+                generator=generator,
+                **kwargs,
+            )
+            hidden_states = outputs.last_hidden_state
+            slice_indices = slice(-logits_to_keep, None) if isinstance(logits_to_keep, int) else logits_to_keep
+            logits = self.lm_head(hidden_states[:, slice_indices, :])
 
         loss = None
         if labels is not None:

@@ -63,8 +63,8 @@ def test_save_then_fresh_process_auto_load_gives_the_same_outputs(tmp_path):
         folders.append(str(folder))
     run_fresh(LOAD_ALL, *folders)
     actual = load_file(str(tmp_path / "out.safetensors"))
-    for key, value in expected.items():
-        assert_close(actual[key], value, atol=1e-5, msg=key)
+    for key, value in expected.items():  # logits reach ~20, where fp32 steps are 2e-6 and thread counts may differ
+        assert_close(actual[key], value, atol=1e-5, rtol=1e-6, msg=key)
     # generate() in the fresh process (beam search, left-padded batch) gives the same ids as here
     ids, mask = left_pad(VARIANTS[0]["rows"])
     model = tiny_model(seed=VARIANTS[0]["seed"])

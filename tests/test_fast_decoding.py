@@ -1,0 +1,186 @@
+"""fast_decoding.py's speed-ups change no result (shown on GLM; the other families share the module).
+
+- `GrowingKVLayer` (keys/values in a buffer with spare room, written in place) holds exactly what transformers'
+  `DynamicLayer` (torch.cat per step) holds, through random sequences of the operations generate() and users apply
+  to a cache: updates of any length, beam reordering, cropping, batch repetition and selection, reset.
+- `use_growing_kv_layers` swaps only a fresh `DynamicCache`, and the model really decodes with the growing layers.
+- `fast_cpu_gemv` switches oneDNN off exactly for batch-1 single-token bf16 steps on the CPU, restores the flag
+  (also when the step raises), and gives the same logits and greedy ids as the oneDNN path.
+"""
+
+from __future__ import annotations
+
+import sys
+
+import pytest
+import torch
+from helpers import assert_close
+from test_glm_fixtures import GMASK, SOP, modeling_module, random_prompt, tiny_model
+from transformers.cache_utils import DynamicCache, DynamicLayer
+
+
+def fast_decoding():
+    """The fast_decoding module as the dynamic-module loader imported it next to modeling_glm."""
+    return sys.modules[modeling_module().fast_cpu_gemv.__module__]
+
+
+def _same(growing, plain, msg: str) -> None:
+    assert growing.get_seq_length() == plain.get_seq_length(), msg
+    if plain.get_seq_length():
+        assert torch.equal(growing.keys, plain.keys), msg
+        assert torch.equal(growing.values, plain.values), msg
+
+
+@pytest.mark.parametrize("seed", range(6))
+def test_growing_layer_holds_what_dynamic_layer_holds(seed):
+    generator = torch.Generator().manual_seed(seed)
+    growing, plain = fast_decoding().GrowingKVLayer(), DynamicLayer()
+    batch, heads, dim = 3, 2, 4
+    history = []
+    for step in range(60):
+        op = ["update"] * 6 + ["reorder", "crop", "select", "repeat", "reset"]
+        op = op[int(torch.randint(len(op), (1,), generator=generator))] if step else "update"
+        length = plain.get_seq_length()
+        if op == "update":
+            new = int(torch.randint(1, 5 if step % 7 else 300, (1,), generator=generator))  # now and then > spare room
+            k, v = torch.randn(2, batch, heads, new, dim, generator=generator)
+            out_growing, out_plain = growing.update(k, v), plain.update(k, v)
+            assert torch.equal(out_growing[0], out_plain[0]) and torch.equal(out_growing[1], out_plain[1])
+        elif op == "reorder" and length:
+            beam_idx = torch.randint(batch, (batch,), generator=generator)
+            growing.reorder_cache(beam_idx), plain.reorder_cache(beam_idx)
+        elif op == "crop" and length > 1:
+            remove = -int(torch.randint(1, length, (1,), generator=generator))
+            growing.crop(remove), plain.crop(remove)
+        elif op == "select" and length and batch > 1:
+            keep = torch.arange(batch - 1)
+            growing.batch_select_indices(keep), plain.batch_select_indices(keep)
+            batch -= 1
+        elif op == "repeat" and length and batch < 4:
+            growing.batch_repeat_interleave(2), plain.batch_repeat_interleave(2)
+            batch *= 2
+        elif op == "reset":
+            growing.reset(), plain.reset()
+            if plain.is_initialized:  # 4.57 zeroes in place and keeps the length; 5.x drops the tensors
+                batch = plain.keys.shape[0]
+        history.append(op)
+        _same(growing, plain, f"after {history}")
+
+
+def test_growing_layer_writes_in_place_until_the_spare_room_is_used():
+    layer = fast_decoding().GrowingKVLayer()
+    layer.update(torch.randn(1, 2, 100, 4), torch.randn(1, 2, 100, 4))
+    storage = layer.keys.untyped_storage().data_ptr()
+    for _ in range(255):  # 100 + 255 tokens fit the first buffer (100 + 256)
+        layer.update(torch.randn(1, 2, 1, 4), torch.randn(1, 2, 1, 4))
+    assert layer.keys.untyped_storage().data_ptr() == storage
+    layer.update(torch.randn(1, 2, 2, 4), torch.randn(1, 2, 2, 4))
+    assert layer.keys.untyped_storage().data_ptr() != storage and layer.get_seq_length() == 357
+
+
+def test_only_fresh_dynamic_caches_get_growing_layers():
+    module = fast_decoding()
+    config = tiny_model().config
+    fresh = DynamicCache(config=config)
+    module.use_growing_kv_layers(fresh)
+    assert all(type(layer) is module.GrowingKVLayer for layer in fresh.layers)
+
+    filled = DynamicCache(config=config)
+    filled.update(torch.randn(1, 4, 3, 8), torch.randn(1, 4, 3, 8), 0)
+    module.use_growing_kv_layers(filled)
+    assert all(type(layer) is DynamicLayer for layer in filled.layers)
+
+
+def test_generate_decodes_with_growing_layers_and_equals_the_uncached_ids():
+    model = tiny_model()
+    generator = torch.Generator().manual_seed(3)
+    ids = torch.tensor([random_prompt(generator, 9) for _ in range(2)])
+    out = model.generate(ids, max_new_tokens=12, do_sample=False, return_dict_in_generate=True)
+    assert all(type(layer).__name__ == "GrowingKVLayer" for layer in out.past_key_values.layers)
+    uncached = model.generate(ids, max_new_tokens=12, do_sample=False, use_cache=False)
+    assert torch.equal(out.sequences, uncached)
+
+
+def _decode_step_inputs(model, batch: int):
+    generator = torch.Generator().manual_seed(batch)
+    ids = torch.tensor([random_prompt(generator, 7) for _ in range(batch)])
+    prefill = model(ids, use_cache=True)
+    next_ids = prefill.logits[:, -1].argmax(-1, keepdim=True)
+    full = torch.cat((ids, next_ids), dim=1)
+    positions = model.transformer.get_position_ids(full)[..., -1:]
+    return dict(input_ids=next_ids, position_ids=positions, past_key_values=prefill.past_key_values)
+
+
+@pytest.mark.parametrize(
+    "dtype, batch, switched",
+    [(torch.bfloat16, 1, True), (torch.bfloat16, 2, False), (torch.float32, 1, False)],
+    ids=["bf16-b1", "bf16-b2", "fp32-b1"],
+)
+def test_onednn_is_switched_off_exactly_for_batch1_bf16_decode_steps(dtype, batch, switched):
+    if not torch.backends.mkldnn.is_available():
+        pytest.skip("torch built without oneDNN")
+    model = tiny_model().to(dtype)
+    seen = []
+    model.transformer.layers[0].register_forward_hook(lambda *_: seen.append(torch.backends.mkldnn.enabled))
+    with torch.no_grad():
+        inputs = _decode_step_inputs(model, batch)
+        seen.clear()
+        model(**inputs)
+    assert seen == [not switched]
+    assert torch.backends.mkldnn.enabled
+
+
+def test_onednn_flag_is_restored_when_the_step_raises():
+    model = tiny_model().to(torch.bfloat16)
+
+    def boom(*_):
+        raise RuntimeError("boom")
+
+    model.transformer.layers[0].register_forward_hook(boom)
+    with pytest.raises(RuntimeError, match="boom"):
+        model(torch.tensor([[5, GMASK, SOP]]))  # 3 tokens: not switched; now one token, switched
+    with pytest.raises(RuntimeError, match="boom"):
+        model(torch.tensor([[5]]), position_ids=torch.tensor([[[1], [0]]]))
+    assert torch.backends.mkldnn.enabled
+
+
+def test_fast_gemv_gives_the_onednn_logits_and_greedy_ids():
+    model = tiny_model().to(torch.bfloat16)
+    generator = torch.Generator().manual_seed(5)
+    ids = torch.tensor([random_prompt(generator, 9)])
+    with torch.no_grad():
+        inputs = _decode_step_inputs(model, 1)
+        fast = model(**inputs).logits
+        inputs = _decode_step_inputs(model, 1)
+        module = modeling_module()
+        original = module.fast_cpu_gemv
+        module.fast_cpu_gemv = lambda rows, weight: original(0, weight)  # never switch
+        try:
+            reference = model(**inputs).logits
+            reference_ids = model.generate(ids, max_new_tokens=10, do_sample=False)
+        finally:
+            module.fast_cpu_gemv = original
+        fast_ids = model.generate(ids, max_new_tokens=10, do_sample=False)
+    assert_close(fast.float(), reference.float(), atol=0.05, msg="bf16 logits: gemv vs oneDNN")
+    assert torch.equal(fast_ids, reference_ids)
+
+
+@pytest.mark.parametrize("family", ["bart", "sparse"])
+def test_bart_and_sparse_gpt2_decode_with_both_speedups(family):
+    """The other families use the same module: growing layers in generate()'s cache (BART: its self-attention
+    half), and oneDNN switched off for batch-1 bf16 decoding steps only (BART: never while the encoder runs)."""
+    from test_robustness_fixtures import bart_model, sparse_model
+
+    model = (bart_model if family == "bart" else sparse_model)().to(torch.bfloat16)
+    blocks = model.model.decoder.layers if family == "bart" else model.model.layers
+    seen = []
+    blocks[0].register_forward_hook(lambda *_: seen.append(torch.backends.mkldnn.enabled))
+    ids = torch.randint(5, 60, (1, 6))
+    with torch.no_grad():
+        out = model.generate(ids, max_new_tokens=4, min_new_tokens=4, do_sample=False, return_dict_in_generate=True)
+    cache = out.past_key_values.self_attention_cache if family == "bart" else out.past_key_values
+    assert all(type(layer).__name__ == "GrowingKVLayer" for layer in cache.layers)
+    if torch.backends.mkldnn.is_available():
+        # BART: 4 one-token decoder steps; sparse GPT-2: the 6-token prompt, then 3 one-token steps
+        assert seen == ([False] * 4 if family == "bart" else [True] + [False] * 3)
+        assert torch.backends.mkldnn.enabled
