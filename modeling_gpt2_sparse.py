@@ -1119,7 +1119,9 @@ class GPT2SparseLMHeadModel(GPT2SparsePreTrainedModel, GenerationMixin):
         ```
         """
         tokens = input_ids if input_ids is not None else inputs_embeds
-        with fast_cpu_gemv(tokens.shape[:2].numel() if tokens is not None else 0, self.lm_head.weight):
+        # batch-1 bf16 decoding steps take the fast CPU gemv (not with mems: those rows go through the projections)
+        rows = tokens.shape[:2].numel() if tokens is not None and mems is None else 0
+        with fast_cpu_gemv(rows, self.lm_head.weight):
             outputs = self.model(
                 input_ids=input_ids,
                 attention_mask=attention_mask,

@@ -107,3 +107,41 @@ def test_partial_run_keeps_other_families(tmp_path, monkeypatch):
     assert benchmark.main() == 0
     rows = json.loads((out / "results.json").read_text())["rows"]
     assert [row["family"] for row in rows] == ["bart", "tokenizer", "fake_family"]
+
+
+def test_quick_run_never_replaces_the_measured_results(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    fake = type(sys)("fake_family")
+    fake.run = lambda quick: [{"case": "smoke", "ratio": 0.5}]
+    monkeypatch.setitem(sys.modules, "fake_family", fake)
+    monkeypatch.setattr(benchmark.pkgutil, "iter_modules", lambda path: [type("M", (), {"name": "fake_family"})])
+    monkeypatch.setattr(sys, "argv", ["benchmark.py", "--quick", "--only", "fake_family"])
+    assert benchmark.main() == 0
+    assert (tmp_path / "benchmarks" / "results" / "quick" / "results.json").is_file()
+    assert not (tmp_path / "benchmarks" / "results" / "results.json").exists()
+
+
+@pytest.mark.parametrize("who", ["ours", "native"])
+def test_model_step_loop_generates_what_generate_does(who):
+    """bandwidth.py times the model alone with a hand-written greedy loop; it must decode exactly what generate()
+    decodes (for our GLM, with the 2-D positions it advances by hand), or its timing measures something else."""
+    import torch
+    from bandwidth import stepper_for
+    from glm import SIZES, build_native, build_ours, generator_for, prompt
+    from test_glm_fixtures import spread_weights
+
+    tiny = {**SIZES, "hidden_size": 64, "num_layers": 2, "num_attention_heads": 4, "inner_hidden_size": 128}
+    model = (
+        build_ours("chatglm", torch.float32, "cpu", sizes=tiny)
+        if who == "ours"
+        else build_native(torch.float32, "cpu", sizes=tiny)
+    )
+    with torch.no_grad():
+        if who == "ours":  # enough spread that the greedy tokens depend on the history (see test_glm_fixtures)
+            spread_weights(model)
+        ids = prompt(1, 12, "cpu")
+        positions = model.transformer.get_position_ids(ids) if who == "ours" else None
+        stepped = stepper_for(model, ids, positions)(10)()
+        generated = generator_for(model, ids)(10)()[:, ids.shape[1] :]
+    assert torch.equal(stepped, generated)
+    assert len(set(stepped[0].tolist())) > 1  # not a constant run that any position ids would reproduce

@@ -181,6 +181,21 @@ def test_bart_and_sparse_gpt2_decode_with_both_speedups(family):
     cache = out.past_key_values.self_attention_cache if family == "bart" else out.past_key_values
     assert all(type(layer).__name__ == "GrowingKVLayer" for layer in cache.layers)
     if torch.backends.mkldnn.is_available():
-        # BART: 4 one-token decoder steps; sparse GPT-2: the 6-token prompt, then 3 one-token steps
-        assert seen == ([False] * 4 if family == "bart" else [True] + [False] * 3)
+        # BART: 4 one-token decoder steps, the first computing the cross-attention keys/values of all 6 source
+        # tokens (so not switched); sparse GPT-2: the 6-token prompt, then 3 one-token steps
+        assert seen == [True] + [False] * 3
         assert torch.backends.mkldnn.enabled
+
+
+def test_sparse_gpt2_memory_steps_keep_onednn():
+    """With CogView's memory, a one-token step projects every memory row too: not a gemv, so oneDNN stays on."""
+    from test_robustness_fixtures import repo_module, sparse_config
+
+    model = repo_module("modeling_gpt2_sparse").GPT2SparseLMHeadModel(sparse_config(max_memory_length=16))
+    model = model.eval().to(torch.bfloat16)
+    seen = []
+    model.model.layers[0].register_forward_hook(lambda *_: seen.append(torch.backends.mkldnn.enabled))
+    with torch.no_grad():
+        out = model(torch.randint(5, 60, (1, 6)), use_cache=False)
+        model(torch.randint(5, 60, (1, 1)), mems=out.mems)
+    assert seen == [True, True]

@@ -11,7 +11,12 @@ in the same run:
   32000) in bf16 and fp32 after a 128-token prompt, the same way as the `glm` benchmark, with native GLM-4 of the
   same sizes alongside;
 and reports achieved bandwidth = (weight bytes + mean KV-cache bytes) / time per token, as a fraction of the
-measured copy bandwidth (target: >= 0.6 for bf16).
+measured copy bandwidth (target: >= 0.6 for bf16). Each model is timed two ways:
+- `decode`: generate() as the `glm` benchmark runs it (greedy, 128 new tokens forced with `min_new_tokens`), which
+  includes generate()'s own per-token work (logits processors, stopping criteria, input bookkeeping: the same
+  code for ours and native);
+- `model step`: the model alone, a plain greedy loop of one-token forwards with the cache (`argmax` of the last
+  logits fed back, our 2-D positions advanced by hand), which is what the memory-bandwidth limit applies to.
 """
 
 from __future__ import annotations
@@ -48,6 +53,33 @@ def decode_bytes(model, dtype, batch: int, kv_tokens: float) -> float:
     return weights + kv
 
 
+def stepper_for(model, ids, positions=None):
+    """`make(n)` -> a callable running the prefill and then n one-token greedy steps with the cache, no generate().
+    `positions`: our GLM's [B, 2, S] position ids of `ids` (each step advances the block position by one);
+    None for a model that finds positions from the cache itself."""
+    import torch
+
+    def make(n: int):
+        def run_steps():
+            out = model(input_ids=ids, use_cache=True)
+            cache, token = out.past_key_values, out.logits[:, -1:].argmax(-1)
+            tokens = [token]
+            step_positions = positions[..., -1:] if positions is not None else None
+            for _ in range(n - 1):
+                kwargs = {}
+                if step_positions is not None:
+                    step_positions = step_positions + torch.tensor([0, 1], device=ids.device)[:, None]
+                    kwargs["position_ids"] = step_positions
+                out = model(input_ids=token, past_key_values=cache, use_cache=True, **kwargs)
+                cache, token = out.past_key_values, out.logits[:, -1:].argmax(-1)
+                tokens.append(token)
+            return torch.cat(tokens, dim=1)  # the n greedy tokens, for checking against generate()
+
+        return run_steps
+
+    return make
+
+
 def run(quick: bool = False, device: str | None = None) -> list[dict]:
     import torch
 
@@ -62,16 +94,24 @@ def run(quick: bool = False, device: str | None = None) -> list[dict]:
             native = build_native(dtype, device)
             ids = prompt(1, PROMPT, device)
             ms = decode_ms_per_token(
-                {"ours": generator_for(ours, ids), "native": generator_for(native, ids)}, new_tokens, repeats, device
-            )
+                {
+                    "ours": generator_for(ours, ids),
+                    "native": generator_for(native, ids),
+                    "ours step": stepper_for(ours, ids, ours.transformer.get_position_ids(ids)),
+                    "native step": stepper_for(native, ids),
+                },
+                new_tokens, repeats, device,
+            )  # fmt: skip
             kv_tokens = PROMPT + 1 + new_tokens / 2
-            for who, model in (("ours", ours), ("native", native)):
+            for who in ("ours", "native", "ours step", "native step"):
+                model = ours if who.startswith("ours") else native
                 nbytes = decode_bytes(model, dtype, 1, kv_tokens)
                 achieved = nbytes / (ms[who][0] / 1000)
+                timing, side = ("model step", who.split()[0]) if who.endswith("step") else ("decode", who)
                 rows.append(
                     {
                         "family": "bandwidth",
-                        "case": f"decode b=1 {name} {who}",
+                        "case": f"{timing} b=1 {name} {side}",
                         "ms_per_token": round(ms[who][0], 3),
                         "spread": round(ms[who][1], 3),
                         "mb_per_token": round(nbytes / 1e6, 1),
