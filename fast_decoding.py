@@ -1,12 +1,18 @@
 """What makes decoding fast in every model family of this repository (GLM, sparse GPT-2, BART-gen).
 
-Two measured speed-ups of the per-token step, neither of which changes a result (tests/test_fast_decoding.py):
+Three measured speed-ups of the per-token step, none of which changes a result beyond rounding
+(tests/test_fast_decoding.py):
 
 - `GrowingKVLayer`: transformers' `DynamicLayer` appends each step's keys and values with `torch.cat`, copying the
   whole layer cache every step (O(length) per token and per layer). This layer writes into a buffer with spare
   room instead. `use_growing_kv_layers` installs it into the caches generate() creates.
 - `fast_cpu_gemv`: on CPU, torch sends bf16 matmuls to oneDNN, whose matrix-vector product (one row: batch-1
   decoding) moves about half the bytes per second of torch's own kernel. A batch-1 step switches oneDNN off.
+- `one_token_attention`: torch's CPU sdpa kernel (flash attention) is slow in bf16/fp16 for a single query
+  token, 1.2x (130 keys) to 4.5x (1000 keys, batch 4) slower than two oneDNN matmuls around an fp32 softmax.
+  `attention_function` picks it for such steps, and is where every family looks its attention function up.
+
+And `CompiledDecoding.compile_decode_step()`, the supported way to run the decoding step under `torch.compile`.
 
 The numbers behind both are in the README's Benchmarks section (`scripts/benchmarks/bandwidth.py`, `glm.py`).
 A sibling module of the model files: transformers' remote-code loader fetches and copies it with them.
@@ -14,11 +20,14 @@ A sibling module of the model files: transformers' remote-code loader fetches an
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+import functools
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 
 import torch
+from torch import nn
 from transformers.cache_utils import Cache, DynamicCache, DynamicLayer, EncoderDecoderCache
+from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 
 
 class GrowingKVLayer(DynamicLayer):
@@ -100,3 +109,102 @@ def fast_cpu_gemv(rows: int, weight: torch.Tensor) -> Iterator[None]:
         yield
     finally:
         torch.backends.mkldnn.enabled = True
+
+
+# Below this many multiply-adds (batch x heads x keys x head_dim) torch's sdpa is as fast for one query token: the
+# two matmuls have a fixed cost of their own (measured in the 110M GLM's decode step on the project's CPU: equal
+# around 12 heads x 400 keys x 64 at batch 1, 18% faster per step at 1024 keys or at batch 16 with 128 keys).
+ONE_TOKEN_ATTENTION_MIN_WORK = 1 << 19
+
+
+def attention_function(module: nn.Module, query: torch.Tensor, key: torch.Tensor, eager: Callable) -> Callable:
+    """The attention function for this call: the family's `eager` one, transformers' registered implementation
+    named by `config._attn_implementation` (sdpa, flash, a user's own), or `one_token_attention` in place of sdpa
+    for a single query token in bf16/fp16 on the CPU against enough keys."""
+    implementation = module.config._attn_implementation
+    if (
+        implementation == "sdpa"
+        and query.shape[2] == 1
+        and query.device.type == "cpu"
+        and query.dtype in (torch.bfloat16, torch.float16)
+        and query.numel() * key.shape[2] >= ONE_TOKEN_ATTENTION_MIN_WORK
+        and not module.training
+        and not torch.compiler.is_compiling()
+    ):
+        return one_token_attention
+    if hasattr(ALL_ATTENTION_FUNCTIONS, "get_interface"):  # 5.x
+        return ALL_ATTENTION_FUNCTIONS.get_interface(implementation, eager)
+    if implementation in (None, "eager"):  # 4.x
+        return eager
+    return ALL_ATTENTION_FUNCTIONS[implementation]
+
+
+def one_token_attention(
+    module: nn.Module,
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    attention_mask: torch.Tensor | None,
+    scaling: float | None = None,
+    **kwargs,
+) -> tuple[torch.Tensor, None]:
+    """What sdpa computes for one query token, softmax(q k^T * scaling + mask) v, as two oneDNN matmuls around an
+    fp32 softmax (the rounding of transformers' eager attention). query [B, H, 1, D], key/value [B, H, kv, D],
+    attention_mask bool [B, 1, 1, kv] (True = attend) or additive float, or None -> output [B, 1, H, D]."""
+    scaling = query.shape[-1] ** -0.5 if scaling is None else scaling
+    with _onednn():  # keys times query, not query times keys^T: oneDNN copies a transposed cache view first
+        scores = torch.matmul(key, query.transpose(2, 3)).transpose(2, 3)  # [B, H, 1, kv]
+    scores = scores.float().mul_(scaling)
+    if attention_mask is not None and attention_mask.dtype == torch.bool:
+        scores.masked_fill_(~attention_mask, torch.finfo(torch.float32).min)
+    elif attention_mask is not None:
+        scores += attention_mask
+    weights = torch.softmax(scores, dim=-1).to(value.dtype)
+    with _onednn():
+        output = torch.matmul(weights, value)  # [B, H, 1, D]
+    return output.transpose(1, 2), None
+
+
+@contextmanager
+def _onednn() -> Iterator[None]:
+    """oneDNN on for a few bf16 matmuls with many columns (inside a step `fast_cpu_gemv` switched it off for)."""
+    if torch.backends.mkldnn.enabled:
+        yield
+        return
+    torch.backends.mkldnn.enabled = True
+    try:
+        yield
+    finally:
+        torch.backends.mkldnn.enabled = False
+
+
+class CompiledDecoding:
+    """Mixin of the generation classes: `model.compile_decode_step()`."""
+
+    def compile_decode_step(self, **compile_kwargs) -> None:
+        """Run every later one-token decoding step (what `generate()` calls per new token) compiled with
+        `torch.compile(dynamic=True, fullgraph=True)`: one graph for all cache lengths, no recompilation per token.
+        Prompts and the first step of an encoder-decoder run eagerly. `compile_kwargs` go to `torch.compile`.
+
+        Why not a plain `torch.compile(model.forward)`: the batch-1 bf16 CPU step switches oneDNN off
+        (`fast_cpu_gemv`), a process-wide flag that a compiled graph cannot set; here it is set around the graph.
+        On the 110M bf16 GLM this makes the compiled step 1.6x faster than compiling the forward alone.
+        """
+        eager = self.forward
+        compiled = torch.compile(eager, **{"dynamic": True, "fullgraph": True, **compile_kwargs})
+        weight = self.get_output_embeddings().weight
+
+        @functools.wraps(eager)  # generate() reads forward's signature
+        def forward(*args, **kwargs):
+            ids = kwargs.get("decoder_input_ids", kwargs.get("input_ids"))
+            if ids is None or ids.shape[1] != 1:
+                return eager(*args, **kwargs)
+            cache = kwargs.get("past_key_values")
+            # as the eager forwards decide: not on an encoder-decoder's first step (it projects the whole source
+            # for cross-attention), nor with sparse GPT-2's memory rows
+            cached = cache is not None and cache.get_seq_length() > 0
+            rows = ids.shape[0] if cached and kwargs.get("mems") is None else 0
+            with fast_cpu_gemv(rows, weight):
+                return compiled(*args, **kwargs)
+
+        self.forward = forward

@@ -26,7 +26,6 @@ BART copy that broke in 5.x):
 from __future__ import annotations
 
 import math
-from collections.abc import Callable
 
 import torch
 from torch import nn
@@ -41,11 +40,11 @@ from transformers.modeling_outputs import (
     Seq2SeqLMOutput,
     Seq2SeqModelOutput,
 )
-from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 from transformers.utils import can_return_tuple, logging
 
 from .configuration_bart_gen import BartGenConfig
-from .fast_decoding import fast_cpu_gemv, use_growing_kv_layers
+from .fast_decoding import CompiledDecoding, attention_function, fast_cpu_gemv, use_growing_kv_layers
+from .loading_checks import CheckedLoading
 
 logger = logging.get_logger(__name__)
 
@@ -243,14 +242,7 @@ class BartGenAttention(nn.Module):
                 if is_cross_attention:
                     past_key_values.is_updated[self.layer_idx] = True
 
-        if hasattr(ALL_ATTENTION_FUNCTIONS, "get_interface"):  # 5.x
-            attention_interface: Callable = ALL_ATTENTION_FUNCTIONS.get_interface(
-                self.config._attn_implementation, eager_attention_forward
-            )
-        elif self.config._attn_implementation in (None, "eager"):
-            attention_interface = eager_attention_forward
-        else:  # 4.x
-            attention_interface = ALL_ATTENTION_FUNCTIONS[self.config._attn_implementation]
+        attention_interface = attention_function(self, query, key, eager_attention_forward)
 
         attn_output, attn_weights = attention_interface(
             self,
@@ -354,33 +346,7 @@ class BartGenDecoderLayer(GradientCheckpointingLayer):
         return hidden_states, self_attn_weights, cross_attn_weights
 
 
-def _check_loaded_weights(model: nn.Module, missing_keys) -> None:
-    """Refuse a half-loaded or damaged checkpoint: weights of the model body missing from it (they would run randomly
-    initialised, with only a warning from transformers), or parameters holding NaN / inf (a corrupted file)."""
-    prefix = model.base_model_prefix
-    has_body = hasattr(model, prefix)  # a head model: its body lives under `prefix.`
-    body = sorted(k for k in missing_keys if not has_body or k.startswith(f"{prefix}."))
-    if body:
-        shown = ", ".join(body[:5]) + (f" (+{len(body) - 5} more)" if len(body) > 5 else "")
-        raise ValueError(
-            f"the checkpoint lacks {len(body)} weight(s) of the model body: {shown}. It is incomplete or of another "
-            "architecture (check config.json's sizes); refusing to run with randomly initialised weights."
-        )
-    damaged = []
-    for name, param in model.named_parameters():
-        if not param.is_floating_point() or param.device.type == "meta":
-            continue
-        total = param.detach().sum(dtype=torch.float32 if param.element_size() < 4 else None)  # no large temporary
-        if not bool(torch.isfinite(total)) and not bool(torch.isfinite(param).all()):
-            damaged.append(name)
-    if damaged:
-        raise ValueError(
-            f"the checkpoint holds NaN or inf values in {', '.join(damaged[:5])}: the weight file is damaged "
-            "(re-download or re-convert it)"
-        )
-
-
-class BartGenPreTrainedModel(PreTrainedModel):
+class BartGenPreTrainedModel(CheckedLoading, PreTrainedModel):
     config_class = BartGenConfig
     base_model_prefix = "model"
     supports_gradient_checkpointing = True
@@ -390,13 +356,6 @@ class BartGenPreTrainedModel(PreTrainedModel):
     _supports_sdpa = True
     _supports_flash_attn = False
     _supports_flex_attn = False
-
-    @classmethod
-    def from_pretrained(cls, *args, **kwargs):
-        want_info = kwargs.pop("output_loading_info", False)
-        model, info = super().from_pretrained(*args, output_loading_info=True, **kwargs)
-        _check_loaded_weights(model, info.get("missing_keys", []))  # never run half-loaded or damaged weights
-        return (model, info) if want_info else model
 
     def _init_weights(self, module: nn.Module) -> None:
         std = self.config.init_std
@@ -742,7 +701,7 @@ class BartGenModel(BartGenPreTrainedModel):
         )
 
 
-class BartGenForConditionalGeneration(BartGenPreTrainedModel, GenerationMixin):
+class BartGenForConditionalGeneration(BartGenPreTrainedModel, GenerationMixin, CompiledDecoding):
     """BART with its LM head (tied to `model.shared`) and `final_logits_bias`: summarisation, translation, ..."""
 
     _auto_class = "AutoModelForSeq2SeqLM"  # save_pretrained / push_to_hub copy the code files

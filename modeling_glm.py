@@ -60,11 +60,11 @@ from transformers.modeling_outputs import (
     MultipleChoiceModelOutput,
     SequenceClassifierOutput,
 )
-from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 from transformers.utils import logging
 
 from .configuration_glm import GLMConfig
-from .fast_decoding import fast_cpu_gemv, use_growing_kv_layers
+from .fast_decoding import CompiledDecoding, attention_function, fast_cpu_gemv, use_growing_kv_layers
+from .loading_checks import CheckedLoading
 
 logger = logging.get_logger(__name__)
 
@@ -350,14 +350,7 @@ class GLMAttention(nn.Module):
             key = torch.cat((prefix_key_value[0], key), dim=2)
             value = torch.cat((prefix_key_value[1], value), dim=2)
 
-        if hasattr(ALL_ATTENTION_FUNCTIONS, "get_interface"):  # 5.x
-            attention_interface = ALL_ATTENTION_FUNCTIONS.get_interface(
-                self.config._attn_implementation, eager_attention_forward
-            )
-        elif self.config._attn_implementation == "eager":
-            attention_interface = eager_attention_forward
-        else:  # 4.x
-            attention_interface = ALL_ATTENTION_FUNCTIONS[self.config._attn_implementation]
+        attention_interface = attention_function(self, query, key, eager_attention_forward)
         dropout = self.attention_dropout if self.training else 0.0
         output, weights = attention_interface(
             self, query, key, value, attention_mask, scaling=self.scaling, dropout=dropout, **kwargs
@@ -429,7 +422,7 @@ class GLMPrefixEncoder(nn.Module):
 # ----------------------------------------------------------------------------------------------------------------
 # Models
 # ----------------------------------------------------------------------------------------------------------------
-class GLMPreTrainedModel(PreTrainedModel):
+class GLMPreTrainedModel(CheckedLoading, PreTrainedModel):
     config_class = GLMConfig
     base_model_prefix = "transformer"
     supports_gradient_checkpointing = True
@@ -439,15 +432,16 @@ class GLMPreTrainedModel(PreTrainedModel):
     # THUDM checkpoints store each layer's rotary inv_freq; ours is recomputed, so those keys are dropped quietly.
     _keys_to_ignore_on_load_unexpected = [r"rotary_emb\.inv_freq"]
 
+    _trained_after_loading = ("prefix_encoder.",)  # the P-tuning prefix may be new (CheckedLoading)
+
     @classmethod
     def from_pretrained(cls, *args, **kwargs):
-        want_info = kwargs.pop("output_loading_info", False)
-        model, info = super().from_pretrained(*args, output_loading_info=True, **kwargs)
-        _check_loaded_weights(model, info.get("missing_keys", []))  # never run half-loaded or damaged weights
+        loaded = super().from_pretrained(*args, **kwargs)  # CheckedLoading: never half-loaded or damaged weights
+        model = loaded[0] if isinstance(loaded, tuple) else loaded
         # 5.x replaces the parameters while loading, which resets the P-tuning freeze done in __init__
         if getattr(model.config, "pre_seq_len", None) is not None:
             model.freeze_for_prefix_tuning()
-        return (model, info) if want_info else model
+        return loaded
 
     def freeze_for_prefix_tuning(self) -> None:
         """P-tuning v2 trains only the prefix encoder: freeze every other parameter (THUDM does the same)."""
@@ -751,7 +745,7 @@ class GLMModel(GLMPreTrainedModel):
         return build_attention_mask(position_ids[:, 1], attention_mask, past_length, prefix_length)
 
 
-class GLMForConditionalGeneration(GLMPreTrainedModel, GenerationMixin):
+class GLMForConditionalGeneration(GLMPreTrainedModel, GenerationMixin, CompiledDecoding):
     """GLM with the LM head tied to the word embeddings; `generate()`, `chat()` and `stream_chat()`."""
 
     _auto_class = "AutoModelForCausalLM"  # save_pretrained copies the code files next to the weights
@@ -1313,35 +1307,6 @@ def _padding_flags(attention_mask: torch.Tensor) -> tuple[bool, bool]:
     flags = torch.stack((((attention_mask != 0) & (attention_mask != 1)).any(), (attention_mask == 0).any()))
     not_binary, has_padding = flags.tolist()
     return not_binary, has_padding
-
-
-def _check_loaded_weights(model: nn.Module, missing_keys) -> None:
-    """Refuse a half-loaded or damaged checkpoint: weights of the model body missing from it (they would run randomly
-    initialised, with only a warning from transformers), or parameters holding NaN / inf (a corrupted file). New heads
-    and the P-tuning prefix encoder may be missing: they are meant to be trained."""
-    prefix = model.base_model_prefix
-    has_body = hasattr(model, prefix)  # a head model: its body lives under `prefix.`
-    body = sorted(
-        k for k in missing_keys if (not has_body or k.startswith(f"{prefix}.")) and "prefix_encoder." not in k
-    )
-    if body:
-        shown = ", ".join(body[:5]) + (f" (+{len(body) - 5} more)" if len(body) > 5 else "")
-        raise ValueError(
-            f"the checkpoint lacks {len(body)} weight(s) of the model body: {shown}. It is incomplete or of another "
-            "architecture (check config.json's variant and sizes); refusing to run with randomly initialised weights."
-        )
-    damaged = []
-    for name, param in model.named_parameters():
-        if not param.is_floating_point() or param.device.type == "meta":
-            continue
-        total = param.detach().sum(dtype=torch.float32 if param.element_size() < 4 else None)  # no large temporary
-        if not bool(torch.isfinite(total)) and not bool(torch.isfinite(param).all()):
-            damaged.append(name)
-    if damaged:
-        raise ValueError(
-            f"the checkpoint holds NaN or inf values in {', '.join(damaged[:5])}: the weight file is damaged "
-            "(re-download or re-convert it)"
-        )
 
 
 def _refuse_mems(kwargs: dict) -> None:

@@ -48,11 +48,11 @@ from transformers import GenerationMixin, PreTrainedModel
 from transformers.cache_utils import Cache, DynamicCache
 from transformers.modeling_layers import GradientCheckpointingLayer
 from transformers.modeling_outputs import BaseModelOutputWithPast, CausalLMOutputWithPast
-from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 from transformers.utils import can_return_tuple, logging
 
 from .configuration_gpt2_sparse import GPT2SparseConfig
-from .fast_decoding import fast_cpu_gemv, use_growing_kv_layers
+from .fast_decoding import CompiledDecoding, attention_function, fast_cpu_gemv, use_growing_kv_layers
+from .loading_checks import CheckedLoading
 
 logger = logging.get_logger(__name__)
 
@@ -491,14 +491,7 @@ class GPT2SparseAttention(nn.Module):
         dropout = self.attention_dropout if self.training else 0.0
         attn_weights = None
         if sparse is None:
-            if hasattr(ALL_ATTENTION_FUNCTIONS, "get_interface"):  # 5.x
-                attention_interface = ALL_ATTENTION_FUNCTIONS.get_interface(
-                    self.config._attn_implementation, eager_attention_forward
-                )
-            elif self.config._attn_implementation == "eager":
-                attention_interface = eager_attention_forward
-            else:  # 4.x
-                attention_interface = ALL_ATTENTION_FUNCTIONS[self.config._attn_implementation]
+            attention_interface = attention_function(self, query, key, eager_attention_forward)
             attn_output, attn_weights = attention_interface(
                 self, query, key, value, attention_mask, scaling=self.scaling, dropout=dropout, **kwargs
             )
@@ -561,33 +554,7 @@ class GPT2SparseLayer(GradientCheckpointingLayer):
         return hidden_states, attn_weights
 
 
-def _check_loaded_weights(model: nn.Module, missing_keys) -> None:
-    """Refuse a half-loaded or damaged checkpoint: weights of the model body missing from it (they would run randomly
-    initialised, with only a warning from transformers), or parameters holding NaN / inf (a corrupted file)."""
-    prefix = model.base_model_prefix
-    has_body = hasattr(model, prefix)  # a head model: its body lives under `prefix.`
-    body = sorted(k for k in missing_keys if not has_body or k.startswith(f"{prefix}."))
-    if body:
-        shown = ", ".join(body[:5]) + (f" (+{len(body) - 5} more)" if len(body) > 5 else "")
-        raise ValueError(
-            f"the checkpoint lacks {len(body)} weight(s) of the model body: {shown}. It is incomplete or of another "
-            "architecture (check config.json's sizes); refusing to run with randomly initialised weights."
-        )
-    damaged = []
-    for name, param in model.named_parameters():
-        if not param.is_floating_point() or param.device.type == "meta":
-            continue
-        total = param.detach().sum(dtype=torch.float32 if param.element_size() < 4 else None)  # no large temporary
-        if not bool(torch.isfinite(total)) and not bool(torch.isfinite(param).all()):
-            damaged.append(name)
-    if damaged:
-        raise ValueError(
-            f"the checkpoint holds NaN or inf values in {', '.join(damaged[:5])}: the weight file is damaged "
-            "(re-download or re-convert it)"
-        )
-
-
-class GPT2SparsePreTrainedModel(PreTrainedModel):
+class GPT2SparsePreTrainedModel(CheckedLoading, PreTrainedModel):
     config_class = GPT2SparseConfig
     base_model_prefix = "model"
     supports_gradient_checkpointing = True
@@ -595,13 +562,6 @@ class GPT2SparsePreTrainedModel(PreTrainedModel):
     _supports_sdpa = True
     _supports_flash_attn = False
     _supports_flex_attn = False
-
-    @classmethod
-    def from_pretrained(cls, *args, **kwargs):
-        want_info = kwargs.pop("output_loading_info", False)
-        model, info = super().from_pretrained(*args, output_loading_info=True, **kwargs)
-        _check_loaded_weights(model, info.get("missing_keys", []))  # never run half-loaded or damaged weights
-        return (model, info) if want_info else model
 
     def _init_weights(self, module: nn.Module) -> None:
         std = self.config.init_method_std
@@ -1035,7 +995,7 @@ class GPT2SparseModel(GPT2SparsePreTrainedModel):
             return tuple(torch.cat([m[:, mem_len - (new_len - q_len) :], h], dim=1) for m, h in zip(mems, hiddens))
 
 
-class GPT2SparseLMHeadModel(GPT2SparsePreTrainedModel, GenerationMixin):
+class GPT2SparseLMHeadModel(GPT2SparsePreTrainedModel, GenerationMixin, CompiledDecoding):
     """CogView's GPT2Model: the transformer plus an output layer tied to the word embeddings."""
 
     _tied_weights_keys = {"lm_head.weight": "model.word_embeddings.weight"}

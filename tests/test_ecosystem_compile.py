@@ -3,31 +3,15 @@
 (`dynamic=True`), and greedy generation gives the eager model's ids on a padded batch.
 
 Compiling with inductor needs a C++ compiler and takes seconds to minutes on a small CPU, hence `slow`. The
-helper is `scripts/benchmarks/compile.py`'s `compile_decode_step`, which the benchmark times (the speed-up is
-reported there, not asserted here).
+helper is the models' own `compile_decode_step()` (fast_decoding.py), which `scripts/benchmarks/compile.py` times
+(the speed-up is reported there, not asserted here).
 """
 
 from __future__ import annotations
 
-import importlib.util
-
 import pytest
 import torch
-from helpers import REPO_ROOT
 from test_ecosystem_fixtures import FAMILIES, build_model, folder, load
-
-
-def compile_decode_step(model):
-    spec = importlib.util.spec_from_file_location("benchmark_compile", REPO_ROOT / "scripts/benchmarks/compile.py")
-    module = importlib.util.module_from_spec(spec)
-    import sys
-
-    sys.path.insert(0, str(REPO_ROOT / "scripts" / "benchmarks"))  # compile.py imports its sibling _common
-    try:
-        spec.loader.exec_module(module)
-    finally:
-        sys.path.remove(str(REPO_ROOT / "scripts" / "benchmarks"))
-    return module.compile_decode_step(model)
 
 
 @pytest.mark.slow
@@ -44,7 +28,7 @@ def test_compiled_decode_step_generates_the_eager_ids(name):
     try:
         with torch.no_grad():
             expected = model.generate(**inputs, **kwargs)
-            compile_decode_step(model)
+            model.compile_decode_step()
             first = model.generate(**inputs, **kwargs)
             graphs = counters["stats"]["unique_graphs"]
             longer = model.generate(**inputs, **{**kwargs, "max_new_tokens": 12, "min_new_tokens": 12})

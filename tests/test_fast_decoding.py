@@ -6,10 +6,16 @@
 - `use_growing_kv_layers` swaps only a fresh `DynamicCache`, and the model really decodes with the growing layers.
 - `fast_cpu_gemv` switches oneDNN off exactly for batch-1 single-token bf16 steps on the CPU, restores the flag
   (also when the step raises), and gives the same logits and greedy ids as the oneDNN path.
+- `one_token_attention` computes sdpa's result (masks bool, additive or none; keys and values as cache views),
+  `attention_function` picks it only for one-token bf16/fp16 CPU steps with enough work, and every family's
+  decoding keeps its greedy ids through it.
+- `compile_decode_step()` sets the oneDNN switch around the compiled graph exactly as the eager steps do, traces
+  without graph breaks or per-token recompilation, and keeps the ids.
 """
 
 from __future__ import annotations
 
+import copy
 import sys
 
 import pytest
@@ -22,6 +28,18 @@ from transformers.cache_utils import DynamicCache, DynamicLayer
 def fast_decoding():
     """The fast_decoding module as the dynamic-module loader imported it next to modeling_glm."""
     return sys.modules[modeling_module().fast_cpu_gemv.__module__]
+
+
+def _other_family(family: str):
+    """A private copy of the robustness suite's tiny BART or sparse GPT-2 (shared, cached models: never altered)."""
+    from test_robustness_fixtures import bart_model, sparse_model
+
+    return copy.deepcopy(bart_model() if family == "bart" else sparse_model())
+
+
+def _fast_decoding_of(model):
+    """The fast_decoding module next to `model`'s modeling file (each loader imports its own copy)."""
+    return sys.modules[sys.modules[type(model).__module__].attention_function.__module__]
 
 
 def _same(growing, plain, msg: str) -> None:
@@ -169,9 +187,7 @@ def test_fast_gemv_gives_the_onednn_logits_and_greedy_ids():
 def test_bart_and_sparse_gpt2_decode_with_both_speedups(family):
     """The other families use the same module: growing layers in generate()'s cache (BART: its self-attention
     half), and oneDNN switched off for batch-1 bf16 decoding steps only (BART: never while the encoder runs)."""
-    from test_robustness_fixtures import bart_model, sparse_model
-
-    model = (bart_model if family == "bart" else sparse_model)().to(torch.bfloat16)
+    model = _other_family(family).to(torch.bfloat16)
     blocks = model.model.decoder.layers if family == "bart" else model.model.layers
     seen = []
     blocks[0].register_forward_hook(lambda *_: seen.append(torch.backends.mkldnn.enabled))
@@ -199,3 +215,176 @@ def test_sparse_gpt2_memory_steps_keep_onednn():
         out = model(torch.randint(5, 60, (1, 6)), use_cache=False)
         model(torch.randint(5, 60, (1, 1)), mems=out.mems)
     assert seen == [True, True]
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# one_token_attention: sdpa's result for one query token, picked only where it is faster
+# ----------------------------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32], ids=["bf16", "fp16", "fp32"])
+@pytest.mark.parametrize("mask_kind", ["none", "bool", "additive"])
+@pytest.mark.parametrize("batch, keys", [(1, 7), (3, 40)])
+def test_one_token_attention_computes_what_sdpa_computes(dtype, mask_kind, batch, keys):
+    generator = torch.Generator().manual_seed(batch * keys)
+    heads, dim = 4, 16
+    query = torch.randn(batch, heads, 1, dim, generator=generator)
+    # keys and values as a growing cache holds them: a view of a buffer with spare room
+    buffers = torch.randn(2, batch, heads, keys + 5, dim, generator=generator)
+    key, value = buffers[0, :, :, :keys], buffers[1, :, :, :keys]
+    allowed = torch.rand(batch, 1, 1, keys, generator=generator) > 0.3
+    allowed[..., -1] = True  # the token itself
+    mask = {"none": None, "bool": allowed, "additive": torch.zeros(allowed.shape).masked_fill(~allowed, -1e4)}
+    mask = mask[mask_kind]
+    scaling = 0.3
+    expected = torch.nn.functional.scaled_dot_product_attention(
+        query, key, value, attn_mask=mask if mask_kind != "additive" else mask, scale=scaling
+    ).transpose(1, 2)
+    low = (query.to(dtype), key.to(dtype), value.to(dtype))
+    low_mask = mask.to(dtype) if mask_kind == "additive" else mask
+    got, weights = fast_decoding().one_token_attention(None, *low, low_mask, scaling=scaling)
+    assert weights is None and got.dtype == dtype and got.shape == (batch, 1, heads, dim)
+    tolerance = 1e-5 if dtype == torch.float32 else 3e-2
+    assert_close(got.float(), expected, atol=tolerance, msg=f"{dtype} {mask_kind}")
+
+
+class _Attention(torch.nn.Module):
+    def __init__(self, implementation: str):
+        super().__init__()
+        self.config = type("Config", (), {"_attn_implementation": implementation})()
+
+
+@pytest.mark.parametrize(
+    "implementation, dtype, queries, keys, training, picked",
+    [
+        ("sdpa", torch.bfloat16, 1, 1024, False, "one_token"),
+        ("sdpa", torch.float16, 1, 1024, False, "one_token"),
+        ("sdpa", torch.bfloat16, 1, 16, False, "sdpa"),  # too little work: sdpa is as fast
+        ("sdpa", torch.bfloat16, 2, 1024, False, "sdpa"),  # a prompt, not a decode step
+        ("sdpa", torch.float32, 1, 1024, False, "sdpa"),  # fp32 sdpa is fast
+        ("sdpa", torch.bfloat16, 1, 1024, True, "sdpa"),  # training: dropout is sdpa's
+        ("eager", torch.bfloat16, 1, 1024, False, "eager"),
+    ],
+)
+def test_attention_function_picks_one_token_attention_only_where_it_is_faster(
+    implementation, dtype, queries, keys, training, picked
+):
+    module = fast_decoding()
+    attention = _Attention(implementation).train(training)
+    query = torch.zeros(1, 8, queries, 64, dtype=dtype)
+    key = torch.zeros(1, 8, keys, 64, dtype=dtype)
+
+    def eager(*args, **kwargs):
+        raise AssertionError("not called")
+
+    function = module.attention_function(attention, query, key, eager)
+    expected = {"one_token": module.one_token_attention, "eager": eager}.get(picked)
+    if expected is not None:
+        assert function is expected
+    else:
+        assert function not in (module.one_token_attention, eager)
+        assert "sdpa" in function.__name__
+
+
+@pytest.mark.parametrize("family", ["glm", "bart", "sparse"])
+def test_each_family_decodes_with_one_token_attention_and_keeps_its_ids(family, monkeypatch):
+    """With the work threshold lowered so that tiny models qualify, every family's decode steps run
+    `one_token_attention` (BART: self- and cross-attention) and generate the sdpa path's greedy ids in bf16."""
+    if family == "glm":
+        model = tiny_model(attn_implementation="sdpa").to(torch.bfloat16)
+        generator = torch.Generator().manual_seed(5)
+        ids = torch.tensor([random_prompt(generator, 9) for _ in range(2)])
+    else:
+        model = _other_family(family).to(torch.bfloat16)
+        model.config._attn_implementation = "sdpa"
+        ids = torch.randint(5, 60, (2, 6), generator=torch.Generator().manual_seed(5))
+    module = _fast_decoding_of(model)
+    kwargs = dict(max_new_tokens=6, min_new_tokens=6, do_sample=False)
+    with torch.no_grad():
+        expected = model.generate(ids, **kwargs)
+        calls = []
+        original = module.one_token_attention
+
+        def counting(*args, **kw):
+            calls.append(args[1].shape)
+            return original(*args, **kw)
+
+        monkeypatch.setattr(module, "ONE_TOKEN_ATTENTION_MIN_WORK", 0)
+        monkeypatch.setattr(module, "one_token_attention", counting)
+        got = model.generate(ids, **kwargs)
+    if family == "bart":  # every decoder step is one token (from the start token on), self- and cross-attention
+        assert len(calls) == 6 * 2 * model.config.decoder_layers
+    else:  # the prompt, then 5 one-token steps
+        assert len(calls) == 5 * model.config.num_layers
+    assert torch.equal(got, expected)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# compile_decode_step: the oneDNN switch around the compiled graph
+# ----------------------------------------------------------------------------------------------------------------
+def _fake_compile(seen: list):
+    """torch.compile stand-in recording the oneDNN flag as the 'compiled' step starts."""
+
+    def compile(function, **kwargs):
+        assert kwargs == {"dynamic": True, "fullgraph": True}
+
+        def step(*args, **kw):
+            seen.append(torch.backends.mkldnn.enabled)
+            return function(*args, **kw)
+
+        return step
+
+    return compile
+
+
+@pytest.mark.parametrize(
+    "family, dtype, expected",
+    [
+        ("glm", torch.bfloat16, [False] * 3),  # prompt eager, then 3 compiled one-token steps, switched
+        ("glm", torch.float32, [True] * 3),
+        ("bart", torch.bfloat16, [True, False, False, False]),  # the first step projects the source for the cache
+        ("sparse", torch.bfloat16, [False] * 3),
+    ],
+)
+def test_compiled_decode_steps_switch_onednn_like_the_eager_ones(family, dtype, expected, monkeypatch):
+    if not torch.backends.mkldnn.is_available():
+        pytest.skip("torch built without oneDNN")
+    if family == "glm":
+        model = tiny_model()
+        ids = torch.tensor([random_prompt(torch.Generator().manual_seed(2), 5)])
+    else:
+        model = _other_family(family)
+        ids = torch.randint(5, 60, (1, 6), generator=torch.Generator().manual_seed(2))
+    model = model.to(dtype)
+    seen = []
+    monkeypatch.setattr(_fast_decoding_of(model).torch, "compile", _fake_compile(seen))
+    with torch.no_grad():
+        expected_ids = model.generate(ids, max_new_tokens=4, min_new_tokens=4, do_sample=False)
+        model.compile_decode_step()
+        got = model.generate(ids, max_new_tokens=4, min_new_tokens=4, do_sample=False)
+    assert seen == expected
+    assert torch.equal(got, expected_ids)
+    assert torch.backends.mkldnn.enabled
+
+
+def test_compiled_decode_step_traces_without_breaks_or_recompiles_and_keeps_the_ids():
+    """Real dynamo tracing (its `eager` backend: no C++ compiler needed) of a batch-1 bf16 GLM: no graph break
+    (fullgraph), no recompilation per token, the eager ids."""
+    from torch._dynamo.utils import counters
+
+    model = tiny_model().to(torch.bfloat16)
+    ids = torch.tensor([random_prompt(torch.Generator().manual_seed(4), 6)])
+    kwargs = dict(max_new_tokens=8, min_new_tokens=8, do_sample=False)
+    torch._dynamo.reset()
+    counters.clear()
+    try:
+        with torch.no_grad():
+            expected = model.generate(ids, **kwargs)
+            model.compile_decode_step(backend="eager")
+            got = model.generate(ids, **kwargs)
+            graphs = counters["stats"]["unique_graphs"]
+            longer = model.generate(ids, **{**kwargs, "max_new_tokens": 14, "min_new_tokens": 14})
+        assert torch.equal(got, expected)
+        assert torch.equal(longer[:, : expected.shape[1]], expected)
+        # a graph for the first step's shapes, perhaps a second with the cache length symbolic; none per token
+        assert 1 <= graphs <= 2 and counters["stats"]["unique_graphs"] == graphs, dict(counters["stats"])
+    finally:
+        torch._dynamo.reset()

@@ -16,12 +16,15 @@ measured copy bandwidth (target: >= 0.6 for bf16). Each model is timed two ways:
   includes generate()'s own per-token work (logits processors, stopping criteria, input bookkeeping: the same
   code for ours and native);
 - `model step`: the model alone, a plain greedy loop of one-token forwards with the cache (`argmax` of the last
-  logits fed back, our 2-D positions advanced by hand), which is what the memory-bandwidth limit applies to.
+  logits fed back, our 2-D positions advanced by hand), which is what the memory-bandwidth limit applies to;
+- `compiled step` (bf16, ours, not with --quick): the same loop after `model.compile_decode_step()`, which removes
+  the per-layer Python and dispatch cost (the first call's compilation, ~40 s here, is excluded).
 """
 
 from __future__ import annotations
 
 import argparse
+import copy
 import json
 import statistics
 
@@ -93,21 +96,26 @@ def run(quick: bool = False, device: str | None = None) -> list[dict]:
             ours = build_ours("chatglm", dtype, device)
             native = build_native(dtype, device)
             ids = prompt(1, PROMPT, device)
-            ms = decode_ms_per_token(
-                {
-                    "ours": generator_for(ours, ids),
-                    "native": generator_for(native, ids),
-                    "ours step": stepper_for(ours, ids, ours.transformer.get_position_ids(ids)),
-                    "native step": stepper_for(native, ids),
-                },
-                new_tokens, repeats, device,
-            )  # fmt: skip
+            positions = ours.transformer.get_position_ids(ids)
+            contenders = {
+                "ours": generator_for(ours, ids),
+                "native": generator_for(native, ids),
+                "ours step": stepper_for(ours, ids, positions),
+                "native step": stepper_for(native, ids),
+            }
+            if name == "bf16" and not quick:
+                compiled = copy.deepcopy(ours)
+                compiled.compile_decode_step()
+                contenders["ours compiled step"] = stepper_for(compiled, ids, positions)
+                contenders["ours compiled step"](2)()  # compile outside the timed rounds
+            ms = decode_ms_per_token(contenders, new_tokens, repeats, device)
             kv_tokens = PROMPT + 1 + new_tokens / 2
-            for who in ("ours", "native", "ours step", "native step"):
+            for who in contenders:
                 model = ours if who.startswith("ours") else native
                 nbytes = decode_bytes(model, dtype, 1, kv_tokens)
                 achieved = nbytes / (ms[who][0] / 1000)
-                timing, side = ("model step", who.split()[0]) if who.endswith("step") else ("decode", who)
+                timing = "compiled step" if "compiled" in who else "model step" if who.endswith("step") else "decode"
+                side = who.split()[0]
                 rows.append(
                     {
                         "family": "bandwidth",
@@ -121,7 +129,7 @@ def run(quick: bool = False, device: str | None = None) -> list[dict]:
                         "device": device,
                     }
                 )
-            del ours, native
+            del ours, native, contenders
     return rows
 
 

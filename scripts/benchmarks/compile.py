@@ -3,9 +3,9 @@
     python scripts/benchmark.py --only compile [--quick]
     python scripts/benchmarks/compile.py [--quick] [--device cpu|cuda]
 
-`compile_decode_step(model)` compiles the model's forward for the one-token decoding steps (`torch.compile`,
-`dynamic=True` so the growing cache does not recompile, `fullgraph=True` so the step is one graph) and leaves the
-prompt's forward eager; `generate()` then runs as usual. (transformers 5.x's own `generate(compile_config=...)`
+`model.compile_decode_step()` (fast_decoding.py) compiles the model's forward for the one-token decoding steps
+(`torch.compile`, `dynamic=True` so the growing cache does not recompile, `fullgraph=True` so the step is one graph)
+and leaves the prompt's forward eager; `generate()` then runs as usual. (transformers 5.x's own `generate(compile_config=...)`
 compiles only with static caches, which these models do not use: their masks are sized to the DynamicCache.)
 
 Each family gets a random model of a few million parameters (quick: tiny), batch 1, a 32-token prompt; the per-token
@@ -17,7 +17,6 @@ alternating within every round; `speedup` = eager / compiled, `compile_s` = the 
 from __future__ import annotations
 
 import copy
-import functools
 import time
 
 from _common import decode_ms_per_token, default_device, repo_module
@@ -25,27 +24,6 @@ from _common import decode_ms_per_token, default_device, repo_module
 FULL = dict(vocab=8000, hidden=256, layers=4, heads=4, new_tokens=64, repeats=5)
 QUICK = dict(vocab=1000, hidden=64, layers=2, heads=4, new_tokens=8, repeats=3)
 PROMPT = 32
-
-
-def compile_decode_step(model, **compile_kwargs):
-    """Compile `model.forward` for one-token steps (the decoding loop of generate()); longer inputs run eagerly.
-
-    Returns the model, whose `forward` now dispatches on the number of new tokens. The wrapper keeps forward's
-    signature (generate() reads it to decide which inputs to pass).
-    """
-    import torch
-
-    eager = model.forward
-    compiled = torch.compile(eager, **{"dynamic": True, "fullgraph": True, **compile_kwargs})
-
-    @functools.wraps(eager)
-    def forward(*args, **kwargs):
-        ids = kwargs.get("decoder_input_ids", kwargs.get("input_ids"))
-        step = compiled if ids is not None and ids.shape[1] == 1 else eager
-        return step(*args, **kwargs)
-
-    model.forward = forward
-    return model
 
 
 def build(family: str, sizes: dict, device: str):
@@ -94,7 +72,8 @@ def run(quick: bool = False, device: str | None = None) -> list[dict]:
         for family in ("glm", "gpt2_sparse", "bart_gen"):
             torch._dynamo.reset()
             eager, inputs = build(family, sizes, device)
-            compiled = compile_decode_step(copy.deepcopy(eager))
+            compiled = copy.deepcopy(eager)
+            compiled.compile_decode_step()
 
             def make(model, inputs=inputs):
                 def generate_n(n: int):

@@ -1,0 +1,57 @@
+"""What `from_pretrained` checks in every model family of this repository (GLM, sparse GPT-2, BART-gen).
+
+transformers loads a checkpoint that lacks weights of the model with only a warning, leaving those weights randomly
+initialised, and loads NaN or inf values without a word. Both produce fluent-looking garbage, so every model here
+refuses them with a `ValueError` saying what is wrong (tests/test_robustness_files.py damages files to show it).
+A sibling module of the model files: transformers' remote-code loader fetches and copies it with them.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+
+class CheckedLoading:
+    """Mixin of the `PreTrainedModel` classes (listed before `PreTrainedModel`): `from_pretrained` refuses a
+    half-loaded or damaged checkpoint. `_trained_after_loading`: name parts of weights a checkpoint may lack
+    because they are meant to be trained (new heads are always allowed: only the model body is required)."""
+
+    _trained_after_loading: tuple[str, ...] = ()
+
+    @classmethod
+    def from_pretrained(cls, *args, **kwargs):
+        want_info = kwargs.pop("output_loading_info", False)
+        model, info = super().from_pretrained(*args, output_loading_info=True, **kwargs)
+        check_loaded_weights(model, info.get("missing_keys", []), cls._trained_after_loading)
+        return (model, info) if want_info else model
+
+
+def check_loaded_weights(model: nn.Module, missing_keys, trained_after_loading: tuple[str, ...] = ()) -> None:
+    """Raise if weights of the model body are missing from the checkpoint (they would run randomly initialised) or
+    if a parameter holds NaN / inf (a corrupted file)."""
+    prefix = model.base_model_prefix
+    has_body = hasattr(model, prefix)  # a head model: its body lives under `prefix.`
+    body = sorted(
+        key
+        for key in missing_keys
+        if (not has_body or key.startswith(f"{prefix}.")) and not any(part in key for part in trained_after_loading)
+    )
+    if body:
+        shown = ", ".join(body[:5]) + (f" (+{len(body) - 5} more)" if len(body) > 5 else "")
+        raise ValueError(
+            f"the checkpoint lacks {len(body)} weight(s) of the model body: {shown}. It is incomplete or of another "
+            "architecture (check config.json's sizes and architecture); refusing to run with randomly initialised weights."
+        )
+    damaged = []
+    for name, param in model.named_parameters():
+        if not param.is_floating_point() or param.device.type == "meta":
+            continue
+        total = param.detach().sum(dtype=torch.float32 if param.element_size() < 4 else None)  # no large temporary
+        if not bool(torch.isfinite(total)) and not bool(torch.isfinite(param).all()):
+            damaged.append(name)
+    if damaged:
+        raise ValueError(
+            f"the checkpoint holds NaN or inf values in {', '.join(damaged[:5])}: the weight file is damaged "
+            "(re-download or re-convert it)"
+        )
