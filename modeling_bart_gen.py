@@ -16,7 +16,8 @@ BART copy that broke in 5.x):
   computed once per generation (`is_updated`), no tuples and no `_reorder_cache` (beam search reorders
   the Cache itself);
 - masks are built here, once per forward, from public tensors (no `masking_utils`, whose signature changed
-  between 4.57 and 5.x); attention dispatches through `ALL_ATTENTION_FUNCTIONS` ("eager" or "sdpa");
+  between 4.57 and 5.x); attention dispatches through transformers' registry ("eager" or "sdpa";
+  `fast_decoding.attention_function`);
 - bad input (ids past the vocabulary, sequences past `max_position_embeddings`, labels without
   `decoder_start_token_id`/`pad_token_id`) raises a ValueError naming the problem;
 - `BartGenText2TextPipeline`, named in the config's `custom_pipelines`, keeps

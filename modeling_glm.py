@@ -30,8 +30,9 @@ models -> heads. Differences from THUDM's code:
   beam search, streaming and left-padded batches work through the stock `generate()`;
 - the prefix-LM mask and 2-D position ids are built inside the model, vectorised, from `input_ids` and the
   2-D padding mask (left padding keeps positions counted from the first real token, like THUDM's tokenizer);
-- eager and sdpa attention through `ALL_ATTENTION_FUNCTIONS`; the eager path keeps THUDM's layer-dependent
-  query scaling, -10000 masking and fp32 softmax;
+- eager and sdpa attention through transformers' attention registry (`fast_decoding.attention_function`, which
+  also swaps in a faster one-token attention on CPU); the eager path keeps THUDM's layer-dependent query scaling,
+  -10000 masking and fp32 softmax;
 - rotary cos/sin are computed in fp32 from the fp16-rounded `inv_freq` (THUDM computes them in the model
   dtype, so half-precision runs differ from THUDM's in the last bits);
 - `chat()`/`stream_chat()` are built on `generate()` and `TextIteratorStreamer`;

@@ -12,6 +12,7 @@ family: learned 2-D position embeddings), each in fp32 and bf16. Cases:
   prefill is excluded; batch 1, 4 and 16;
 - `decode b=1, equal params`: batch 1 against a GLM-4 with MLP width 2048, which holds as many weights as ours
   (decode at batch 1 reads every weight once per token, so this is the bandwidth-fair comparison);
+- `decode b=1 after 1024` (ChatGLM variant): batch 1 after a 1024-token prompt, 64 new tokens;
 - `prefill N`: one forward over an N-token prompt (batch 1), ms per call.
 Ours and native alternate within every round; medians and the interquartile spread are reported, with
 `ratio` = ours / native (below 1.0: ours is faster). Our prompts end with `[gMASK] <sop>` as the tokenizer's do;
@@ -29,6 +30,7 @@ from _common import alternate, decode_ms_per_token, default_device, ratio_row, r
 SIZES = dict(vocab_size=32000, hidden_size=768, num_layers=12, num_attention_heads=12, inner_hidden_size=3072)
 MASK, GMASK, SMASK, SOP, EOP, PAD = 31000, 31001, 31002, 31004, 31005, 3
 PROMPT = 128
+LONG_PROMPT = 1024
 
 
 def build_ours(variant: str, dtype, device: str, sizes: dict = SIZES):
@@ -142,7 +144,19 @@ def run(quick: bool = False, device: str | None = None) -> list[dict]:
                           variant="chatglm", dtype=dtype_name, device=device, params_ours=params(ours),
                           params_native=params(matched))
             )  # fmt: skip
-            del matched, ours
+            # decoding after a long prompt, where the attention over the cache weighs more (one_token_attention)
+            native = build_native(dtype, device)
+            ids = prompt(1, LONG_PROMPT, device)
+            ms = decode_ms_per_token(
+                {"ours": generator_for(ours, ids), "native": generator_for(native, ids)}, new_tokens // 2, repeats,
+                device,
+            )  # fmt: skip
+            rows.append(
+                ratio_row("glm", f"decode b=1 after {LONG_PROMPT}", ms["ours"], ms["native"], unit="ms/token",
+                          variant="chatglm", dtype=dtype_name, device=device, params_ours=params(ours),
+                          params_native=params(native))
+            )  # fmt: skip
+            del matched, ours, native
     return rows
 
 
