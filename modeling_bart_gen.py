@@ -45,7 +45,7 @@ from transformers.utils import can_return_tuple, logging
 
 from .configuration_bart_gen import BartGenConfig
 from .fast_decoding import CompiledDecoding, attention_function, fast_cpu_gemv, use_growing_kv_layers
-from .loading_checks import CheckedLoading
+from .model_checks import CheckedLoading, check_half_overflow
 
 logger = logging.get_logger(__name__)
 
@@ -817,6 +817,8 @@ class BartGenForConditionalGeneration(BartGenPreTrainedModel, GenerationMixin, C
             hidden_states = outputs.last_hidden_state  # (B, T, C)
             keep = slice(-logits_to_keep, None) if isinstance(logits_to_keep, int) else logits_to_keep
             logits = self.lm_head(hidden_states[:, keep, :]) + self.final_logits_bias.to(hidden_states.device)
+        if logits.dtype == torch.float16 and not self.training and (not cached or hidden_states.shape[1] > 1):
+            check_half_overflow(logits)  # once per source (the encoder just ran) or decoder prompt, not per token
 
         loss = None
         if labels is not None:

@@ -65,7 +65,7 @@ from transformers.utils import logging
 
 from .configuration_glm import GLMConfig
 from .fast_decoding import CompiledDecoding, attention_function, fast_cpu_gemv, use_growing_kv_layers
-from .loading_checks import CheckedLoading
+from .model_checks import CheckedLoading, check_half_overflow
 
 logger = logging.get_logger(__name__)
 
@@ -825,7 +825,7 @@ class GLMForConditionalGeneration(GLMPreTrainedModel, GenerationMixin, CompiledD
             keep = slice(-logits_to_keep, None) if isinstance(logits_to_keep, int) else logits_to_keep
             logits = self.lm_head(hidden_states[:, keep, :])
         if logits.dtype == torch.float16 and hidden_states.shape[1] > 1 and not self.training:
-            _check_half_overflow(logits)  # once per prompt (prefill); single-token decode steps skip the sync
+            check_half_overflow(logits)  # once per prompt (prefill); single-token decode steps skip the sync
 
         loss = None
         if labels is not None:
@@ -1292,15 +1292,6 @@ def _check_labels(labels, shape: tuple[int, ...], vocab_size: int) -> None:
     bad = ((labels < 0) | (labels >= vocab_size)) & (labels != -100)
     if bool(bad.any()):
         raise ValueError(f"labels hold {int(labels[bad][0])}, outside the vocabulary [0, {vocab_size}) and not -100")
-
-
-def _check_half_overflow(logits: torch.Tensor) -> None:
-    """A clear error instead of NaN logits (greedy search would then emit token 0 silently, sampling crash)."""
-    if not torch.compiler.is_compiling() and not bool(torch.isfinite(logits).all()):
-        raise FloatingPointError(
-            "float16 overflow: the logits hold inf/NaN, so this checkpoint cannot run in float16 on this input. "
-            "Load it with dtype=torch.bfloat16 (float32's range, same memory) or torch.float32."
-        )
 
 
 def _padding_flags(attention_mask: torch.Tensor) -> tuple[bool, bool]:

@@ -52,7 +52,7 @@ from transformers.utils import can_return_tuple, logging
 
 from .configuration_gpt2_sparse import GPT2SparseConfig
 from .fast_decoding import CompiledDecoding, attention_function, fast_cpu_gemv, use_growing_kv_layers
-from .loading_checks import CheckedLoading
+from .model_checks import CheckedLoading, check_half_overflow
 
 logger = logging.get_logger(__name__)
 
@@ -1102,6 +1102,8 @@ class GPT2SparseLMHeadModel(GPT2SparsePreTrainedModel, GenerationMixin, Compiled
             hidden_states = outputs.last_hidden_state
             slice_indices = slice(-logits_to_keep, None) if isinstance(logits_to_keep, int) else logits_to_keep
             logits = self.lm_head(hidden_states[:, slice_indices, :])
+        if logits.dtype == torch.float16 and hidden_states.shape[1] > 1 and not self.training:
+            check_half_overflow(logits)  # once per prompt (prefill); single-token decode steps skip the sync
 
         loss = None
         if labels is not None:

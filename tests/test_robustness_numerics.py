@@ -5,8 +5,9 @@ THUDM's guard divides the query by (layer_id + 1) before the fp16 score matmul a
 eager path does the same. The sdpa path passes fp16 tensors to torch's fused kernels, which accumulate Q K^T in fp32
 and never hold the scores in fp16 (CPU flash kernel here; CUDA flash / memory-efficient kernels likewise), so it
 needs no guard: the first test shows both paths stay finite on scores far past fp16's range. Where a checkpoint
-cannot run in fp16 at all (activations overflow elsewhere), the forward of a prompt raises a FloatingPointError naming
-float16 and the fix, instead of NaN logits that greedy search would silently turn into token 0.
+cannot run in fp16 at all (activations overflow elsewhere), the forward of a prompt (BART: of a source) raises a
+FloatingPointError naming float16 and the fix, in every family, instead of NaN logits that greedy search would
+silently turn into token 0.
 """
 
 from __future__ import annotations
@@ -14,7 +15,15 @@ from __future__ import annotations
 import pytest
 import torch
 from helpers import REPO_ROOT, assert_close
-from test_robustness_fixtures import GLM_PROMPT, glm_config, repo_module
+from test_robustness_fixtures import (
+    BART_IDS,
+    GLM_PROMPT,
+    SPARSE_IDS,
+    bart_config,
+    glm_config,
+    repo_module,
+    sparse_config,
+)
 
 
 class _Layer(torch.nn.Module):
@@ -73,23 +82,34 @@ def test_fp16_generation_on_a_long_prompt_is_finite_and_matches_fp32(default_mod
         assert torch.equal(half.generate(**batch, **greedy), model.generate(**batch, **greedy))
 
 
-def overflowing_model(dtype: torch.dtype):
-    """A tiny ChatGLM whose MLP activations exceed fp16's range (but not bf16's)."""
+def overflowing_model(family: str, dtype: torch.dtype):
+    """A tiny model of `family` whose first MLP's activations exceed fp16's range (but not bf16's), and its input."""
     torch.manual_seed(0)
-    model = repo_module("modeling_glm").GLMForConditionalGeneration(glm_config()).eval()
-    mlp = model.transformer.layers[0].mlp
+    if family == "glm":
+        model = repo_module("modeling_glm").GLMForConditionalGeneration(glm_config())
+        mlp = model.transformer.layers[0].mlp
+        first, second, ids = mlp.dense_h_to_4h, mlp.dense_4h_to_h, GLM_PROMPT
+    elif family == "bart":  # in the encoder: every decoder step reads its output
+        model = repo_module("modeling_bart_gen").BartGenForConditionalGeneration(bart_config())
+        first, second, ids = model.model.encoder.layers[0].fc1, model.model.encoder.layers[0].fc2, BART_IDS[0].tolist()
+    else:
+        model = repo_module("modeling_gpt2_sparse").GPT2SparseLMHeadModel(sparse_config())
+        mlp = model.model.layers[0].mlp
+        first, second, ids = mlp.dense_h_to_4h, mlp.dense_4h_to_h, SPARSE_IDS[0].tolist()
     with torch.no_grad():  # ~300 after the first projection, ~1e5 after the second
-        mlp.dense_h_to_4h.weight.normal_(std=50.0)
-        mlp.dense_4h_to_h.weight.normal_(std=50.0)
-    return model.to(dtype)
+        first.weight.normal_(std=50.0)
+        second.weight.normal_(std=50.0)
+    return model.eval().to(dtype), torch.tensor([ids])
 
 
-def test_a_checkpoint_that_overflows_in_fp16_fails_clearly():
-    ids = torch.tensor([GLM_PROMPT])
+@pytest.mark.parametrize("family", ["glm", "bart", "sparse"])
+def test_a_checkpoint_that_overflows_in_fp16_fails_clearly(family):
     with torch.no_grad():
-        assert torch.isfinite(overflowing_model(torch.float32)(ids).logits).all()
-        assert torch.isfinite(overflowing_model(torch.bfloat16)(ids).logits).all()
-        half = overflowing_model(torch.float16)
+        model, ids = overflowing_model(family, torch.float32)
+        assert torch.isfinite(model(ids).logits).all()
+        model, ids = overflowing_model(family, torch.bfloat16)
+        assert torch.isfinite(model(ids).logits).all()
+        half, ids = overflowing_model(family, torch.float16)
         with pytest.raises(FloatingPointError, match=r"float16 overflow.*dtype=torch.bfloat16"):
             half(ids)
         with pytest.raises(FloatingPointError, match=r"float16 overflow"):

@@ -55,7 +55,7 @@ from .common import (
     write_json,
 )
 
-CODE_FILES = ["configuration_glm.py", "modeling_glm.py", "fast_decoding.py", "loading_checks.py"]
+CODE_FILES = ["configuration_glm.py", "modeling_glm.py", "fast_decoding.py", "model_checks.py"]
 
 # THUDM's ChatGLMConfig defaults (configuration_chatglm.py): used for fields a config.json leaves out.
 THUDM_DEFAULTS = dict(

@@ -35,7 +35,7 @@ from converters.common import (
     write_json,
 )
 
-CODE_FILES = ["configuration_gpt2_sparse.py", "modeling_gpt2_sparse.py", "fast_decoding.py", "loading_checks.py"]
+CODE_FILES = ["configuration_gpt2_sparse.py", "modeling_gpt2_sparse.py", "fast_decoding.py", "model_checks.py"]
 AUTO_MAP = {
     "AutoConfig": "configuration_gpt2_sparse.GPT2SparseConfig",
     "AutoModel": "modeling_gpt2_sparse.GPT2SparseModel",

@@ -1,8 +1,13 @@
-"""What `from_pretrained` checks in every model family of this repository (GLM, sparse GPT-2, BART-gen).
+"""Checks every model family of this repository (GLM, sparse GPT-2, BART-gen) runs, so that broken weights or
+numerics fail loudly instead of producing fluent-looking garbage.
 
-transformers loads a checkpoint that lacks weights of the model with only a warning, leaving those weights randomly
-initialised, and loads NaN or inf values without a word. Both produce fluent-looking garbage, so every model here
-refuses them with a `ValueError` saying what is wrong (tests/test_robustness_files.py damages files to show it).
+- At load: transformers loads a checkpoint that lacks weights of the model with only a warning, leaving those
+  weights randomly initialised, and loads NaN or inf values without a word. `CheckedLoading` refuses both with a
+  `ValueError` saying what is wrong (tests/test_robustness_files.py damages files to show it).
+- At run time: a checkpoint whose activations exceed float16's range gives inf/NaN logits in fp16, which greedy
+  search silently turns into token 0. `check_half_overflow` raises a `FloatingPointError` naming the fix
+  (tests/test_robustness_numerics.py).
+
 A sibling module of the model files: transformers' remote-code loader fetches and copies it with them.
 """
 
@@ -54,4 +59,14 @@ def check_loaded_weights(model: nn.Module, missing_keys, trained_after_loading: 
         raise ValueError(
             f"the checkpoint holds NaN or inf values in {', '.join(damaged[:5])}: the weight file is damaged "
             "(re-download or re-convert it)"
+        )
+
+
+def check_half_overflow(logits: torch.Tensor) -> None:
+    """Raise a clear error for fp16 logits holding inf/NaN. One device sync: callers check once per prompt (the
+    prefill, or an encoder-decoder's first step), not per decoded token."""
+    if not torch.compiler.is_compiling() and not bool(torch.isfinite(logits).all()):
+        raise FloatingPointError(
+            "float16 overflow: the logits hold inf/NaN, so this checkpoint cannot run in float16 on this input. "
+            "Load it with dtype=torch.bfloat16 (float32's range, same memory) or torch.float32."
         )
