@@ -22,7 +22,7 @@ from __future__ import annotations
 
 import functools
 from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from contextlib import AbstractContextManager, contextmanager, nullcontext
 
 import torch
 from torch import nn
@@ -84,31 +84,30 @@ def use_growing_kv_layers(cache: Cache) -> None:
         cache.layer_class_to_replicate = GrowingKVLayer
 
 
-@contextmanager
-def fast_cpu_gemv(rows: int, weight: torch.Tensor) -> Iterator[None]:
-    """Route the matmuls of a batch-1 bf16 decode step on CPU past oneDNN.
+def fast_cpu_gemv(
+    tokens: torch.Tensor | None, cache: Cache | None, weight: torch.Tensor, mems: torch.Tensor | None = None
+) -> AbstractContextManager:
+    """Route the matmuls of a batch-1 bf16 decode step on CPU past oneDNN (a context for the whole step).
 
     For bf16, torch's CPU matmul goes through oneDNN, whose matrix-vector product reaches about half the memory
     bandwidth that torch's own gemv kernel does (measured on this project's AVX-512-bf16 machine: 10.9 vs 21.6 GB/s
     over ~110M parameters). With more than one row oneDNN is far faster (3.6x at 4 rows, 9x at 128), so only a
-    single-token, single-sequence step (`rows` = batch x new tokens = 1, with `weight` bf16 on the CPU) switches it
-    off, for the duration of the step (a process-wide torch flag, restored on exit).
+    decoding step of one sequence and one new token (`tokens` [1, 1, ...]) with `weight` bf16 on the CPU switches
+    it off, for the duration of the step (a process-wide torch flag, restored on exit). A step is decoding once
+    `cache` holds the prompt: an encoder-decoder's first step also projects the whole source for cross-attention,
+    and with sparse GPT-2's `mems` the memory rows go through the projections too, so neither switches.
     """
     switch = (
-        rows == 1
+        tokens is not None
+        and tokens.shape[:2].numel() == 1
+        and mems is None
+        and cache is not None
+        and cache.get_seq_length() > 0
         and weight.device.type == "cpu"
         and weight.dtype == torch.bfloat16
-        and torch.backends.mkldnn.enabled
         and not torch.compiler.is_compiling()
     )
-    if not switch:
-        yield
-        return
-    torch.backends.mkldnn.enabled = False
-    try:
-        yield
-    finally:
-        torch.backends.mkldnn.enabled = True
+    return _onednn(False) if switch else nullcontext()
 
 
 # Below this many multiply-adds (batch x heads x keys x head_dim) torch's sdpa is as fast for one query token: the
@@ -152,30 +151,31 @@ def one_token_attention(
     fp32 softmax (the rounding of transformers' eager attention). query [B, H, 1, D], key/value [B, H, kv, D],
     attention_mask bool [B, 1, 1, kv] (True = attend) or additive float, or None -> output [B, 1, H, D]."""
     scaling = query.shape[-1] ** -0.5 if scaling is None else scaling
-    with _onednn():  # keys times query, not query times keys^T: oneDNN copies a transposed cache view first
+    with _onednn(True):  # the matmuls have many columns: oneDNN's (on again inside a `fast_cpu_gemv` step)
+        # keys times query, not query times keys^T: oneDNN copies a transposed cache view first
         scores = torch.matmul(key, query.transpose(2, 3)).transpose(2, 3)  # [B, H, 1, kv]
-    scores = scores.float().mul_(scaling)
-    if attention_mask is not None and attention_mask.dtype == torch.bool:
-        scores.masked_fill_(~attention_mask, torch.finfo(torch.float32).min)
-    elif attention_mask is not None:
-        scores += attention_mask
-    weights = torch.softmax(scores, dim=-1).to(value.dtype)
-    with _onednn():
+        scores = scores.float().mul_(scaling)
+        if attention_mask is not None and attention_mask.dtype == torch.bool:
+            scores.masked_fill_(~attention_mask, torch.finfo(torch.float32).min)
+        elif attention_mask is not None:
+            scores += attention_mask
+        weights = torch.softmax(scores, dim=-1).to(value.dtype)
         output = torch.matmul(weights, value)  # [B, H, 1, D]
     return output.transpose(1, 2), None
 
 
 @contextmanager
-def _onednn() -> Iterator[None]:
-    """oneDNN on for a few bf16 matmuls with many columns (inside a step `fast_cpu_gemv` switched it off for)."""
-    if torch.backends.mkldnn.enabled:
+def _onednn(enabled: bool) -> Iterator[None]:
+    """torch's process-wide oneDNN flag set to `enabled` for the block, then restored."""
+    previous = torch.backends.mkldnn.enabled
+    if previous == enabled:
         yield
         return
-    torch.backends.mkldnn.enabled = True
+    torch.backends.mkldnn.enabled = enabled
     try:
         yield
     finally:
-        torch.backends.mkldnn.enabled = False
+        torch.backends.mkldnn.enabled = previous
 
 
 class CompiledDecoding:
@@ -199,12 +199,7 @@ class CompiledDecoding:
             ids = kwargs.get("decoder_input_ids", kwargs.get("input_ids"))
             if ids is None or ids.shape[1] != 1:
                 return eager(*args, **kwargs)
-            cache = kwargs.get("past_key_values")
-            # as the eager forwards decide: not on an encoder-decoder's first step (it projects the whole source
-            # for cross-attention), nor with sparse GPT-2's memory rows
-            cached = cache is not None and cache.get_seq_length() > 0
-            rows = ids.shape[0] if cached and kwargs.get("mems") is None else 0
-            with fast_cpu_gemv(rows, weight):
+            with fast_cpu_gemv(ids, kwargs.get("past_key_values"), weight, kwargs.get("mems")):
                 return compiled(*args, **kwargs)
 
         self.forward = forward

@@ -794,12 +794,9 @@ class BartGenForConditionalGeneration(BartGenPreTrainedModel, GenerationMixin, C
                     labels, self.config.pad_token_id, self.config.decoder_start_token_id
                 )
 
-        # batch-1 bf16 decoding steps take the fast CPU gemv, but only once the encoder output and the cross-attention
-        # keys/values are computed (the cache holds them): those projections have one row per source token
         decoder_tokens = decoder_input_ids if decoder_input_ids is not None else decoder_inputs_embeds
-        cached = past_key_values is not None and past_key_values.get_seq_length() > 0
-        rows = decoder_tokens.shape[:2].numel() if cached and decoder_tokens is not None else 0
-        with fast_cpu_gemv(rows, self.lm_head.weight):
+        cached = past_key_values is not None and past_key_values.get_seq_length() > 0  # before this step fills it
+        with fast_cpu_gemv(decoder_tokens, past_key_values, self.lm_head.weight):
             outputs = self.model(
                 input_ids,
                 attention_mask=attention_mask,

@@ -809,7 +809,7 @@ class GLMForConditionalGeneration(GLMPreTrainedModel, GenerationMixin, CompiledD
         return_dict = return_dict if return_dict is not None else self.config.return_dict
         _refuse_mems(kwargs)
         tokens = input_ids if input_ids is not None else inputs_embeds
-        with fast_cpu_gemv(tokens.shape[:2].numel() if tokens is not None else 0, self.lm_head.weight):
+        with fast_cpu_gemv(tokens, past_key_values, self.lm_head.weight):
             outputs = self.transformer(
                 input_ids=input_ids,
                 attention_mask=attention_mask,

@@ -1079,9 +1079,7 @@ class GPT2SparseLMHeadModel(GPT2SparsePreTrainedModel, GenerationMixin, Compiled
         ```
         """
         tokens = input_ids if input_ids is not None else inputs_embeds
-        # batch-1 bf16 decoding steps take the fast CPU gemv (not with mems: those rows go through the projections)
-        rows = tokens.shape[:2].numel() if tokens is not None and mems is None else 0
-        with fast_cpu_gemv(rows, self.lm_head.weight):
+        with fast_cpu_gemv(tokens, past_key_values, self.lm_head.weight, mems):
             outputs = self.model(
                 input_ids=input_ids,
                 attention_mask=attention_mask,

@@ -150,15 +150,17 @@ def test_onednn_is_switched_off_exactly_for_batch1_bf16_decode_steps(dtype, batc
 
 def test_onednn_flag_is_restored_when_the_step_raises():
     model = tiny_model().to(torch.bfloat16)
+    with torch.no_grad():
+        step = _decode_step_inputs(model, 1)  # a one-token step after a cached prompt: switched
 
     def boom(*_):
         raise RuntimeError("boom")
 
     model.transformer.layers[0].register_forward_hook(boom)
     with pytest.raises(RuntimeError, match="boom"):
-        model(torch.tensor([[5, GMASK, SOP]]))  # 3 tokens: not switched; now one token, switched
+        model(torch.tensor([[5, GMASK, SOP]]))  # 3 tokens: not switched
     with pytest.raises(RuntimeError, match="boom"):
-        model(torch.tensor([[5]]), position_ids=torch.tensor([[[1], [0]]]))
+        model(**step)
     assert torch.backends.mkldnn.enabled
 
 
@@ -172,7 +174,7 @@ def test_fast_gemv_gives_the_onednn_logits_and_greedy_ids():
         inputs = _decode_step_inputs(model, 1)
         module = modeling_module()
         original = module.fast_cpu_gemv
-        module.fast_cpu_gemv = lambda rows, weight: original(0, weight)  # never switch
+        module.fast_cpu_gemv = lambda tokens, cache, weight, mems=None: original(None, cache, weight)  # never switch
         try:
             reference = model(**inputs).logits
             reference_ids = model.generate(ids, max_new_tokens=10, do_sample=False)
