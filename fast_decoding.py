@@ -27,7 +27,8 @@ from contextlib import AbstractContextManager, contextmanager, nullcontext
 import torch
 from torch import nn
 from transformers.cache_utils import Cache, DynamicCache, DynamicLayer, EncoderDecoderCache
-from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
+
+from .transformers_compat import registered_attention
 
 
 class GrowingKVLayer(DynamicLayer):
@@ -131,11 +132,7 @@ def attention_function(module: nn.Module, query: torch.Tensor, key: torch.Tensor
         and not torch.compiler.is_compiling()
     ):
         return one_token_attention
-    if hasattr(ALL_ATTENTION_FUNCTIONS, "get_interface"):  # 5.x
-        return ALL_ATTENTION_FUNCTIONS.get_interface(implementation, eager)
-    if implementation in (None, "eager"):  # 4.x
-        return eager
-    return ALL_ATTENTION_FUNCTIONS[implementation]
+    return registered_attention(implementation, eager)
 
 
 def one_token_attention(
@@ -199,7 +196,8 @@ class CompiledDecoding:
             ids = kwargs.get("decoder_input_ids", kwargs.get("input_ids"))
             if ids is None or ids.shape[1] != 1:
                 return eager(*args, **kwargs)
-            with fast_cpu_gemv(ids, kwargs.get("past_key_values"), weight, kwargs.get("mems")):
+            cache = kwargs.get("past_key_values", kwargs.get("cache"))
+            with fast_cpu_gemv(ids, cache, weight, kwargs.get("mems")):
                 return compiled(*args, **kwargs)
 
         self.forward = forward

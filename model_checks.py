@@ -16,6 +16,8 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from .transformers_compat import retie_lm_head
+
 
 class CheckedLoading:
     """Mixin of the `PreTrainedModel` classes (listed before `PreTrainedModel`): `from_pretrained` refuses a
@@ -28,6 +30,7 @@ class CheckedLoading:
     def from_pretrained(cls, *args, **kwargs):
         want_info = kwargs.pop("output_loading_info", False)
         model, info = super().from_pretrained(*args, output_loading_info=True, **kwargs)
+        retie_lm_head(model)
         check_loaded_weights(model, info.get("missing_keys", []), cls._trained_after_loading)
         return (model, info) if want_info else model
 

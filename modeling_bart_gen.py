@@ -46,6 +46,15 @@ from transformers.utils import can_return_tuple, logging
 from .configuration_bart_gen import BartGenConfig
 from .fast_decoding import CompiledDecoding, attention_function, fast_cpu_gemv, use_growing_kv_layers
 from .model_checks import CheckedLoading, check_half_overflow
+from .transformers_compat import (
+    cache_field,
+    causal_lm_loss,
+    check_unused_kwargs,
+    generation_cache,
+    generation_cache_kwarg,
+    output_cache,
+    take_cache,
+)
 
 logger = logging.get_logger(__name__)
 
@@ -407,6 +416,7 @@ class BartGenEncoder(BartGenPreTrainedModel):
         output_hidden_states: bool | None = None,
         **kwargs,
     ) -> BaseModelOutput:
+        check_unused_kwargs(kwargs, type(self).__name__)
         if (input_ids is None) == (inputs_embeds is None):
             raise ValueError("pass exactly one of input_ids and inputs_embeds to the encoder")
         output_attentions = output_attentions if output_attentions is not None else self.config.output_attentions
@@ -504,6 +514,8 @@ class BartGenDecoder(BartGenPreTrainedModel):
         output_hidden_states: bool | None = None,
         **kwargs,
     ) -> BaseModelOutputWithPastAndCrossAttentions:
+        past_key_values = take_cache(past_key_values, kwargs)
+        check_unused_kwargs(kwargs, type(self).__name__)
         if (input_ids is None) == (inputs_embeds is None):
             raise ValueError("pass exactly one of decoder_input_ids and decoder_inputs_embeds to the decoder")
         output_attentions = output_attentions if output_attentions is not None else self.config.output_attentions
@@ -534,11 +546,6 @@ class BartGenDecoder(BartGenPreTrainedModel):
                 f"{list(encoder_hidden_states.shape)}"
             )
 
-        if isinstance(past_key_values, (tuple, list)):
-            raise ValueError(
-                "tuple past_key_values are not supported: pass a transformers EncoderDecoderCache "
-                "(EncoderDecoderCache(DynamicCache(), DynamicCache())) or let generate() create it"
-            )
         if use_cache and past_key_values is None:
             past_key_values = (
                 EncoderDecoderCache(DynamicCache(), DynamicCache())
@@ -591,7 +598,7 @@ class BartGenDecoder(BartGenPreTrainedModel):
 
         return BaseModelOutputWithPastAndCrossAttentions(
             last_hidden_state=hidden_states,
-            past_key_values=past_key_values if use_cache else None,
+            **cache_field(past_key_values if use_cache else None),
             hidden_states=all_hidden_states,
             attentions=all_self_attns,
             cross_attentions=all_cross_attns,
@@ -654,6 +661,8 @@ class BartGenModel(BartGenPreTrainedModel):
             reads `input_ids` shifted right (starting with `config.decoder_start_token_id`).
         encoder_outputs: a precomputed encoder output (as generate() passes it); the encoder is then skipped.
         """
+        past_key_values = take_cache(past_key_values, kwargs)
+        check_unused_kwargs(kwargs, type(self).__name__)
         if decoder_input_ids is None and decoder_inputs_embeds is None:
             if input_ids is None:
                 raise ValueError("pass decoder_input_ids (or decoder_inputs_embeds), or input_ids to shift right")
@@ -692,7 +701,7 @@ class BartGenModel(BartGenPreTrainedModel):
         )
         return Seq2SeqModelOutput(
             last_hidden_state=decoder_outputs.last_hidden_state,
-            past_key_values=decoder_outputs.past_key_values,
+            **cache_field(output_cache(decoder_outputs)),
             decoder_hidden_states=decoder_outputs.hidden_states,
             decoder_attentions=decoder_outputs.attentions,
             cross_attentions=decoder_outputs.cross_attentions,
@@ -752,6 +761,14 @@ class BartGenForConditionalGeneration(BartGenPreTrainedModel, GenerationMixin, C
             _check_mask_shape(kwargs.get("attention_mask"), tuple(ids.shape), "attention_mask")
         return super().generate(inputs, *args, **kwargs)
 
+    def prepare_inputs_for_generation(
+        self, decoder_input_ids: torch.LongTensor, past_key_values: Cache | None = None, **kwargs
+    ) -> dict:
+        """transformers' own, with the cache taken under either name and refused when missing (see
+        `transformers_compat.generation_cache`)."""
+        cache = generation_cache(self.config, past_key_values, kwargs)
+        return super().prepare_inputs_for_generation(decoder_input_ids, **generation_cache_kwarg(cache), **kwargs)
+
     @can_return_tuple
     def forward(
         self,
@@ -768,12 +785,14 @@ class BartGenForConditionalGeneration(BartGenPreTrainedModel, GenerationMixin, C
         output_attentions: bool | None = None,
         output_hidden_states: bool | None = None,
         logits_to_keep: int | torch.Tensor = 0,
+        num_items_in_batch: int | torch.Tensor | None = None,
         **kwargs,
     ) -> Seq2SeqLMOutput:
         r"""
         labels: target ids (-100 = ignored in the loss). Without decoder inputs, the decoder reads the labels
             shifted right, starting with `config.decoder_start_token_id`.
         logits_to_keep: if an int > 0, only the logits of the last `logits_to_keep` decoder positions are computed.
+        num_items_in_batch: passed by Trainer; makes the loss a sum divided by that count.
 
         Example:
 
@@ -786,6 +805,7 @@ class BartGenForConditionalGeneration(BartGenPreTrainedModel, GenerationMixin, C
         >>> tokenizer.batch_decode(summary_ids, skip_special_tokens=True)
         ```
         """
+        past_key_values = take_cache(past_key_values, kwargs)
         if labels is not None:
             _check_ids(labels, self.config.vocab_size, "labels", allow_ignore_index=True)
             use_cache = False  # training on full target sequences: nothing to cache
@@ -810,6 +830,7 @@ class BartGenForConditionalGeneration(BartGenPreTrainedModel, GenerationMixin, C
                 output_attentions=output_attentions,
                 output_hidden_states=output_hidden_states,
                 return_dict=True,
+                **kwargs,
             )
             hidden_states = outputs.last_hidden_state  # (B, T, C)
             keep = slice(-logits_to_keep, None) if isinstance(logits_to_keep, int) else logits_to_keep
@@ -824,12 +845,12 @@ class BartGenForConditionalGeneration(BartGenPreTrainedModel, GenerationMixin, C
                     f"labels must have the decoder's shape [batch, length] = {list(logits.shape[:2])}, got "
                     f"{list(labels.shape)}"
                 )
-            loss = F.cross_entropy(logits.view(-1, logits.shape[-1]), labels.to(logits.device).view(-1))
+            loss = causal_lm_loss(logits, labels, num_items_in_batch, shift=False)
 
         return Seq2SeqLMOutput(
             loss=loss,
             logits=logits,
-            past_key_values=outputs.past_key_values,
+            **cache_field(output_cache(outputs)),
             decoder_hidden_states=outputs.decoder_hidden_states,
             decoder_attentions=outputs.decoder_attentions,
             cross_attentions=outputs.cross_attentions,

@@ -66,6 +66,14 @@ from transformers.utils import logging
 from .configuration_glm import GLMConfig
 from .fast_decoding import CompiledDecoding, attention_function, fast_cpu_gemv, use_growing_kv_layers
 from .model_checks import CheckedLoading, check_half_overflow
+from .transformers_compat import (
+    cache_field,
+    causal_lm_loss,
+    check_unused_kwargs,
+    generation_cache,
+    output_cache,
+    take_cache,
+)
 
 logger = logging.get_logger(__name__)
 
@@ -549,13 +557,11 @@ class GLMModel(GLMPreTrainedModel):
                 )
             use_cache = False
 
+        past_key_values = take_cache(past_key_values, kwargs)
+        _refuse_mems(kwargs)
+        check_unused_kwargs(kwargs, type(self).__name__)
         if (input_ids is None) == (inputs_embeds is None):
             raise ValueError("Pass exactly one of input_ids and inputs_embeds.")
-        if past_key_values is not None and not isinstance(past_key_values, Cache):
-            raise ValueError(
-                "past_key_values must be a transformers Cache (e.g. DynamicCache), got "
-                f"{type(past_key_values).__name__}; tuple caches of the original ChatGLM code are not supported."
-            )
         if input_ids is not None:
             _check_token_tensor("input_ids", input_ids)
             self._check_token_ids(input_ids)
@@ -628,7 +634,7 @@ class GLMModel(GLMPreTrainedModel):
 
         output = BaseModelOutputWithPast(
             last_hidden_state=hidden_states,
-            past_key_values=past_key_values if use_cache else None,
+            **cache_field(past_key_values if use_cache else None),
             hidden_states=all_hidden_states,
             attentions=all_attentions,
         )
@@ -807,7 +813,7 @@ class GLMForConditionalGeneration(GLMPreTrainedModel, GenerationMixin, CompiledD
         ```
         """
         return_dict = return_dict if return_dict is not None else self.config.return_dict
-        _refuse_mems(kwargs)
+        past_key_values = take_cache(past_key_values, kwargs)
         tokens = input_ids if input_ids is not None else inputs_embeds
         with fast_cpu_gemv(tokens, past_key_values, self.lm_head.weight):
             outputs = self.transformer(
@@ -820,6 +826,7 @@ class GLMForConditionalGeneration(GLMPreTrainedModel, GenerationMixin, CompiledD
                 output_attentions=output_attentions,
                 output_hidden_states=output_hidden_states,
                 return_dict=True,
+                **kwargs,
             )
             hidden_states = outputs.last_hidden_state
             keep = slice(-logits_to_keep, None) if isinstance(logits_to_keep, int) else logits_to_keep
@@ -830,22 +837,12 @@ class GLMForConditionalGeneration(GLMPreTrainedModel, GenerationMixin, CompiledD
         loss = None
         if labels is not None:
             _check_labels(labels, hidden_states.shape[:2], self.config.vocab_size)
-            # next-token prediction: the logits at i predict labels[i + 1] (computed in fp32, like THUDM)
-            shift_logits = logits[:, :-1, :].float()
-            shift_labels = labels[:, 1:].to(shift_logits.device)
-            loss = F.cross_entropy(
-                shift_logits.reshape(-1, shift_logits.shape[-1]),
-                shift_labels.reshape(-1),
-                ignore_index=-100,
-                reduction="sum" if num_items_in_batch is not None else "mean",
-            )
-            if num_items_in_batch is not None:  # Trainer with gradient accumulation: normalise over all micro-batches
-                loss = loss / num_items_in_batch
+            loss = causal_lm_loss(logits, labels, num_items_in_batch)  # in fp32, like THUDM
 
         output = CausalLMOutputWithPast(
             loss=loss,
             logits=logits,
-            past_key_values=outputs.past_key_values,
+            **cache_field(output_cache(outputs)),
             hidden_states=outputs.hidden_states,
             attentions=outputs.attentions,
         )
@@ -891,6 +888,7 @@ class GLMForConditionalGeneration(GLMPreTrainedModel, GenerationMixin, CompiledD
             raise ValueError(
                 "GLM generation needs input_ids (the blank and <sop> tokens drive the mask), not inputs_embeds"
             )
+        past_key_values = generation_cache(self.config, past_key_values, kwargs)
         cache_length = past_key_values.get_seq_length() if past_key_values is not None else 0
         past_length = cache_length - (self.config.pre_seq_len or 0) if cache_length else 0
         batch_size, length = input_ids.shape
@@ -1047,6 +1045,7 @@ class GLMForSequenceClassification(GLMPreTrainedModel):
     """
 
     _auto_class = "AutoModelForSequenceClassification"  # save_pretrained copies the code files next to the weights
+    accepts_loss_kwargs = False  # a mean loss per batch: Trainer divides by the accumulation steps itself
     _keys_to_ignore_on_load_unexpected = [r"rotary_emb\.inv_freq", r"^lm_head\."]
 
     def __init__(self, config: GLMConfig):
@@ -1082,7 +1081,6 @@ class GLMForSequenceClassification(GLMPreTrainedModel):
         regression / multi-label, per `config.problem_type`), or [B] choice indices for [B, C, S] inputs.
         """
         return_dict = return_dict if return_dict is not None else self.config.return_dict
-        _refuse_mems(kwargs)
         num_choices = None
         if (input_ids if input_ids is not None else inputs_embeds) is not None and (
             (input_ids is not None and input_ids.dim() == 3) or (inputs_embeds is not None and inputs_embeds.dim() == 4)
@@ -1102,6 +1100,7 @@ class GLMForSequenceClassification(GLMPreTrainedModel):
             output_attentions=output_attentions,
             output_hidden_states=output_hidden_states,
             return_dict=True,
+            **kwargs,
         )
         hidden_states = outputs.last_hidden_state  # [B, S, h]
         batch_size = hidden_states.shape[0]
@@ -1153,6 +1152,7 @@ class GLMForMultipleChoice(GLMPreTrainedModel):
     """
 
     _auto_class = "AutoModelForMultipleChoice"  # save_pretrained copies the code files next to the weights
+    accepts_loss_kwargs = False  # a mean loss per batch: Trainer divides by the accumulation steps itself
     _tied_weights_keys = {"lm_head.weight": "transformer.word_embeddings.weight"}
     _keys_to_ignore_on_load_unexpected = [r"rotary_emb\.inv_freq", r"^dense\.", r"^out_proj\."]
 
@@ -1189,7 +1189,6 @@ class GLMForMultipleChoice(GLMPreTrainedModel):
         **kwargs,
     ) -> MultipleChoiceModelOutput | tuple:
         return_dict = return_dict if return_dict is not None else self.config.return_dict
-        _refuse_mems(kwargs)
         if choice_ids is None or choice_indices is None:
             raise ValueError(
                 "GLMForMultipleChoice needs choice_ids and choice_indices (tokenizer.build_inputs_for_multiple_choice "
@@ -1204,6 +1203,7 @@ class GLMForMultipleChoice(GLMPreTrainedModel):
             output_attentions=output_attentions,
             output_hidden_states=output_hidden_states,
             return_dict=True,
+            **kwargs,
         )
         hidden_states = outputs.last_hidden_state  # [B, L, h]
         ids, index = _padded_choices(choice_ids, choice_indices, hidden_states.shape[0], hidden_states.device)

@@ -53,6 +53,15 @@ from transformers.utils import can_return_tuple, logging
 from .configuration_gpt2_sparse import GPT2SparseConfig
 from .fast_decoding import CompiledDecoding, attention_function, fast_cpu_gemv, use_growing_kv_layers
 from .model_checks import CheckedLoading, check_half_overflow
+from .transformers_compat import (
+    cache_field,
+    causal_lm_loss,
+    check_unused_kwargs,
+    generation_cache,
+    generation_cache_kwarg,
+    output_cache,
+    take_cache,
+)
 
 logger = logging.get_logger(__name__)
 
@@ -691,6 +700,8 @@ class GPT2SparseModel(GPT2SparsePreTrainedModel):
         generator: a torch.Generator that makes pivot sampling reproducible.
         """
         config = self.config
+        past_key_values = take_cache(past_key_values, kwargs)
+        check_unused_kwargs(kwargs, type(self).__name__)
         if output_attentions is None:
             output_attentions = getattr(config, "output_attentions", False)
         if output_hidden_states is None:
@@ -829,7 +840,6 @@ class GPT2SparseModel(GPT2SparsePreTrainedModel):
                 past_key_values=past_key_values,
                 mem=mems[i] if mems is not None else None,
                 use_cache=use_cache,
-                **kwargs,
             )
             if keep_mems:
                 mem_layers.append(hidden_states.detach())
@@ -842,7 +852,7 @@ class GPT2SparseModel(GPT2SparsePreTrainedModel):
         new_mems = self._update_mems(mem_layers, mems) if keep_mems else None
         return GPT2SparseModelOutput(
             last_hidden_state=hidden_states,
-            past_key_values=past_key_values if use_cache else None,
+            **cache_field(past_key_values if use_cache else None),
             hidden_states=all_hidden_states,
             attentions=all_attentions,
             mems=new_mems,
@@ -1029,14 +1039,17 @@ class GPT2SparseLMHeadModel(GPT2SparsePreTrainedModel, GenerationMixin, Compiled
                 raise ValueError(f"attention_mask has shape {list(mask.shape)}, but input_ids has {list(ids.shape)}")
         return super().generate(inputs, *args, **kwargs)
 
-    def prepare_inputs_for_generation(self, input_ids: torch.LongTensor, **kwargs) -> dict:
-        past, mask = kwargs.get("past_key_values"), kwargs.get("attention_mask")
+    def prepare_inputs_for_generation(
+        self, input_ids: torch.LongTensor, past_key_values: Cache | None = None, **kwargs
+    ) -> dict:
+        past = generation_cache(self.config, past_key_values, kwargs)
+        mask = kwargs.get("attention_mask")
         if mask is not None and (past is None or past.get_seq_length() == 0) and not bool(mask[:, -1].all()):
             # the next token would be predicted from a padding position: a silently wrong continuation
             raise ValueError(
                 "the batch is right-padded (attention_mask has 0 in the last column); generation needs left padding"
             )
-        model_inputs = super().prepare_inputs_for_generation(input_ids, **kwargs)
+        model_inputs = super().prepare_inputs_for_generation(input_ids, **generation_cache_kwarg(past), **kwargs)
         mode = model_inputs.get("is_sparse")
         mode = self.config.is_sparse if mode is None else mode
         if mode == 2 and model_inputs.get("image_mask") is None and model_inputs.get("pivot_idx") is None:
@@ -1064,10 +1077,12 @@ class GPT2SparseLMHeadModel(GPT2SparsePreTrainedModel, GenerationMixin, Compiled
         pivot_idx: torch.LongTensor | None = None,
         image_mask: torch.Tensor | None = None,
         generator: torch.Generator | None = None,
+        num_items_in_batch: int | torch.Tensor | None = None,
         **kwargs,
     ) -> GPT2SparseCausalLMOutput:
         r"""
-        labels: token ids for the next-token loss (shifted inside; -100 is ignored).
+        labels: token ids for the next-token loss (shifted inside; -100 is ignored). `num_items_in_batch`, passed by
+            Trainer, makes the loss a sum divided by that count.
         mems, is_sparse, sep, pivot_idx, image_mask, generator: see `GPT2SparseModel.forward`.
 
         Example:
@@ -1078,6 +1093,7 @@ class GPT2SparseLMHeadModel(GPT2SparsePreTrainedModel, GenerationMixin, Compiled
         >>> model.generate(ids, max_new_tokens=8, do_sample=False, is_sparse=2)
         ```
         """
+        past_key_values = take_cache(past_key_values, kwargs)
         tokens = input_ids if input_ids is not None else inputs_embeds
         with fast_cpu_gemv(tokens, past_key_values, self.lm_head.weight, mems):
             outputs = self.model(
@@ -1115,14 +1131,12 @@ class GPT2SparseLMHeadModel(GPT2SparsePreTrainedModel, GenerationMixin, Compiled
                 raise ValueError(
                     f"labels hold {int(labels[bad][0])}, outside [0, vocab_size={self.config.vocab_size}) and not -100"
                 )
-            shift_logits = logits[:, :-1].float().reshape(-1, logits.shape[-1])
-            shift_labels = labels[:, 1:].to(logits.device).reshape(-1)
-            loss = F.cross_entropy(shift_logits, shift_labels, ignore_index=-100)
+            loss = causal_lm_loss(logits, labels, num_items_in_batch)
 
         return GPT2SparseCausalLMOutput(
             loss=loss,
             logits=logits,
-            past_key_values=outputs.past_key_values,
+            **cache_field(output_cache(outputs)),
             hidden_states=outputs.hidden_states,
             attentions=outputs.attentions,
             mems=outputs.mems,

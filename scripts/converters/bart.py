@@ -35,7 +35,13 @@ from .common import (
     write_json,
 )
 
-CODE_FILES = ["configuration_bart_gen.py", "modeling_bart_gen.py", "fast_decoding.py", "model_checks.py"]
+CODE_FILES = [
+    "configuration_bart_gen.py",
+    "modeling_bart_gen.py",
+    "fast_decoding.py",
+    "model_checks.py",
+    "transformers_compat.py",
+]
 TOKENIZER_FILES = [
     "vocab.json", "merges.txt", "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json",
     "added_tokens.json",

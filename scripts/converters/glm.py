@@ -55,7 +55,13 @@ from .common import (
     write_json,
 )
 
-CODE_FILES = ["configuration_glm.py", "modeling_glm.py", "fast_decoding.py", "model_checks.py"]
+CODE_FILES = [
+    "configuration_glm.py",
+    "modeling_glm.py",
+    "fast_decoding.py",
+    "model_checks.py",
+    "transformers_compat.py",
+]
 
 # THUDM's ChatGLMConfig defaults (configuration_chatglm.py): used for fields a config.json leaves out.
 THUDM_DEFAULTS = dict(

@@ -1,0 +1,193 @@
+"""Where transformers' calling conventions enter the models of this repository, in one place.
+
+The original GLM, ChatGLM-6B and CogView code died of transformers upgrades: a renamed argument, a moved helper, a
+changed default, each silently absorbed by a `**kwargs`. Every convention that differs between the transformers
+releases this repository supports (4.57 to the newest 5.x) is handled here, so the next rename is a one-line change
+and the model files read like plain models:
+
+- the KV cache's name: `past_key_values` up to 5.23, `cache` from 5.24 on (generate() passes it to `forward()` and
+  reads it back from the output under that name). `take_cache` accepts both; `cache_field` and `output_cache` use
+  the running transformers' name (`CACHE_NAME`), so no deprecation warning is logged;
+- arguments a model does not know: `check_unused_kwargs` refuses any that carries state (a tensor, a cache) and
+  warns once about the rest, so that a future rename fails loudly instead of decoding without history;
+- generate()'s cache: `generation_cache` refuses a generation step that arrives without one (`use_cache=True`),
+  which is how a rename on generate()'s side would otherwise show: wrong tokens, no error;
+- the attention-function registry (`registered_attention`): indexed in 4.x, `get_interface` in 5.x;
+- Trainer's loss convention (`causal_lm_loss`): a model whose `forward` takes `**kwargs` is handed
+  `num_items_in_batch` and must divide by it, or gradient accumulation scales the gradients;
+- weight tying after loading (`retie_lm_head`): transformers 5.0.0 leaves the head untied when a checkpoint stores
+  both the embeddings and an identical `lm_head.weight` (THUDM's ChatGLM-6B files do).
+A transformers older than `MIN_TRANSFORMERS` is refused at import, naming the floor.
+
+A sibling module of the model files: transformers' remote-code loader fetches and copies it with them.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import torch
+import torch.nn.functional as F
+import transformers
+from packaging.version import Version
+from torch import nn
+from transformers.cache_utils import Cache
+from transformers.modeling_outputs import CausalLMOutputWithPast
+from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
+from transformers.utils import logging
+
+logger = logging.get_logger(__name__)
+
+MIN_TRANSFORMERS = "4.57"  # the oldest release the test matrix covers (scripts/test.sh)
+NEXT_MAJOR = "6"  # the first release outside the tested range
+TRANSFORMERS_VERSION = transformers.__version__
+
+if Version(TRANSFORMERS_VERSION) < Version(MIN_TRANSFORMERS):
+    raise ImportError(
+        f"this model's code needs transformers>={MIN_TRANSFORMERS},<{NEXT_MAJOR}; found {TRANSFORMERS_VERSION}. "
+        f'Upgrade with: pip install "transformers>={MIN_TRANSFORMERS},<{NEXT_MAJOR}"'
+    )
+
+
+class TransformersCompatibilityError(RuntimeError):
+    """transformers called a model in a way this code does not know (a renamed or missing argument)."""
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# The KV cache's name
+# ---------------------------------------------------------------------------------------------------------------
+CACHE_NAMES = ("past_key_values", "cache")  # every name the cache has had, oldest first
+# The running transformers' name: generate() passes the cache to forward() and reads it from the output under it.
+CACHE_NAME = "cache" if "cache" in CausalLMOutputWithPast.__dataclass_fields__ else "past_key_values"
+
+
+def take_cache(past_key_values: Cache | None, kwargs: dict) -> Cache | None:
+    """The cache a caller passed, as `past_key_values` (transformers <= 5.23) or `cache` (5.24+, popped from
+    `kwargs`). Both at once must be the same object."""
+    cache = kwargs.pop("cache", None)
+    if past_key_values is not None and cache is not None and past_key_values is not cache:
+        raise ValueError("pass the KV cache once, as `cache` or as `past_key_values`, not two different ones")
+    cache = past_key_values if past_key_values is not None else cache
+    if cache is not None and not isinstance(cache, Cache):
+        raise ValueError(
+            f"past_key_values must be a transformers Cache (e.g. DynamicCache), got {type(cache).__name__}; tuple "
+            "caches of the original implementations are not supported (transformers >= 5.24 calls it `cache`)"
+        )
+    return cache
+
+
+def cache_field(cache: Cache | None) -> dict:
+    """`{CACHE_NAME: cache}`, to be splatted into a model output: `CausalLMOutputWithPast(logits=x,
+    **cache_field(cache))` (tests/test_transformers_compat.py checks every output class used has that field)."""
+    return {CACHE_NAME: cache}
+
+
+def output_cache(output) -> Cache | None:
+    """The cache of a model output, read without the deprecation warning of the old name's alias."""
+    return getattr(output, CACHE_NAME)
+
+
+def generation_cache_kwarg(cache: Cache | None) -> dict:
+    """`{CACHE_NAME: cache}` for transformers' own `GenerationMixin.prepare_inputs_for_generation`."""
+    return {CACHE_NAME: cache}
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Arguments a model does not use
+# ---------------------------------------------------------------------------------------------------------------
+# Passed by transformers, needed by none of the models here (each with who passes it and why it is not needed).
+IGNORED_KWARGS = frozenset(
+    {
+        "cache_position",  # generate() in 4.x: positions come from the cache length here
+        "return_dict",  # @can_return_tuple consumes it on the top-level classes
+    }
+)
+
+
+def check_unused_kwargs(kwargs: dict, model: str) -> None:
+    """Refuse keyword arguments `model` does not know that carry state (a tensor, a cache, a list of them): a
+    renamed argument of a new transformers release would otherwise vanish into `**kwargs`. Others are logged once."""
+    unknown = {name: value for name, value in kwargs.items() if name not in IGNORED_KWARGS}
+    if not unknown:
+        return
+    stateful = sorted(name for name, value in unknown.items() if _carries_state(value))
+    if stateful:
+        raise TransformersCompatibilityError(
+            f"{model}.forward() got unknown argument(s) carrying tensors or a cache: {', '.join(stateful)} "
+            f"(transformers {TRANSFORMERS_VERSION}). If transformers renamed an argument (the cache is accepted as "
+            f"{' or '.join(CACHE_NAMES)}), this model's code needs updating; ignoring it would give wrong results."
+        )
+    logger.warning_once(f"{model}.forward() ignores unknown argument(s): {', '.join(sorted(unknown))}")
+
+
+def _carries_state(value) -> bool:
+    if isinstance(value, (list, tuple)):
+        return any(_carries_state(item) for item in value)
+    return isinstance(value, (torch.Tensor, Cache))
+
+
+def generation_cache(config, past_key_values: Cache | None, kwargs: dict) -> Cache | None:
+    """The cache generate() hands to `prepare_inputs_for_generation`, under either name (popped from `kwargs`).
+
+    With `use_cache=True` generate() always creates one (4.57 and every 5.x so far); a step without it means
+    transformers now passes it under a name this code does not know, and decoding on would see one token and no
+    history. That is refused, naming the version."""
+    cache = take_cache(past_key_values, kwargs)
+    use_cache = kwargs.get("use_cache")
+    use_cache = getattr(config, "use_cache", True) if use_cache is None else use_cache
+    strays = sorted(name for name, value in kwargs.items() if isinstance(value, Cache))
+    if strays or (use_cache and cache is None):
+        found = f"; found a cache under {', '.join(strays)}" if strays else ""
+        raise TransformersCompatibilityError(
+            f"generate() of transformers {TRANSFORMERS_VERSION} passed no KV cache under the names this model "
+            f"knows ({', '.join(CACHE_NAMES)}) with use_cache=True{found}. Decoding on would ignore the history "
+            "and produce wrong tokens; this model's code needs updating for this transformers release."
+        )
+    return cache
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Attention registry, loss, tying
+# ---------------------------------------------------------------------------------------------------------------
+def registered_attention(implementation: str | None, eager: Callable) -> Callable:
+    """transformers' attention function named `implementation` (sdpa, flash, a user's registered one), or `eager`."""
+    if hasattr(ALL_ATTENTION_FUNCTIONS, "get_interface"):  # 5.x
+        return ALL_ATTENTION_FUNCTIONS.get_interface(implementation, eager)
+    if implementation in (None, "eager"):  # 4.x
+        return eager
+    return ALL_ATTENTION_FUNCTIONS[implementation]
+
+
+def causal_lm_loss(
+    logits: torch.Tensor,
+    labels: torch.Tensor,
+    num_items_in_batch: int | torch.Tensor | None = None,
+    shift: bool = True,
+) -> torch.Tensor:
+    """Cross-entropy of `logits` [B, S, V] against `labels` [B, S] (-100 = ignored), in fp32.
+
+    `shift`: the logits at position i predict labels[i + 1] (decoder-only models); an encoder-decoder's labels are
+    already aligned. The sum is divided by `num_items_in_batch` when Trainer passes it (the label count of every
+    micro-batch of a gradient-accumulation step, so k small batches add up to one big one), else by this batch's
+    label count. A batch whose labels are all ignored gives a loss of 0 with zero gradients (not NaN)."""
+    if shift:
+        logits, labels = logits[:, :-1], labels[:, 1:]
+    labels = labels.to(logits.device).reshape(-1)
+    total = F.cross_entropy(logits.float().reshape(-1, logits.shape[-1]), labels, ignore_index=-100, reduction="sum")
+    if num_items_in_batch is None:
+        num_items_in_batch = (labels != -100).sum().clamp(min=1)
+    elif isinstance(num_items_in_batch, torch.Tensor):
+        num_items_in_batch = num_items_in_batch.to(total.device)
+    return total / num_items_in_batch
+
+
+def retie_lm_head(model: nn.Module) -> None:
+    """Tie the output embeddings to the input embeddings again where the config ties them but the loader left two
+    equal copies (transformers 5.0.0 with checkpoints that store both). Differing copies stay as loaded."""
+    if not getattr(model.config, "tie_word_embeddings", False):
+        return
+    head, embeddings = model.get_output_embeddings(), model.get_input_embeddings()
+    if head is None or embeddings is None or head.weight is embeddings.weight:
+        return
+    if head.weight.shape == embeddings.weight.shape and torch.equal(head.weight, embeddings.weight):
+        head.weight = embeddings.weight
