@@ -35,7 +35,13 @@ FAMILIES = tuple(os.environ.get("ECOSYSTEM_FAMILIES", "glm,gpt2_sparse,bart_gen"
 CODE_FILES = {
     "glm": ("configuration_glm.py", "modeling_glm.py", "fast_decoding.py", "model_checks.py"),
     "glm-10b": ("configuration_glm.py", "modeling_glm.py", "fast_decoding.py", "model_checks.py"),
-    "gpt2_sparse": ("configuration_gpt2_sparse.py", "modeling_gpt2_sparse.py", "fast_decoding.py", "model_checks.py"),
+    "gpt2_sparse": (
+        "configuration_gpt2_sparse.py",
+        "modeling_gpt2_sparse.py",
+        "sparse_attention.py",
+        "fast_decoding.py",
+        "model_checks.py",
+    ),
     "bart_gen": ("configuration_bart_gen.py", "modeling_bart_gen.py", "fast_decoding.py", "model_checks.py"),
 }
 # The Auto class that holds the LM head, per family.

@@ -36,7 +36,13 @@ from test_robustness_fixtures import bart_model, glm_model, sparse_model
 CODE_FILES = {
     "glm": ("configuration_glm.py", "modeling_glm.py", "fast_decoding.py", "model_checks.py"),
     "bart": ("configuration_bart_gen.py", "modeling_bart_gen.py", "fast_decoding.py", "model_checks.py"),
-    "sparse": ("configuration_gpt2_sparse.py", "modeling_gpt2_sparse.py", "fast_decoding.py", "model_checks.py"),
+    "sparse": (
+        "configuration_gpt2_sparse.py",
+        "modeling_gpt2_sparse.py",
+        "sparse_attention.py",
+        "fast_decoding.py",
+        "model_checks.py",
+    ),
 }
 TOKENIZER_FILES = ("tokenizer.model", "tokenizer_config.json", "tokenization_glm.py")
 

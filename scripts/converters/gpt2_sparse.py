@@ -35,7 +35,13 @@ from converters.common import (
     write_json,
 )
 
-CODE_FILES = ["configuration_gpt2_sparse.py", "modeling_gpt2_sparse.py", "fast_decoding.py", "model_checks.py"]
+CODE_FILES = [
+    "configuration_gpt2_sparse.py",
+    "modeling_gpt2_sparse.py",
+    "sparse_attention.py",
+    "fast_decoding.py",
+    "model_checks.py",
+]
 AUTO_MAP = {
     "AutoConfig": "configuration_gpt2_sparse.GPT2SparseConfig",
     "AutoModel": "modeling_gpt2_sparse.GPT2SparseModel",
