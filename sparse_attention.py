@@ -355,50 +355,51 @@ def _flex_part(query, key, value, part: _Part, scaling: float):
     return _COMPILED_FLEX(query, key, value, block_mask=part.block_mask(), scale=scaling, return_lse=True)
 
 
-# Rows per chunk of the merge: its fp32 temporaries stay a few MiB whatever the sequence length.
-_MERGE_ROWS = 2**16
+# Elements per chunk of the merge: its fp32 temporaries stay a few MiB whatever the sequence length.
+_MERGE_ELEMENTS = 2**22
 
 
 class _MergeByLse(torch.autograd.Function):
     """out = a1 * o1 + a2 * o2 with (a1, a2) = softmax(lse1, lse2): two partial attentions over disjoint key sets
     combined into the attention over their union. Saves only o1, o2 and the lse (which the attention calls keep
-    anyway); fp32 arithmetic in chunks of rows, so no full-size fp32 copy is made. Gradients: do_i = a_i * dout,
-    dlse1 = -dlse2 = a1 * a2 * <dout, o1 - o2>."""
+    anyway); fp32 arithmetic in chunks of query rows (any memory layout, no copies), so no full-size fp32 tensor
+    is made. Gradients: do_i = a_i * dout, dlse1 = -dlse2 = a1 * a2 * <dout, o1 - o2>. The output is laid out as
+    [B, Q, H, D] (the caller's next step), seen as [B, H, Q, D]."""
 
     @staticmethod
     def forward(ctx, o1, lse1, o2, lse2):
         ctx.save_for_backward(o1, lse1, o2, lse2)
-        out, acc = torch.empty_like(o1), _acc_dtype(o1)
-        for rows, a1, a2 in _MergeByLse.chunks(lse1, lse2):
-            out.view(-1, o1.shape[-1])[rows] = (
-                o1.reshape(-1, o1.shape[-1])[rows].to(acc) * a1 + o2.reshape(-1, o2.shape[-1])[rows].to(acc) * a2
-            ).to(out.dtype)
+        bsz, heads, q_len, head_dim = o1.shape
+        out = o1.new_empty(bsz, q_len, heads, head_dim).transpose(1, 2)
+        acc = _acc_dtype(o1)
+        for rows, a1, a2 in _MergeByLse.chunks(lse1, lse2, head_dim):
+            out[:, :, rows] = (o1[:, :, rows].to(acc) * a1 + o2[:, :, rows].to(acc) * a2).to(out.dtype)
         return out
 
     @staticmethod
     def backward(ctx, grad_out):
         o1, lse1, o2, lse2 = ctx.saved_tensors
-        dim, acc = o1.shape[-1], _acc_dtype(o1)
-        grad = grad_out.reshape(-1, dim)
-        d_o1, d_o2 = torch.empty_like(o1), torch.empty_like(o2)
-        d_lse1 = torch.empty_like(lse1)
-        for rows, a1, a2 in _MergeByLse.chunks(lse1, lse2):
-            g = grad[rows].to(acc)
-            d_o1.view(-1, dim)[rows] = (g * a1).to(d_o1.dtype)
-            d_o2.view(-1, dim)[rows] = (g * a2).to(d_o2.dtype)
-            diff = o1.reshape(-1, dim)[rows].to(acc) - o2.reshape(-1, dim)[rows].to(acc)
-            d_lse1.view(-1)[rows] = (a1 * a2).squeeze(-1) * (g * diff).sum(-1)
+        acc = _acc_dtype(o1)
+        d_o1, d_o2 = torch.empty(o1.shape, dtype=o1.dtype, device=o1.device), torch.empty_like(o2)
+        d_lse1 = torch.empty(lse1.shape, dtype=lse1.dtype, device=lse1.device)
+        for rows, a1, a2 in _MergeByLse.chunks(lse1, lse2, o1.shape[-1]):
+            g = grad_out[:, :, rows].to(acc)
+            d_o1[:, :, rows] = (g * a1).to(d_o1.dtype)
+            d_o2[:, :, rows] = (g * a2).to(d_o2.dtype)
+            diff = o1[:, :, rows].to(acc) - o2[:, :, rows].to(acc)
+            d_lse1[:, :, rows] = (a1 * a2).squeeze(-1) * (g * diff).sum(-1)
         return d_o1, d_lse1, d_o2, -d_lse1
 
     @staticmethod
-    def chunks(lse1, lse2):
-        """(row slice, a1 [rows, 1], a2 [rows, 1]) per chunk of the flattened [B * H * Q] rows."""
-        l1, l2 = lse1.reshape(-1), lse2.reshape(-1)
-        for begin in range(0, l1.shape[0], _MERGE_ROWS):
-            rows = slice(begin, begin + _MERGE_ROWS)
-            a, b = l1[rows], l2[rows]
+    def chunks(lse1, lse2, head_dim: int):
+        """(query slice, a1 [B, H, rows, 1], a2 [B, H, rows, 1]) per chunk of query rows."""
+        bsz, heads, q_len = lse1.shape
+        step = max(1, _MERGE_ELEMENTS // (bsz * heads * head_dim))
+        for begin in range(0, q_len, step):
+            rows = slice(begin, begin + step)
+            a, b = lse1[:, :, rows], lse2[:, :, rows]
             total = torch.logaddexp(a, b)
-            yield rows, torch.exp(a - total)[:, None], torch.exp(b - total)[:, None]
+            yield rows, torch.exp(a - total)[..., None], torch.exp(b - total)[..., None]
 
 
 def merge_by_lse(o1: torch.Tensor, lse1: torch.Tensor, o2: torch.Tensor, lse2: torch.Tensor) -> torch.Tensor:
