@@ -23,11 +23,8 @@ Attention modes, chosen per call with `is_sparse` (the config holds the default)
   CogView's count `max_text + int((n_left - max_text) * P / max_position_embeddings)`.
 A `pivot_idx` [batch, n] passed by the caller replaces the sampling in every layer (mode 1 then adds
 `log(s // n)`; in mode 2 positions not reached yet simply stay invisible until they are left of a window).
-Modes 1 and 2 never build an s x s matrix: each (batch, head) row goes a step of query blocks at a time, every
-block against its own key window (an overlapping strided view of the keys, so each product is one plain GEMM with
-no copies) plus the pivots left of it (pivots are sorted, so a step scores only the prefix it can see). The only
-transient is one step's scores (about 4 MiB), and a custom backward recomputes the probabilities (as flash
-attention does), so training keeps only q, k, v and the output per layer, no more than dense sdpa does.
+The sparse attention itself (a block-sparse FlexAttention pair on CUDA, a blocked kernel with its own backward
+elsewhere; neither builds an s x s matrix), its plan and the pivot sampling live in sparse_attention.py.
 
 Differences from CogView: pivot sampling uses torch (an optional `torch.Generator` makes it reproducible) instead of
 Python's `random`, and is drawn per layer in the model's forward so gradient checkpointing recomputes with the same
@@ -53,6 +50,7 @@ from transformers.utils import can_return_tuple, logging
 from .configuration_gpt2_sparse import GPT2SparseConfig
 from .fast_decoding import CompiledDecoding, attention_function, fast_cpu_gemv, use_growing_kv_layers
 from .model_checks import CheckedLoading, check_half_overflow
+from .sparse_attention import SparsePlan, plan_sparse_attention, sparse_window_attention
 from .transformers_compat import (
     cache_field,
     causal_lm_loss,
@@ -146,319 +144,6 @@ def eager_attention_forward(
     return out, probs
 
 
-@dataclass
-class SparsePlan:
-    """Per-call description of sparse attention (modes 1 and 2), shared by all layers except the pivots.
-
-    window_start [Q] (absolute position of the first window key of each query; pivots must lie before it),
-    block (queries per block), span (keys per block chunk), pivot_bias (added to pivot logits), key_mask
-    [B, K] bool or None (False = padding), pivots: one LongTensor [B, n] per layer (n may be 0).
-    """
-
-    window_start: torch.Tensor
-    block: int
-    span: int
-    pivot_bias: float
-    key_mask: torch.Tensor | None
-    pivots: list[torch.Tensor]
-
-
-def sparse_window_attention(
-    query: torch.Tensor,
-    key: torch.Tensor,
-    value: torch.Tensor,
-    window_start: torch.Tensor,
-    block: int,
-    span: int,
-    pivot_idx: torch.Tensor,
-    pivot_bias: float,
-    key_mask: torch.Tensor | None,
-    scaling: float,
-    dropout: float = 0.0,
-) -> torch.Tensor:
-    """Window-plus-pivot attention without an s x s matrix.
-
-    query [B, H, Q, D] holds the last Q positions of key/value [B, H, K, D]. The query at absolute position p
-    attends to the keys in [window_start[p], p] and to the pivots j (pivot_idx [B, n], absolute positions) with
-    j < window_start[p], whose logits get `pivot_bias`; one softmax over both. Queries go in blocks of `block`
-    (span must be a multiple of it); every query of block g finds its window inside one chunk of `span` keys ending
-    at the block's last query, an overlapping strided view of the keys (no copy). Work goes one (batch, head) row
-    and a step of blocks at a time, so every product is one plain GEMM and the scores of a step
-    ([blocks, block, pivots + span]) are the only transient; they are recomputed in backward (as flash attention
-    does), so nothing quadratic is kept for backward. Returns [B, Q, H, D], contiguous.
-    """
-    geometry = _SparseGeometry(query, key, window_start, block, span, pivot_idx, pivot_bias, key_mask)
-    seed = int(torch.randint(0, 2**62, (1,))) if dropout > 0 else 0
-    if torch.is_grad_enabled() and (query.requires_grad or key.requires_grad or value.requires_grad):
-        return _SparseWindowAttention.apply(query, key, value, geometry, scaling, dropout, seed)
-    return _sparse_forward(query, key, value, geometry, scaling, dropout, seed)
-
-
-# Score elements per (batch, head) row and step of blocks (4 MiB in fp32): large enough that the per-step Python
-# and dispatch overhead is small next to the GEMMs, small enough to stay a minor transient.
-_STEP_ELEMENTS = 2**20
-
-
-class _SparseGeometry:
-    """Index bookkeeping of sparse_window_attention: padding, per-block key windows, steps and additive masks.
-
-    Keys live in a padded frame: row i of the padded keys is absolute position `chunk_start + i`, and the window
-    chunk of block g is rows [g * block, g * block + span). Pivots are sorted, so the pivots a step of blocks can
-    see are a prefix of them (those left of the step's last window), and only that prefix is scored.
-    """
-
-    def __init__(self, query, key, window_start, block, span, pivot_idx, pivot_bias, key_mask):
-        bsz, heads, q_len, _ = query.shape
-        k_len = key.shape[2]
-        device = query.device
-        if span % block:
-            raise ValueError(f"span ({span}) must be a multiple of block ({block})")
-        self.q_len, self.k_len, self.block, self.span = q_len, k_len, block, span
-        self.n_blocks = -(-q_len // block)
-        self.q_pad = self.n_blocks * block - q_len
-        self.q_offset = k_len - q_len
-        self.chunk_start = self.q_offset + block - span  # absolute position of the first key of block 0's chunk
-        self.left_pad, self.first = max(0, -self.chunk_start), max(0, self.chunk_start)
-        self.pivot_bias = pivot_bias
-        # Only scalars, the caller's window_start and [B, n] pivot tensors are kept (this object lives until
-        # backward); positions and masks of a step are built in mask().
-        self.window_start = window_start.to(device)
-        self.raw_pivots = pivot_idx.sort(dim=-1).values
-        self.pivot_idx = self.raw_pivots.clamp(max=k_len - 1)  # positions past the keys are never visible
-        self.n_pivots = pivot_idx.shape[1]
-        self.key_mask_chunks = self.pivot_visible = None
-        if key_mask is not None:
-            mask = F.pad(key_mask[:, self.first :].bool(), (self.left_pad, self.q_pad), value=False)
-            self.key_mask_chunks = mask.unfold(1, span, block)  # [B, G, span] view
-            self.pivot_visible = key_mask.bool().gather(1, self.pivot_idx)  # [B, n]
-
-        # Steps of blocks, each with the number of (sorted) pivots its queries may see.
-        step = max(1, _STEP_ELEMENTS // (block * (self.n_pivots + span)))
-        bounds = list(range(0, self.n_blocks, step)) + [self.n_blocks]
-        self.steps = list(zip(bounds[:-1], bounds[1:]))
-        counts = [0] * len(self.steps)
-        if self.n_pivots:
-            starts = torch.stack([self.window_start[g0 * block : g1 * block].amax() for g0, g1 in self.steps])
-            counts = (self.raw_pivots[:, None, :] < starts[None, :, None]).sum(-1).amax(0).tolist()
-        self.pivot_counts = counts
-        self.max_step = max(g1 - g0 for g0, g1 in self.steps)
-
-    def padded(self, x: torch.Tensor) -> torch.Tensor:
-        """[B, H, K, D] -> [B, H, (G - 1) * block + span, D] in the padded key frame (zeros outside the keys)."""
-        return F.pad(x[:, :, self.first :], (0, 0, self.left_pad, self.q_pad)).contiguous()
-
-    def windows(self, padded: torch.Tensor) -> torch.Tensor:
-        """Padded keys -> [B, H, G, span, D], a strided view (overlapping windows)."""
-        return padded.unfold(2, self.span, self.block).transpose(-1, -2)
-
-    def pivots(self, x: torch.Tensor) -> torch.Tensor:
-        """[B, H, K, D] -> the pivot rows [B, H, n, D]."""
-        bsz, heads, _, head_dim = x.shape
-        return x.gather(2, self.pivot_idx[:, None, :, None].expand(bsz, heads, self.n_pivots, head_dim))
-
-    def unpad(self, padded: torch.Tensor) -> torch.Tensor:
-        """Adjoint of padded(): [B, H, padded, D] -> [B, H, K, D] (a view unless the keys start past the frame)."""
-        x = padded[:, :, self.left_pad : self.left_pad + self.k_len - self.first]
-        return F.pad(x, (0, 0, self.first, 0)) if self.first else x
-
-    def blocks(self, x: torch.Tensor) -> torch.Tensor:
-        """[B, Q, H, D] -> [B, G * block, H, D], zero rows appended to fill the last block."""
-        return F.pad(x, (0, 0, 0, 0, 0, self.q_pad)) if self.q_pad else x
-
-    def mask(self, g0: int, g1: int, n: int, dtype: torch.dtype) -> torch.Tensor:
-        """Additive mask [B|1, g, block, n + span] of blocks g0..g1 against their first n pivots and their window
-        chunks: pivot_bias on visible pivots, 0 on window keys, -inf elsewhere."""
-        g, block, device = g1 - g0, self.block, self.window_start.device
-        q_pos = torch.arange(self.q_offset + g0 * block, self.q_offset + g1 * block, device=device).view(g, block, 1)
-        k_pos = torch.arange(g0, g1, device=device).view(g, 1, 1) * block + torch.arange(self.span, device=device)
-        k_pos = k_pos + self.chunk_start  # [g, 1, span] absolute key positions of the chunks
-        start = self.window_start[g0 * block : g1 * block]
-        start = F.pad(start, (0, g * block - start.shape[0]), value=self.k_len).view(g, block, 1)
-        start = torch.minimum(start, q_pos)  # padded query rows attend to themselves only
-        window = (k_pos >= start) & (k_pos <= q_pos) & (k_pos >= 0)  # [g, block, span]
-        if self.key_mask_chunks is not None:
-            window = (window & self.key_mask_chunks[:, g0:g1, None, :]) | (k_pos == q_pos)
-        else:
-            window = window.unsqueeze(0)
-        values = torch.zeros(n + self.span, dtype=dtype, device=device)
-        if n:
-            values[:n] = self.pivot_bias
-            pivots = self.raw_pivots[:, None, None, :n] < start  # [B, g, block, n]
-            if self.pivot_visible is not None:
-                pivots = pivots & self.pivot_visible[:, None, None, :n]
-            window = torch.cat([pivots, window.expand(pivots.shape[0], -1, -1, -1)], dim=-1)
-        # -inf (not the dtype's min): exp(-inf) is fast where exp of huge negatives is not; every row keeps at
-        # least its own key, so no row is empty.
-        return torch.where(window, values, float("-inf"))
-
-
-def _acc_dtype(x: torch.Tensor) -> torch.dtype:
-    """Softmax statistics run in fp32 at least (as CogView's fp32 softmax), in the input's dtype if wider."""
-    return torch.promote_types(x.dtype, torch.float32)
-
-
-def _dropout_mask(shape, p: float, generator: torch.Generator, device, dtype) -> torch.Tensor:
-    return (torch.rand(shape, generator=generator, device=device) >= p).to(dtype) / (1 - p)
-
-
-def _scores(x: torch.Tensor, windows: torch.Tensor, pivots: torch.Tensor, block: int, out: torch.Tensor):
-    """x [g * block, D] against its blocks' window rows [g, span, D] and the pivot rows [n, D], written into out
-    [g, block, n + span] (pivots first). Used for q.K^T and for dO.V^T."""
-    n = pivots.shape[0]
-    torch.bmm(x.unflatten(0, (windows.shape[0], block)), windows.transpose(1, 2), out=out[..., n:])
-    if n:
-        torch.mm(x, pivots.t(), out=out.flatten(0, 1)[:, :n])
-    return out
-
-
-def _fold(target: torch.Tensor, grad_windows: torch.Tensor, g0: int, block: int) -> None:
-    """Adjoint of the window views: add grad_windows [g, span, D] of blocks g0.. into target [padded, D]."""
-    g, span, head_dim = grad_windows.shape
-    for j in range(span // block):
-        rows = target[(g0 + j) * block : (g0 + j + g) * block].view(g, block, head_dim)
-        rows += grad_windows[:, j * block : (j + 1) * block]
-
-
-class _Operands:
-    """What sparse attention reads, as per-row views: scaled queries [B, G * block, H, D] (scaling folded into q is
-    cheaper than on the scores), window keys/values [B, H, G, span, D] (overlapping views of padded copies) and
-    pivot keys/values [B, H, n, D]."""
-
-    def __init__(self, geo: _SparseGeometry, query, key, value, scaling: float):
-        self.q = geo.blocks((query * scaling).transpose(1, 2))
-        self.key_windows, self.value_windows = geo.windows(geo.padded(key)), geo.windows(geo.padded(value))
-        self.pivot_key, self.pivot_value = geo.pivots(key), geo.pivots(value)
-
-    def probs(self, geo, b, h, g0, g1, n, mask, buffer) -> torch.Tensor:
-        """Softmax probabilities (fp32 or wider) [g, block, n + span] of row (b, h), blocks g0..g1, first n pivots."""
-        q = self.q[b, g0 * geo.block : g1 * geo.block, h]  # [g * block, D]
-        s = _scores(q, self.key_windows[b, h, g0:g1], self.pivot_key[b, h, :n], geo.block, buffer)
-        s = s.to(mask.dtype) if s.dtype != mask.dtype else s
-        return torch.softmax(s.add_(mask[b if mask.shape[0] > 1 else 0]), dim=-1)
-
-
-def _buffer(geo: _SparseGeometry, like: torch.Tensor) -> torch.Tensor:
-    return like.new_empty(geo.max_step * geo.block * (geo.n_pivots + geo.span))
-
-
-def _view(buffer: torch.Tensor, geo: _SparseGeometry, g: int, n: int) -> torch.Tensor:
-    return buffer[: g * geo.block * (n + geo.span)].view(g, geo.block, n + geo.span)
-
-
-def _sparse_forward(query, key, value, geo: _SparseGeometry, scaling: float, dropout: float, seed: int):
-    """Returns out [B, Q, H, D] (contiguous)."""
-    bsz, heads, _, head_dim = query.shape
-    block = geo.block
-    if geo.n_blocks == 1 and dropout == 0:
-        return _one_block_forward(query, key, value, geo, scaling)
-    ops = _Operands(geo, query, key, value, scaling)
-    out = query.new_empty(bsz, geo.n_blocks * block, heads, head_dim)
-    buffer = _buffer(geo, query)
-    acc = _acc_dtype(query)
-    generator = torch.Generator(device=query.device).manual_seed(seed) if dropout > 0 else None
-    for (g0, g1), n in zip(geo.steps, geo.pivot_counts):
-        mask = geo.mask(g0, g1, n, acc)
-        for b in range(bsz):
-            for h in range(heads):
-                p = ops.probs(geo, b, h, g0, g1, n, mask, _view(buffer, geo, g1 - g0, n))
-                if generator is not None:
-                    p = p * _dropout_mask(p.shape, dropout, generator, query.device, p.dtype)
-                p = p.to(query.dtype)
-                o = out[b, g0 * block : g1 * block, h]  # [g * block, D]
-                torch.bmm(p[..., n:], ops.value_windows[b, h, g0:g1], out=o.unflatten(0, (g1 - g0, block)))
-                if n:
-                    o.addmm_(p.flatten(0, 1)[:, :n], ops.pivot_value[b, h, :n])
-    return out[:, : geo.q_len]
-
-
-def _one_block_forward(query, key, value, geo: _SparseGeometry, scaling: float) -> torch.Tensor:
-    """_sparse_forward when all queries form one block (decoding, short prompts): every (batch, head) row at once,
-    a few ops whatever the number of heads. Returns [B, Q, H, D]."""
-    n = geo.pivot_counts[0]
-    q = geo.blocks((query * scaling).transpose(1, 2)).transpose(1, 2)  # [B, H, block, D]
-    key_window, value_window = geo.windows(geo.padded(key))[:, :, 0], geo.windows(geo.padded(value))[:, :, 0]
-    scores = torch.matmul(q, key_window.transpose(-1, -2))  # [B, H, block, span]
-    if n:
-        pivot_key, pivot_value = geo.pivots(key)[:, :, :n], geo.pivots(value)[:, :, :n]
-        scores = torch.cat([torch.matmul(q, pivot_key.transpose(-1, -2)), scores], dim=-1)
-    mask = geo.mask(0, 1, n, _acc_dtype(query))  # [B|1, 1, block, n + span]
-    p = torch.softmax(scores.to(mask.dtype) + mask, dim=-1).to(query.dtype)
-    out = torch.matmul(p[..., n:], value_window)
-    if n:
-        out = out + torch.matmul(p[..., :n], pivot_value)
-    return out.transpose(1, 2)[:, : geo.q_len].contiguous()
-
-
-class _SparseWindowAttention(torch.autograd.Function):
-    """Memory-efficient autograd for sparse_window_attention: saves q, k, v and out (no more than dense sdpa
-    keeps); recomputes the probabilities step by step in backward (dropout masks regenerated from the seed)."""
-
-    @staticmethod
-    def forward(ctx, query, key, value, geo, scaling, dropout, seed):
-        out = _sparse_forward(query, key, value, geo, scaling, dropout, seed)
-        ctx.save_for_backward(query, key, value, out)
-        ctx.geo, ctx.scaling, ctx.dropout, ctx.seed = geo, scaling, dropout, seed
-        return out
-
-    @staticmethod
-    def backward(ctx, grad_out):
-        query, key, value, out = ctx.saved_tensors
-        geo, scaling, dropout = ctx.geo, ctx.scaling, ctx.dropout
-        bsz, heads, _, head_dim = query.shape
-        block = geo.block
-        acc = _acc_dtype(query)
-
-        ops = _Operands(geo, query, key, value, scaling)
-        d_out = geo.blocks(grad_out)  # [B, G * block, H, D]
-        # softmax backward needs rowsum(dO * O) per query
-        delta = geo.blocks((grad_out.to(acc) * out.to(acc)).sum(-1, keepdim=True))  # [B, G * block, H, 1]
-        d_query = torch.empty_like(ops.q)
-        # key/value gradients in the padded frame, fp32 at least: several blocks add into each key
-        frame = ops.key_windows.shape[:2] + ((geo.n_blocks - 1) * block + geo.span, head_dim)
-        d_key_padded = key.new_zeros(frame, dtype=acc)
-        d_value_padded = torch.zeros_like(d_key_padded)
-        d_pivot_key = torch.zeros_like(ops.pivot_key, dtype=acc)
-        d_pivot_value = torch.zeros_like(d_pivot_key)
-        buffer, d_buffer = _buffer(geo, query), _buffer(geo, query)
-        generator = torch.Generator(device=query.device).manual_seed(ctx.seed) if dropout > 0 else None
-        for (g0, g1), n in zip(geo.steps, geo.pivot_counts):
-            g, rows = g1 - g0, slice(g0 * block, g1 * block)
-            mask = geo.mask(g0, g1, n, acc)
-            for b in range(bsz):
-                for h in range(heads):
-                    p = ops.probs(geo, b, h, g0, g1, n, mask, _view(buffer, geo, g, n))  # [g, block, n + span]
-                    do = d_out[b, rows, h]  # [g * block, D]
-                    value_windows, pivot_value = ops.value_windows[b, h, g0:g1], ops.pivot_value[b, h, :n]
-                    dp = _scores(do, value_windows, pivot_value, block, _view(d_buffer, geo, g, n))
-                    dp = dp.to(acc) if dp.dtype != acc else dp
-                    p_used = p
-                    if generator is not None:
-                        drop = _dropout_mask(p.shape, dropout, generator, query.device, p.dtype)
-                        p_used, dp = p * drop, dp * drop
-                    p_used = p_used.to(query.dtype)
-                    # dV = P^T dO: window part folded back onto the keys, pivot part summed over the blocks
-                    dv_windows = torch.bmm(p_used[..., n:].transpose(1, 2), do.unflatten(0, (g, block)))
-                    _fold(d_value_padded[b, h], dv_windows, g0, block)
-                    # softmax backward, in place: dS = P * (dP - rowsum(dO * O))
-                    ds = dp.sub_(delta[b, rows, h].unflatten(0, (g, block))).mul_(p).to(query.dtype)
-                    q = ops.q[b, rows, h]  # [g * block, D]
-                    dq = d_query[b, rows, h]
-                    torch.bmm(ds[..., n:], ops.key_windows[b, h, g0:g1], out=dq.unflatten(0, (g, block)))
-                    dk_windows = torch.bmm(ds[..., n:].transpose(1, 2), q.unflatten(0, (g, block)))
-                    _fold(d_key_padded[b, h], dk_windows, g0, block)
-                    if n:
-                        d_pivot_value[b, h, :n] += torch.mm(p_used.flatten(0, 1)[:, :n].t(), do)
-                        dq.addmm_(ds.flatten(0, 1)[:, :n], ops.pivot_key[b, h, :n])
-                        d_pivot_key[b, h, :n] += torch.mm(ds.flatten(0, 1)[:, :n].t(), q)
-        d_key, d_value = geo.unpad(d_key_padded), geo.unpad(d_value_padded)
-        if geo.n_pivots:
-            index = geo.pivot_idx[:, None, :, None].expand(d_pivot_key.shape)
-            d_key.scatter_add_(2, index, d_pivot_key)
-            d_value.scatter_add_(2, index, d_pivot_value)
-        d_query = d_query[:, : geo.q_len].mul_(scaling).transpose(1, 2)  # q was scaled before the scores
-        return d_query, d_key.to(key.dtype), d_value.to(value.dtype), None, None, None, None
-
-
 class GPT2SparseAttention(nn.Module):
     """CogView's self-attention: fused `query_key_value` (q|k|v contiguous, head-major), `dense` output."""
 
@@ -517,6 +202,7 @@ class GPT2SparseAttention(nn.Module):
                 sparse.key_mask,
                 scaling=self.scaling,
                 dropout=dropout,
+                block_masks=sparse.block_masks,
             )
         attn_output = attn_output.reshape(bsz, q_len, self.hidden_size)
         return self.output_dropout(self.dense(attn_output)), attn_weights
@@ -587,25 +273,6 @@ class GPT2SparsePreTrainedModel(CheckedLoading, PreTrainedModel):
             nn.init.zeros_(module.bias)
 
 
-def sample_pivots(
-    is_text: torch.Tensor,
-    is_image: torch.Tensor,
-    num_pivots: int,
-    generator: torch.Generator | None = None,
-) -> torch.Tensor:
-    """Every text position plus a uniform sample of image positions, `num_pivots` per row, sorted.
-
-    is_text / is_image: [B, L] bool (padding in neither). Returns LongTensor [B, num_pivots]. The caller checks
-    that every row has enough candidates (see `check_pivot_candidates`).
-    """
-    bsz, length = is_text.shape
-    rand_device = generator.device if generator is not None else is_text.device
-    noise = torch.rand(bsz, length, generator=generator, device=rand_device).to(is_text.device)
-    # Text first (key -1), then images in random order, never anything else (key 2).
-    keys = torch.where(is_text, -1.0, torch.where(is_image, noise, 2.0))
-    return keys.topk(num_pivots, dim=-1, largest=False).indices.sort(dim=-1).values
-
-
 def _check_token_tensor(name: str, ids) -> None:
     """TypeError / ValueError naming `name` unless `ids` is a non-empty integer tensor [batch, seq] (no device sync)."""
     if not isinstance(ids, torch.Tensor) or ids.is_floating_point() or ids.is_complex() or ids.dtype == torch.bool:
@@ -626,24 +293,6 @@ def _check_embeds(name: str, embeds, hidden_size: int) -> None:
         )
     if not torch.compiler.is_compiling() and not bool(torch.isfinite(embeds).all()):
         raise ValueError(f"{name} holds NaN or inf values")
-
-
-def check_pivot_candidates(is_text: torch.Tensor, is_image: torch.Tensor, num_pivots: int, mode: int) -> None:
-    n_text, n_image = is_text.sum(-1), is_image.sum(-1)
-    too_many_text = n_text > num_pivots
-    if bool(too_many_text.any()):
-        row = int(too_many_text.nonzero()[0, 0])
-        raise ValueError(
-            f"is_sparse={mode}: row {row} has {int(n_text[row])} text tokens but only {num_pivots} pivots per row are "
-            f"drawn (every text token is a pivot); raise num_pivot or shorten the text"
-        )
-    too_few = n_text + n_image < num_pivots
-    if bool(too_few.any()):
-        row = int(too_few.nonzero()[0, 0])
-        raise ValueError(
-            f"is_sparse={mode}: row {row} has {int(n_text[row])} text and {int(n_image[row])} image tokens available "
-            f"as pivots, fewer than the {num_pivots} pivots needed; lower num_pivot, pass pivot_idx, or use is_sparse=0"
-        )
 
 
 class GPT2SparseModel(GPT2SparsePreTrainedModel):
@@ -819,8 +468,8 @@ class GPT2SparseModel(GPT2SparsePreTrainedModel):
         else:
             if sep is not None and bool(torch.as_tensor(sep).ne(0).any()):
                 raise ValueError(f"sep (a bidirectional prefix) is only supported with is_sparse=0, got {mode}")
-            sparse = self._sparse_plan(
-                mode, input_ids, bsz, q_len, past_len, key_mask, pivot_idx, image_mask, generator, device
+            sparse = plan_sparse_attention(
+                config, mode, input_ids, bsz, q_len, past_len, key_mask, pivot_idx, image_mask, generator, device
             )
 
         hidden_states = inputs_embeds + self.position_embeddings(position_ids)
@@ -887,109 +536,6 @@ class GPT2SparseModel(GPT2SparsePreTrainedModel):
             # padded queries keep their own key so their (discarded) rows stay finite
             allowed = (allowed & key_mask[:, None, :].to(device)) | (k_pos == q_pos)
         return allowed.unsqueeze(1)
-
-    def _sparse_plan(
-        self,
-        mode: int,
-        input_ids: torch.Tensor | None,
-        bsz: int,
-        q_len: int,
-        past_len: int,
-        key_mask: torch.Tensor | None,
-        pivot_idx: torch.Tensor | None,
-        image_mask: torch.Tensor | None,
-        generator: torch.Generator | None,
-        device: torch.device,
-    ) -> SparsePlan:
-        config = self.config
-        w, t = config.query_window, config.key_window_times
-        k_len = past_len + q_len
-        positions = torch.arange(past_len, k_len, device=device)
-        if mode == 1:
-            config.validate_sparse_training_length(q_len)
-            window_start = (positions // w - (t - 1)) * w  # first key of the query's t-block window
-            block, span = w, t * w
-            pivot_limit = k_len  # any key may be a pivot; the window mask decides which queries see it
-        else:
-            window_start = positions - (t * w - 1)  # the last t*w keys, the query included
-            block = min(q_len, w)
-            span = -(-(t * w + block - 1) // block) * block  # covers every window of the block, a multiple of it
-            pivot_limit = max(0, k_len - t * w)  # keys left of the last query's window
-
-        if pivot_idx is not None:
-            if pivot_idx.dim() != 2 or pivot_idx.shape[0] not in (1, bsz):
-                raise ValueError(f"pivot_idx must be a LongTensor [batch={bsz}, n], got shape {tuple(pivot_idx.shape)}")
-            if pivot_idx.dtype not in (torch.int64, torch.int32):
-                raise ValueError(f"pivot_idx must hold integer key positions, got dtype {pivot_idx.dtype}")
-            # Mode 2 accepts positions not reached yet (a fixed pivot set over a whole generation): they only
-            # become visible once they lie left of a query's window.
-            upper = k_len if mode == 1 else config.max_position_embeddings
-            if pivot_idx.numel() and (int(pivot_idx.min()) < 0 or int(pivot_idx.max()) >= upper):
-                raise ValueError(
-                    f"pivot_idx holds key positions in [{int(pivot_idx.min())}, {int(pivot_idx.max())}], outside "
-                    f"[0, {'key_length' if mode == 1 else 'max_position_embeddings'}={upper})"
-                )
-            if mode == 1 and not 0 < pivot_idx.shape[1] <= q_len:
-                raise ValueError(
-                    f"is_sparse=1 needs between 1 and seq_len={q_len} pivots, pivot_idx has {pivot_idx.shape[1]}"
-                )
-            pivots = pivot_idx.to(device=device, dtype=torch.long).expand(bsz, -1)
-            per_layer = [pivots] * config.num_layers
-            n_pivots = pivots.shape[1]
-        else:
-            per_layer, n_pivots = self._sample_pivots(
-                mode, input_ids, bsz, pivot_limit, past_len, key_mask, image_mask, generator, device
-            )
-        pivot_bias = math.log(q_len // n_pivots) if mode == 1 else 0.0
-        return SparsePlan(window_start, block, span, pivot_bias, key_mask, per_layer)
-
-    def _sample_pivots(
-        self,
-        mode: int,
-        input_ids: torch.Tensor | None,
-        bsz: int,
-        limit: int,
-        past_len: int,
-        key_mask: torch.Tensor | None,
-        image_mask: torch.Tensor | None,
-        generator: torch.Generator | None,
-        device: torch.device,
-    ) -> tuple[list[torch.Tensor], int]:
-        config = self.config
-        empty = torch.zeros(bsz, 0, dtype=torch.long, device=device)
-        if limit <= 0:
-            return [empty] * config.num_layers, 0
-        if image_mask is not None:
-            if image_mask.dim() != 2 or image_mask.shape[0] != bsz or image_mask.shape[1] < limit:
-                raise ValueError(
-                    f"image_mask must be a bool tensor [batch={bsz}, key_length] covering the cached positions too, "
-                    f"got shape {tuple(image_mask.shape)}"
-                )
-            is_image = image_mask[:, :limit].to(device=device, dtype=torch.bool)
-        elif input_ids is not None and past_len == 0:
-            is_image = input_ids[:, :limit] < config.num_image_tokens
-        else:
-            raise ValueError(
-                f"is_sparse={mode} samples pivots among positions whose tokens are unknown here (cached positions or "
-                f"inputs_embeds): pass image_mask [batch, key_length] or pivot_idx"
-            )
-        valid = key_mask[:, :limit] if key_mask is not None else torch.ones_like(is_image)
-        is_text, is_image = valid & ~is_image, valid & is_image
-        if mode == 1:
-            n_pivots = config.num_pivot
-            if n_pivots > limit:
-                raise ValueError(f"num_pivot={n_pivots} exceeds the sequence length {limit} in is_sparse=1")
-        else:
-            # CogView's inference count: all text plus image pivots in proportion num_pivot / max_position_embeddings.
-            max_text = int(is_text.sum(-1).max())
-            n_left = int(valid.sum(-1).min())
-            ratio = config.num_pivot / config.max_position_embeddings
-            n_pivots = max_text + max(0, int((n_left - max_text) * ratio))
-        check_pivot_candidates(is_text, is_image, n_pivots, mode)
-        if n_pivots == 0:
-            return [empty] * config.num_layers, 0
-        per_layer = [sample_pivots(is_text, is_image, n_pivots, generator) for _ in range(config.num_layers)]
-        return per_layer, n_pivots
 
     def _update_mems(
         self, hiddens: list[torch.Tensor], mems: list[torch.Tensor] | tuple[torch.Tensor, ...] | None

@@ -20,6 +20,9 @@ SHARED = REPO_ROOT.parent / "shared"
 TOKENIZER_DATA = SHARED / "data" / "tokenizers"
 TEST_DATA = Path(__file__).resolve().parent / "data"
 
+sys.path.insert(0, str(REPO_ROOT / "scripts"))  # the converters: what a converted folder holds is decided there
+from converters.common import code_files  # noqa: E402,F401  (re-exported: each family's code files)
+
 
 def assert_close(actual, expected, atol: float = 1e-5, rtol: float = 0.0, msg: str = "") -> None:
     """Assert two tensors agree elementwise; the failure names the max and mean absolute difference."""

@@ -29,32 +29,14 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
-from helpers import REPO_ROOT, run_fresh
+from helpers import REPO_ROOT, code_files, run_fresh
 
 FAMILIES = tuple(os.environ.get("ECOSYSTEM_FAMILIES", "glm,gpt2_sparse,bart_gen").split(","))
 CODE_FILES = {
-    "glm": ("configuration_glm.py", "modeling_glm.py", "fast_decoding.py", "model_checks.py", "transformers_compat.py"),
-    "glm-10b": (
-        "configuration_glm.py",
-        "modeling_glm.py",
-        "fast_decoding.py",
-        "model_checks.py",
-        "transformers_compat.py",
-    ),
-    "gpt2_sparse": (
-        "configuration_gpt2_sparse.py",
-        "modeling_gpt2_sparse.py",
-        "fast_decoding.py",
-        "model_checks.py",
-        "transformers_compat.py",
-    ),
-    "bart_gen": (
-        "configuration_bart_gen.py",
-        "modeling_bart_gen.py",
-        "fast_decoding.py",
-        "model_checks.py",
-        "transformers_compat.py",
-    ),
+    "glm": code_files("configuration_glm.py", "modeling_glm.py"),
+    "glm-10b": code_files("configuration_glm.py", "modeling_glm.py"),
+    "gpt2_sparse": code_files("configuration_gpt2_sparse.py", "modeling_gpt2_sparse.py"),
+    "bart_gen": code_files("configuration_bart_gen.py", "modeling_bart_gen.py"),
 }
 # The Auto class that holds the LM head, per family.
 AUTO_LM = {

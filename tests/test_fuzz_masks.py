@@ -157,7 +157,7 @@ def test_sparse_pivots_are_all_text_plus_distinct_images(kinds, data):
         return
     n = data.draw(st.integers(max(low, 1), high))
     generator = torch.Generator().manual_seed(data.draw(st.integers(0, 99)))
-    pivots = repo_module("modeling_gpt2_sparse").sample_pivots(is_text, is_image, n, generator)
+    pivots = repo_module("sparse_attention").sample_pivots(is_text, is_image, n, generator)
     for b, row in enumerate(pivots.tolist()):
         assert row == sorted(set(row)) and len(row) == n
         assert set(torch.nonzero(is_text[b]).flatten().tolist()) <= set(row)

@@ -1,9 +1,9 @@
-"""Sparse GPT-2 (CogView) model: sparse attention against a dense masked reference, cache / memory / window
-equivalences, generation, gradient checkpointing and bad-input errors. Tiny configs, CPU, fp32."""
+"""Sparse GPT-2 (CogView) model: sparse modes against the same model with dense masked attention, cache / memory /
+window equivalences, generation, gradient checkpointing and bad-input errors. Tiny configs, CPU, fp32. The attention
+kernel on its own: test_sparse_attention.py."""
 
 from __future__ import annotations
 
-import math
 import sys
 import types
 
@@ -20,12 +20,12 @@ def _import():
         pkg = types.ModuleType("gpt2_sparse_repo")
         pkg.__path__ = [str(REPO_ROOT)]
         sys.modules["gpt2_sparse_repo"] = pkg
-    from gpt2_sparse_repo import configuration_gpt2_sparse, modeling_gpt2_sparse
+    from gpt2_sparse_repo import configuration_gpt2_sparse, modeling_gpt2_sparse, sparse_attention
 
-    return configuration_gpt2_sparse, modeling_gpt2_sparse
+    return configuration_gpt2_sparse, modeling_gpt2_sparse, sparse_attention
 
 
-cfg_mod, mod = _import()
+cfg_mod, mod, sa = _import()
 GPT2SparseConfig = cfg_mod.GPT2SparseConfig
 GPT2SparseLMHeadModel = mod.GPT2SparseLMHeadModel
 
@@ -65,138 +65,18 @@ def token_ids(batch: int, length: int, n_text: int = 2, seed: int = 0) -> torch.
     return ids
 
 
-# ---------------------------------------------------------------------------------------------------------------
-# Dense reference: the allowed-set definition of reference-notes Part B §1, written independently of the model.
-# ---------------------------------------------------------------------------------------------------------------
-def allowed_and_bias(mode: int, q_len: int, k_len: int, w: int, t: int, pivots: torch.Tensor):
-    """Bool [B, Q, K] allowed keys and float [B, Q, K] additive bias for the last q_len queries of k_len keys."""
-    bsz, n = pivots.shape
-    i = torch.arange(k_len - q_len, k_len).view(1, -1, 1)
-    j = torch.arange(k_len).view(1, 1, -1)
-    is_pivot = torch.zeros(bsz, k_len, dtype=torch.bool)
-    is_pivot.scatter_(1, pivots, True)
-    is_pivot = is_pivot[:, None, :]
-    if mode == 1:
-        window = (i // w - j // w >= 0) & (i // w - j // w < t) & (j <= i)
-        far_pivot = is_pivot & (j // w <= i // w - t)
-        bias = far_pivot.double() * math.log(k_len // n)
-    else:
-        window = (j > i - t * w) & (j <= i)
-        far_pivot = is_pivot & (j <= i - t * w)
-        bias = torch.zeros_like(far_pivot, dtype=torch.double)
-    return (window | far_pivot), bias
-
-
-def dense_reference(q, k, v, allowed, bias):
-    scores = (q.double() @ k.double().transpose(-1, -2)) / math.sqrt(q.shape[-1]) + bias[:, None]
-    scores = scores.masked_fill(~allowed[:, None], float("-inf"))
-    return (scores.softmax(-1) @ v.double()).transpose(1, 2)  # [B, Q, H, D]
+# The dense reference (the allowed-set definition of reference-notes Part B §1) lives with the attention's own tests.
+from test_sparse_attention import allowed_and_bias, dense_reference  # noqa: E402
 
 
 def patched_dense(mode: int, w: int, t: int):
     """A drop-in for modeling's sparse_window_attention that ignores the model's plan and uses the reference."""
 
-    def attention(query, key, value, window_start, block, span, pivot_idx, pivot_bias, key_mask, scaling, dropout=0.0):
+    def attention(query, key, value, window_start, block, span, pivot_idx, pivot_bias, key_mask, scaling, **kwargs):
         allowed, bias = allowed_and_bias(mode, query.shape[2], key.shape[2], w, t, pivot_idx)
         return dense_reference(query, key, value, allowed, bias).to(query.dtype)
 
     return attention
-
-
-@settings(max_examples=25, deadline=None, suppress_health_check=[HealthCheck.too_slow])
-@given(
-    mode=st.sampled_from([1, 2]),
-    w=st.integers(1, 5),
-    t=st.integers(1, 3),
-    blocks=st.integers(1, 6),
-    extra=st.integers(0, 3),
-    batch=st.integers(1, 2),
-    n_piv=st.integers(1, 6),
-    q_part=st.integers(1, 40),
-    seed=st.integers(0, 2**16),
-)
-def test_sparse_attention_matches_dense_masked_reference(mode, w, t, blocks, extra, batch, n_piv, q_part, seed):
-    g = torch.Generator().manual_seed(seed)
-    if mode == 1:
-        k_len = (t + blocks - 1) * w
-        q_len = k_len
-    else:
-        k_len = t * w + blocks * w + extra
-        q_len = 1 + q_part % k_len  # prefill, chunk after a cache, or a single decode step
-    n_piv = min(n_piv, k_len)
-    q, k, v = (torch.randn(batch, 3, n, 8, generator=g) for n in (q_len, k_len, k_len))
-    pivots = torch.stack([torch.randperm(k_len, generator=g)[:n_piv].sort().values for _ in range(batch)])
-    pos = torch.arange(k_len - q_len, k_len)
-    if mode == 1:
-        start, block, span, bias = (pos // w - (t - 1)) * w, w, t * w, math.log(k_len // n_piv)
-    else:
-        block = min(q_len, w)
-        start, span, bias = pos - (t * w - 1), -(-(t * w + block - 1) // block) * block, 0.0
-    q, k, v = (x.requires_grad_() for x in (q, k, v))
-    out = mod.sparse_window_attention(q, k, v, start, block, span, pivots, bias, None, 8**-0.5)
-    allowed, ref_bias = allowed_and_bias(mode, q_len, k_len, w, t, pivots)
-    expected = dense_reference(q, k, v, allowed, ref_bias)
-    assert_close(out, expected, atol=1e-5, msg=f"mode {mode}")
-    # gradients: the recomputing backward against autograd through the dense reference
-    grad = torch.randn(out.shape, generator=g)
-    ours = torch.autograd.grad(out, (q, k, v), grad)
-    ref = torch.autograd.grad(expected, (q, k, v), grad.double())
-    for name, a, b in zip("qkv", ours, ref):
-        assert_close(a, b, atol=1e-5, msg=f"mode {mode} d{name}")
-
-
-@pytest.mark.parametrize("mode", [1, 2])
-def test_sparse_attention_step_by_step_matches_reference(mode, monkeypatch):
-    """One block per step (the many-step path long sequences take): pivot prefixes per step, window gradients
-    folded across steps, unsorted pivots and padded keys, forward and gradients against the dense reference."""
-    monkeypatch.setattr(mod, "_STEP_ELEMENTS", 1)
-    g = torch.Generator().manual_seed(mode)
-    w, t, batch, n_piv = 3, 2, 2, 5
-    k_len = 8 * w + (2 if mode == 2 else 0)
-    q_len = k_len if mode == 1 else 11  # mode 2: a chunk of queries after cached keys, last block partial
-    q, k, v = (torch.randn(batch, 2, n, 4, generator=g, requires_grad=True) for n in (q_len, k_len, k_len))
-    pivots = torch.stack([torch.randperm(k_len, generator=g)[:n_piv] for _ in range(batch)])  # unsorted
-    key_mask = torch.ones(batch, k_len, dtype=torch.bool)
-    key_mask[1, :4] = False  # left padding of row 1: its keys and any pivot there are invisible
-    pos = torch.arange(k_len - q_len, k_len)
-    if mode == 1:
-        start, block, span, bias = (pos // w - (t - 1)) * w, w, t * w, math.log(k_len // n_piv)
-    else:
-        block = min(q_len, w)
-        start, span, bias = pos - (t * w - 1), -(-(t * w + block - 1) // block) * block, 0.0
-    out = mod.sparse_window_attention(q, k, v, start, block, span, pivots, bias, key_mask, 4**-0.5)
-    allowed, ref_bias = allowed_and_bias(mode, q_len, k_len, w, t, pivots)
-    own_key = pos.view(1, -1, 1) == torch.arange(k_len).view(1, 1, -1)
-    allowed = (allowed & key_mask[:, None, :]) | own_key
-    expected = dense_reference(q, k, v, allowed, ref_bias)
-    assert_close(out, expected, atol=1e-5, msg=f"mode {mode} step by step")
-    grad = torch.randn(out.shape, generator=g)
-    ours = torch.autograd.grad(out, (q, k, v), grad)
-    ref = torch.autograd.grad(expected, (q, k, v), grad.double())
-    for name, a, b in zip("qkv", ours, ref):
-        assert_close(a, b, atol=1e-5, msg=f"mode {mode} step by step d{name}")
-
-
-@pytest.mark.parametrize("step_elements, heads, head_dim", [(None, 2, 3), (1, 1, 2)])
-def test_sparse_attention_gradcheck_with_dropout_and_padding(step_elements, heads, head_dim, monkeypatch):
-    """Finite differences (float64) through the custom backward, with attention dropout and padded keys, in one
-    step and one block per step (dropout masks must be replayed in the same order)."""
-    if step_elements is not None:
-        monkeypatch.setattr(mod, "_STEP_ELEMENTS", step_elements)
-    g = torch.Generator().manual_seed(0)
-    shape = (2, heads, 9, head_dim)
-    q, k, v = (torch.randn(shape, generator=g, dtype=torch.double, requires_grad=True) for _ in range(3))
-    pos = torch.arange(9)
-    key_mask = torch.ones(2, 9, dtype=torch.bool)
-    key_mask[1, :3] = False
-    pivots = torch.tensor([[0, 1, 6], [3, 4, 5]])  # row 1: pivot 6 is visible only to the last block
-    geo = mod._SparseGeometry(q, k, (pos // 3 - 1) * 3, 3, 6, pivots, 0.7, key_mask)
-    fn = lambda q, k, v: mod._SparseWindowAttention.apply(q, k, v, geo, 0.5, 0.3, 1234)  # noqa: E731
-    assert torch.autograd.gradcheck(fn, (q, k, v), eps=1e-6, atol=1e-5, fast_mode=True)
-    with torch.no_grad():
-        dropped = fn(q, k, v)
-        kept = mod._SparseWindowAttention.apply(q, k, v, geo, 0.5, 0.0, 0)
-    assert (dropped - kept).abs().max() > 1e-3  # dropout did something
 
 
 @pytest.mark.parametrize("mode", [1, 2])
@@ -271,9 +151,9 @@ def test_sampled_pivots_text_first_exact_count_and_deterministic():
     valid = torch.ones_like(is_image)
     valid[2, :4] = False  # padding is never a pivot
     is_text, is_img = valid & ~is_image, valid & is_image
-    a = mod.sample_pivots(is_text, is_img, 6, torch.Generator().manual_seed(1))
-    b = mod.sample_pivots(is_text, is_img, 6, torch.Generator().manual_seed(1))
-    c = mod.sample_pivots(is_text, is_img, 6, torch.Generator().manual_seed(2))
+    a = sa.sample_pivots(is_text, is_img, 6, torch.Generator().manual_seed(1))
+    b = sa.sample_pivots(is_text, is_img, 6, torch.Generator().manual_seed(1))
+    c = sa.sample_pivots(is_text, is_img, 6, torch.Generator().manual_seed(2))
     assert a.shape == (3, 6) and torch.equal(a, b) and not torch.equal(a, c)
     for row in range(3):
         chosen = set(a[row].tolist())

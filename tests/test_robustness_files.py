@@ -29,26 +29,14 @@ from pathlib import Path
 
 import pytest
 import torch
-from helpers import REPO_ROOT, fresh_env, run_fresh
+from helpers import REPO_ROOT, code_files, fresh_env, run_fresh
 from safetensors.torch import load, save_file
 from test_robustness_fixtures import bart_model, glm_model, sparse_model
 
 CODE_FILES = {
-    "glm": ("configuration_glm.py", "modeling_glm.py", "fast_decoding.py", "model_checks.py", "transformers_compat.py"),
-    "bart": (
-        "configuration_bart_gen.py",
-        "modeling_bart_gen.py",
-        "fast_decoding.py",
-        "model_checks.py",
-        "transformers_compat.py",
-    ),
-    "sparse": (
-        "configuration_gpt2_sparse.py",
-        "modeling_gpt2_sparse.py",
-        "fast_decoding.py",
-        "model_checks.py",
-        "transformers_compat.py",
-    ),
+    "glm": code_files("configuration_glm.py", "modeling_glm.py"),
+    "bart": code_files("configuration_bart_gen.py", "modeling_bart_gen.py"),
+    "sparse": code_files("configuration_gpt2_sparse.py", "modeling_gpt2_sparse.py"),
 }
 TOKENIZER_FILES = ("tokenizer.model", "tokenizer_config.json", "tokenization_glm.py")
 

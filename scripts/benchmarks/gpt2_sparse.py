@@ -36,7 +36,7 @@ import sys
 import time
 from pathlib import Path
 
-from _common import REPO_ROOT, alternate, repo_module
+from _common import REPO_ROOT, alternate, repo_module, timed_ms
 
 FULL_SIZES = (1024, 2048, 4096, 8192)
 QUICK_SIZES = (1024, 2048, 4096)
@@ -317,6 +317,336 @@ def plot(rows: list[dict], targets: list[dict], path: Path, machine: dict | None
     return True
 
 
+# ---------------------------------------------------------------------------------------------------------------
+# CUDA (issue 22): the FlexAttention path against dense sdpa (flash), attention alone and the whole model.
+# ---------------------------------------------------------------------------------------------------------------
+CUDA_SIZES = (4096, 8192, 16384, 32768, 65536)
+CUDA_STEM = "gpt2_sparse_cuda"
+# (what, sequence length, value, limit): the issue's targets
+CUDA_LIMITS = (
+    ("attention mode 1 fwd+bwd / dense", 16384, 0.6),
+    ("attention mode 1 fwd+bwd / dense", 32768, 0.35),
+    ("model mode 1 fwd+bwd / dense", 32768, 0.75),
+    ("model mode 1 fwd+bwd / dense", 65536, 0.5),
+    ("model mode 2 fwd / dense", 32768, 0.75),
+    ("model mode 2 fwd / dense", 65536, 0.5),
+)
+
+
+def _cuda_setup(tiny: bool) -> dict:
+    """The issue's shapes (40 heads x 64, hidden 2560, 4 layers, w=64, t=4, P=256, bf16), or a tiny dry run."""
+    if tiny:
+        return dict(heads=2, head_dim=16, layers=2, w=16, t=2, pivots=32, dtype="float32", sizes=(256, 512))
+    return dict(heads=40, head_dim=64, layers=4, w=64, t=4, pivots=256, dtype="bfloat16", sizes=CUDA_SIZES)
+
+
+def _pivots(s: int, n: int, device):
+    """n sorted pivot positions: the 32 text tokens at the start plus random image positions (seeded)."""
+    import torch
+
+    generator = torch.Generator().manual_seed(s)
+    rest = 32 + torch.randperm(s - 32, generator=generator)[: n - 32]
+    return torch.cat([torch.arange(32), rest]).sort().values[None].to(device)
+
+
+def _measure(cases: dict, rounds: int, device: str) -> dict:
+    """{name: (median ms, peak MiB above the memory in use before the call)}; one warm-up (and compile) call each,
+    then `rounds` rounds running the cases in turn."""
+    import torch
+
+    def once(fn):
+        if device == "cuda":
+            torch.cuda.synchronize()
+            torch.cuda.reset_peak_memory_stats()
+            base = torch.cuda.memory_allocated()
+        ms = timed_ms(fn, device)
+        peak = (torch.cuda.max_memory_allocated() - base) / 2**20 if device == "cuda" else None
+        return ms, peak
+
+    for fn in cases.values():
+        once(fn)
+    samples = {name: [] for name in cases}
+    for _ in range(rounds):
+        for name, fn in cases.items():
+            samples[name].append(once(fn))
+    peak = {name: [p for _, p in v if p is not None] for name, v in samples.items()}
+    return {name: (_median([m for m, _ in v]), max(peak[name], default=None)) for name, v in samples.items()}
+
+
+def _attention_cases(s: int, setup: dict, device: str) -> dict:
+    """Attention alone, [1, heads, s, head_dim]: dense causal sdpa against modes 1 and 2."""
+    import torch
+    import torch.nn.functional as F
+
+    sa = repo_module("sparse_attention")
+    dtype = getattr(torch, setup["dtype"])
+    heads, head_dim, w, t, n = setup["heads"], setup["head_dim"], setup["w"], setup["t"], setup["pivots"]
+    generator = torch.Generator().manual_seed(0)
+    q, k, v = (torch.randn(1, heads, s, head_dim, generator=generator).to(device, dtype) for _ in range(3))
+    grad = torch.randn(1, s, heads, head_dim, generator=generator).to(device, dtype)
+    pivots, pos = _pivots(s, n, device), torch.arange(s, device=device)
+    plans = {
+        1: ((pos // w - (t - 1)) * w, w, t * w, math.log(s // n)),
+        2: (pos - (t * w - 1), w, -(-(t * w + w - 1) // w) * w, 0.0),
+    }
+    scaling = head_dim**-0.5
+
+    def sparse(mode, q, k, v):
+        start, block, span, bias = plans[mode]
+        return sa.sparse_window_attention(q, k, v, start, block, span, pivots, bias, None, scaling, block_masks={})
+
+    def dense(q, k, v):
+        return F.scaled_dot_product_attention(q, k, v, is_causal=True).transpose(1, 2)
+
+    def train(fn):
+        def step():
+            x = [a.detach().requires_grad_() for a in (q, k, v)]
+            torch.autograd.grad(fn(*x), x, grad)
+
+        return step
+
+    def infer(fn):
+        def step():
+            with torch.no_grad():
+                fn(q, k, v)
+
+        return step
+
+    return {
+        "dense fwd+bwd": train(dense),
+        "mode 1 fwd+bwd": train(lambda *x: sparse(1, *x)),
+        "dense fwd": infer(dense),
+        "mode 2 fwd": infer(lambda *x: sparse(2, *x)),
+    }
+
+
+def _model_cases(s: int, setup: dict, device: str, model) -> dict:
+    """The whole model (vocab 1024, 32 text tokens then image tokens): dense (sdpa) against modes 1 and 2. Mode 1
+    samples num_pivot=P pivots per layer, as training does; mode 2 gets P pivots (pivot_idx) shared by the layers."""
+    import torch
+
+    ids = _tokens(s).to(device)
+    pivots = _pivots(s, setup["pivots"], device)
+
+    def train(mode):
+        def step():
+            out = model(
+                ids, labels=ids, is_sparse=mode, use_cache=False, generator=torch.Generator(device).manual_seed(0)
+            )
+            out.loss.backward()
+            model.zero_grad(set_to_none=True)
+
+        return step
+
+    def infer(mode):
+        def step():
+            with torch.no_grad():
+                model(ids, is_sparse=mode, use_cache=False, logits_to_keep=1, pivot_idx=pivots if mode else None)
+
+        return step
+
+    return {"dense fwd+bwd": train(0), "mode 1 fwd+bwd": train(1), "dense fwd": infer(0), "mode 2 fwd": infer(2)}
+
+
+def _check_flex(setup: dict, device: str) -> dict:
+    """Largest |flex - kernel| of the attention output (modes 1 and 2, s=2048, the benchmark's shapes), relative to
+    the largest |output|: a correctness sign that needs no pytest."""
+    import torch
+
+    sa = repo_module("sparse_attention")
+    s, w, t, n = 2048, setup["w"], setup["t"], min(setup["pivots"], 256)
+    dtype = getattr(torch, setup["dtype"])
+    generator = torch.Generator().manual_seed(1)
+    q, k, v = (torch.randn(1, 4, s, setup["head_dim"], generator=generator).to(device, dtype) for _ in range(3))
+    pivots, pos = _pivots(s, n, device), torch.arange(s, device=device)
+    result = {}
+    with torch.no_grad():
+        for mode, start, span, bias in (
+            (1, (pos // w - (t - 1)) * w, t * w, math.log(s // n)),
+            (2, pos - (t * w - 1), -(-(t * w + w - 1) // w) * w, 0.0),
+        ):
+            outs = [
+                sa.sparse_window_attention(
+                    q, k, v, start, w, span, pivots, bias, None, 0.125, block_masks={}, backend=b
+                )
+                for b in ("flex" if device == "cuda" else "kernel", "kernel")
+            ]
+            result[f"mode {mode} max |flex - kernel| / max |kernel|"] = float(
+                (outs[0].float() - outs[1].float()).abs().max() / outs[1].float().abs().max()
+            )
+    return result
+
+
+def cuda_all(args: dict) -> dict:
+    """In a fresh process: attention alone, then the whole model (when transformers imports), size by size while
+    the time budget lasts; the results file is rewritten after every size, so a killed run keeps what it measured."""
+    import torch
+
+    start_time = time.perf_counter()
+    device, setup = args["device"], _cuda_setup(args["tiny"])
+    sizes = args.get("sizes") or setup["sizes"]
+    for name in ("recompile_limit", "cache_size_limit"):  # the flex kernel may see several shapes
+        if hasattr(torch._dynamo.config, name):
+            setattr(torch._dynamo.config, name, 64)
+    result = {"machine": _cuda_machine(device), "setup": setup, "rows": [], "skipped": [], "notes": []}
+    out = Path(args["out"])
+    out.mkdir(parents=True, exist_ok=True)
+
+    def save():
+        result["elapsed_s"] = round(time.perf_counter() - start_time, 1)
+        result["targets"] = _cuda_targets(result["rows"])
+        result["slopes"] = _cuda_slopes(result["rows"])
+        try:
+            from torch._dynamo.utils import counters
+
+            result["compiled_graphs"] = int(counters["stats"]["unique_graphs"])
+        except Exception:  # noqa: BLE001 - a diagnostic only
+            pass
+        (out / f"{CUDA_STEM}.json").write_text(json.dumps(result, indent=2) + "\n")
+
+    try:
+        result["check"] = _check_flex(setup, device)
+    except Exception as error:  # noqa: BLE001 - recorded, and the timings still run
+        result["check"] = {"error": f"{type(error).__name__}: {error}"[:2000]}
+    save()
+    sections = [("attention", lambda s: _attention_cases(s, setup, device))]
+    try:
+        import transformers  # noqa: F401
+
+        sections.append(("model", None))
+    except ImportError:
+        result["notes"].append("transformers is not installed: the whole-model benchmark is skipped")
+    for section, make in sections:
+        model, last_s, last_took = None, None, 0.0
+        for s in sizes:
+            # the step costs at most ~4x per doubling (dense attention): stop before the budget runs out
+            elapsed = time.perf_counter() - start_time
+            if last_s and elapsed + last_took * (s / last_s) ** 2 > args["budget_s"]:
+                result["skipped"].append(f"{section} s={s}: time budget")
+                continue
+            began = time.perf_counter()
+            try:
+                if section == "model":
+                    model = model or _cuda_model(max(sizes), setup, device)
+                    cases = _model_cases(s, setup, device, model)
+                else:
+                    cases = make(s)
+                measured = _measure(cases, args["rounds"], device)
+            except Exception as error:  # noqa: BLE001 - recorded; the next section still runs
+                result["rows"].append({"section": section, "s": s, "error": f"{type(error).__name__}: {error}"[:2000]})
+                save()
+                break
+            row = {"section": section, "s": s}
+            for name, (ms, peak) in measured.items():
+                row[f"{name} ms"], row[f"{name} peak MiB"] = round(ms, 3), peak and round(peak, 1)
+            row["mode 1 fwd+bwd / dense"] = round(row["mode 1 fwd+bwd ms"] / row["dense fwd+bwd ms"], 3)
+            row["mode 2 fwd / dense"] = round(row["mode 2 fwd ms"] / row["dense fwd ms"], 3)
+            row["took_s"] = round(time.perf_counter() - began, 1)
+            result["rows"].append(row)
+            print(json.dumps(row), flush=True)
+            last_s, last_took = s, time.perf_counter() - began
+            save()
+            del cases
+            if device == "cuda":
+                torch.cuda.empty_cache()
+        model = None
+    save()
+    return {"written": str(out / f"{CUDA_STEM}.json"), "elapsed_s": result["elapsed_s"]}
+
+
+def _cuda_model(max_s: int, setup: dict, device: str):
+    import torch
+
+    config_class = repo_module("configuration_gpt2_sparse").GPT2SparseConfig
+    model_class = repo_module("modeling_gpt2_sparse").GPT2SparseLMHeadModel
+    config = config_class(
+        vocab_size=1024,
+        hidden_size=setup["heads"] * setup["head_dim"],
+        num_layers=setup["layers"],
+        num_attention_heads=setup["heads"],
+        max_position_embeddings=max_s,
+        hidden_dropout=0.0,
+        attention_dropout=0.0,
+        query_window=setup["w"],
+        key_window_times=setup["t"],
+        num_pivot=setup["pivots"],
+        num_image_tokens=960,
+        attn_implementation="sdpa",
+    )
+    torch.manual_seed(0)
+    return model_class(config).to(device=device, dtype=getattr(torch, setup["dtype"])).train()
+
+
+def _cuda_targets(rows: list[dict]) -> list[dict]:
+    targets = []
+    for what, s, limit in CUDA_LIMITS:
+        section, ratio = what.split(" ", 1)[0], what.split(" ", 1)[1]
+        row = next((r for r in rows if r["section"] == section and r["s"] == s and ratio in r), None)
+        value = row[ratio] if row else None
+        targets.append(
+            {"target": f"{what} at s={s}", "value": value, "limit": limit, "pass": value is not None and value <= limit}
+        )
+    for section in ("attention", "model"):
+        for r in rows:
+            if r["section"] == section and r.get("dense fwd+bwd peak MiB") is not None:
+                for mode, dense in (("mode 1 fwd+bwd", "dense fwd+bwd"), ("mode 2 fwd", "dense fwd")):
+                    ok = r[f"{mode} peak MiB"] <= r[f"{dense} peak MiB"]
+                    targets.append(
+                        {
+                            "target": f"{section} {mode} peak memory <= dense at s={r['s']}",
+                            "value": r[f"{mode} peak MiB"],
+                            "limit": r[f"{dense} peak MiB"],
+                            "pass": ok,
+                        }
+                    )
+    return targets
+
+
+def _cuda_slopes(rows: list[dict]) -> dict:
+    """Log-log slope of each sparse case's time between the sizes 16384 and 65536 (or the largest measured)."""
+    slopes = {}
+    for section in ("attention", "model"):
+        measured = {r["s"]: r for r in rows if r["section"] == section and "mode 1 fwd+bwd ms" in r}
+        low = 16384 if 16384 in measured else min(measured, default=None)
+        high = max(measured, default=None)
+        if low is None or high == low:
+            continue
+        for case in ("mode 1 fwd+bwd", "mode 2 fwd", "dense fwd+bwd"):
+            a, b = measured[low][f"{case} ms"], measured[high][f"{case} ms"]
+            slopes[f"{section} {case} s={low}..{high} (limit 1.2 for the sparse cases)"] = round(
+                math.log(b / a) / math.log(high / low), 3
+            )
+    return slopes
+
+
+def _cuda_machine(device: str) -> dict:
+    import torch
+
+    info = {"device": device, "torch": torch.__version__, "date": time.strftime("%Y-%m-%d %H:%M")}
+    if device == "cuda":
+        info["gpu"] = torch.cuda.get_device_name()
+        info["cuda"] = torch.version.cuda
+    try:
+        import transformers
+
+        info["transformers"] = transformers.__version__
+    except ImportError:
+        info["transformers"] = None
+    return info
+
+
+def run_cuda(device: str, tiny: bool, sizes, out: Path, budget_s: float, rounds: int) -> dict:
+    args = {
+        "device": device,
+        "tiny": tiny,
+        "sizes": list(sizes) if sizes else None,
+        "out": str(out),
+        "budget_s": budget_s,
+        "rounds": rounds,
+    }
+    return _in_subprocess("cuda_all", args)
+
+
 if __name__ == "__main__":
     import argparse
 
@@ -325,7 +655,15 @@ if __name__ == "__main__":
     parser.add_argument("--sizes", default=None, help="comma-separated sequence lengths")
     parser.add_argument("--threads", type=int, default=None, help="torch threads per process (default: torch's)")
     parser.add_argument("--out", type=Path, default=None, help=f"folder for {STEM}.json/.png (default {RESULTS})")
+    parser.add_argument("--device", default="cpu", help="cpu (the CPU sweep above) or cuda (issue 22's sweep)")
+    parser.add_argument("--tiny", action="store_true", help="with --device: tiny shapes, a dry run of the sweep")
+    parser.add_argument("--budget-s", type=float, default=280, help="with --device: stop starting sizes after this")
+    parser.add_argument("--rounds", type=int, default=2, help="with --device: timed rounds per case")
     args = parser.parse_args()
     chosen = tuple(int(x) for x in args.sizes.split(",")) if args.sizes else None
+    if args.device != "cpu" or args.tiny:
+        out = args.out or Path(os.environ.get("OUT") or RESULTS)
+        print(json.dumps(run_cuda(args.device, args.tiny, chosen, out, args.budget_s, args.rounds)))
+        sys.exit(0)
     for result in run(quick=args.quick, sizes=chosen, threads=args.threads, out=args.out):
         print(json.dumps({k: round(v, 3) if isinstance(v, float) else v for k, v in result.items()}))

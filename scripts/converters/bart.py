@@ -28,6 +28,7 @@ from .common import (
     ConversionError,
     SafetensorsWriter,
     check_all_placed,
+    code_files,
     copy_code_files,
     copy_files,
     iter_tensors,
@@ -35,13 +36,7 @@ from .common import (
     write_json,
 )
 
-CODE_FILES = [
-    "configuration_bart_gen.py",
-    "modeling_bart_gen.py",
-    "fast_decoding.py",
-    "model_checks.py",
-    "transformers_compat.py",
-]
+CODE_FILES = code_files("configuration_bart_gen.py", "modeling_bart_gen.py")
 TOKENIZER_FILES = [
     "vocab.json", "merges.txt", "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json",
     "added_tokens.json",

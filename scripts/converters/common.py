@@ -29,6 +29,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import re
 import shutil
 import tempfile
 from collections.abc import Iterable, Iterator
@@ -209,6 +210,20 @@ def output_dir(dst: str | os.PathLike, overwrite: bool = False) -> Iterator[Path
     if dst.exists():
         shutil.rmtree(dst)
     tmp.rename(dst)
+
+
+def code_files(*entry_files: str) -> list[str]:
+    """`entry_files` (e.g. a configuration and a modeling file at the repository root) and every root module they
+    import relatively, recursively: the files transformers' remote-code loader needs beside the weights."""
+    files, todo = [], list(entry_files)
+    while todo:
+        name = todo.pop(0)
+        if name in files:
+            continue
+        files.append(name)
+        source = (REPO_ROOT / name).read_text(encoding="utf-8")
+        todo += [f"{module}.py" for module in re.findall(r"^from \.(\w+) import", source, flags=re.M)]
+    return files
 
 
 def copy_code_files(out: Path, names: Iterable[str]) -> None:

@@ -49,19 +49,14 @@ from .common import (
     ConversionError,
     SafetensorsWriter,
     check_all_placed,
+    code_files,
     copy_code_files,
     iter_tensors,
     read_json,
     write_json,
 )
 
-CODE_FILES = [
-    "configuration_glm.py",
-    "modeling_glm.py",
-    "fast_decoding.py",
-    "model_checks.py",
-    "transformers_compat.py",
-]
+CODE_FILES = code_files("configuration_glm.py", "modeling_glm.py")
 
 # THUDM's ChatGLMConfig defaults (configuration_chatglm.py): used for fields a config.json leaves out.
 THUDM_DEFAULTS = dict(

@@ -27,6 +27,7 @@ from converters.common import (
     ConversionError,
     SafetensorsWriter,
     check_all_placed,
+    code_files,
     copy_code_files,
     copy_files,
     iter_tensors,
@@ -35,13 +36,7 @@ from converters.common import (
     write_json,
 )
 
-CODE_FILES = [
-    "configuration_gpt2_sparse.py",
-    "modeling_gpt2_sparse.py",
-    "fast_decoding.py",
-    "model_checks.py",
-    "transformers_compat.py",
-]
+CODE_FILES = code_files("configuration_gpt2_sparse.py", "modeling_gpt2_sparse.py")
 AUTO_MAP = {
     "AutoConfig": "configuration_gpt2_sparse.GPT2SparseConfig",
     "AutoModel": "modeling_gpt2_sparse.GPT2SparseModel",
