@@ -298,6 +298,8 @@ def _check_embeds(name: str, embeds, hidden_size: int) -> None:
 class GPT2SparseModel(GPT2SparsePreTrainedModel):
     """The CogView transformer: word + position embeddings, `num_layers` blocks, final LayerNorm."""
 
+    _auto_class = "AutoModel"  # save_pretrained copies the code files next to the weights
+
     def __init__(self, config: GPT2SparseConfig):
         super().__init__(config)
         self.word_embeddings = nn.Embedding(config.vocab_size, config.hidden_size)
@@ -554,6 +556,7 @@ class GPT2SparseModel(GPT2SparsePreTrainedModel):
 class GPT2SparseLMHeadModel(GPT2SparsePreTrainedModel, GenerationMixin, CompiledDecoding):
     """CogView's GPT2Model: the transformer plus an output layer tied to the word embeddings."""
 
+    _auto_class = "AutoModelForCausalLM"  # save_pretrained copies the code files next to the weights
     _tied_weights_keys = {"lm_head.weight": "model.word_embeddings.weight"}
 
     def __init__(self, config: GPT2SparseConfig):

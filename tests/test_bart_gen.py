@@ -8,42 +8,23 @@ transformers version runs the suite (4.57 or 5.x).
 from __future__ import annotations
 
 import copy
-import importlib
-import sys
-import types
 
 import pytest
 import torch
-from helpers import REPO_ROOT, assert_close
+from fixtures import BART_TINY, BART_VOCAB, repo_module
+from helpers import assert_close
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from transformers import BartConfig, BartForConditionalGeneration, PretrainedConfig
 
-
-def _import_repo_code():
-    """The repository's flat files imported as one package (modeling uses `from .configuration_bart_gen`)."""
-    name = "bart_gen_repo"
-    if name not in sys.modules:
-        package = types.ModuleType(name)
-        package.__path__ = [str(REPO_ROOT)]
-        sys.modules[name] = package
-    return (
-        importlib.import_module(f"{name}.configuration_bart_gen"),
-        importlib.import_module(f"{name}.modeling_bart_gen"),
-    )
-
-
-configuration_bart_gen, modeling_bart_gen = _import_repo_code()
+configuration_bart_gen, modeling_bart_gen = repo_module("configuration_bart_gen"), repo_module("modeling_bart_gen")
 BartGenConfig = configuration_bart_gen.BartGenConfig
 BartGenForConditionalGeneration = modeling_bart_gen.BartGenForConditionalGeneration
 BartGenModel = modeling_bart_gen.BartGenModel
 
-VOCAB = 99
-SIZES = dict(
-    vocab_size=VOCAB, d_model=32, encoder_layers=2, decoder_layers=3, encoder_attention_heads=4,
-    decoder_attention_heads=2, encoder_ffn_dim=37, decoder_ffn_dim=41, max_position_embeddings=40, dropout=0.0,
-    init_std=0.2, pad_token_id=1, bos_token_id=0, eos_token_id=2, decoder_start_token_id=2,
-)  # fmt: skip
+VOCAB = BART_VOCAB
+# the fixtures' tiny BART with a deeper, narrower decoder and larger weights
+SIZES = {**BART_TINY, "decoder_layers": 3, "decoder_attention_heads": 2, "init_std": 0.2}
 
 
 def make_pair(attn_implementation: str = "sdpa", **overrides):

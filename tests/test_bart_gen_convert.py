@@ -14,6 +14,7 @@ from pathlib import Path
 import pytest
 import torch
 import transformers
+from fixtures import repo_module
 from helpers import REPO_ROOT, assert_close, fresh_env, run_fresh
 from safetensors import safe_open
 from transformers import BartConfig, BartForConditionalGeneration, BartModel, BartTokenizer
@@ -36,13 +37,7 @@ def _convert_main():
 
 def _repo_model_class():
     """BartGenForConditionalGeneration imported from the repository root (as a package: relative imports)."""
-    import types
-
-    if "bart_gen_repo" not in sys.modules:
-        package = types.ModuleType("bart_gen_repo")
-        package.__path__ = [str(REPO_ROOT)]
-        sys.modules["bart_gen_repo"] = package
-    return importlib.import_module("bart_gen_repo.modeling_bart_gen").BartGenForConditionalGeneration
+    return repo_module("modeling_bart_gen").BartGenForConditionalGeneration
 
 
 def write_tiny_tokenizer(folder) -> None:

@@ -127,8 +127,8 @@ def test_model_step_loop_generates_what_generate_does(who):
     decodes (for our GLM, with the 2-D positions it advances by hand), or its timing measures something else."""
     import torch
     from bandwidth import stepper_for
+    from fixtures import spread_glm_weights as spread_weights
     from glm import SIZES, build_native, build_ours, generator_for, prompt
-    from test_glm_fixtures import spread_weights
 
     tiny = {**SIZES, "hidden_size": 64, "num_layers": 2, "num_attention_heads": 4, "inner_hidden_size": 128}
     model = (
@@ -137,7 +137,7 @@ def test_model_step_loop_generates_what_generate_does(who):
         else build_native(torch.float32, "cpu", sizes=tiny)
     )
     with torch.no_grad():
-        if who == "ours":  # enough spread that the greedy tokens depend on the history (see test_glm_fixtures)
+        if who == "ours":  # enough spread that the greedy tokens depend on the history (see fixtures.spread_glm)
             spread_weights(model)
         ids = prompt(1, 12, "cpu")
         positions = model.transformer.get_position_ids(ids) if who == "ours" else None

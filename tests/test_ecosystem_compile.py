@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from test_ecosystem_fixtures import FAMILIES, build_model, folder, load
+from fixtures.hub_folders import FAMILIES, build_model, folder, load
 
 
 @pytest.mark.slow

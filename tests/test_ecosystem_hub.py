@@ -19,9 +19,9 @@ from pathlib import Path
 import pytest
 import torch
 import transformers.utils.hub as hub
+from fixtures.hub_folders import CODE_FILES, FAMILIES, folder, load, run_fresh_here
 from huggingface_hub.errors import EntryNotFoundError
 from safetensors.torch import load_file
-from test_ecosystem_fixtures import CODE_FILES, FAMILIES, folder, load, run_fresh_here
 
 MODEL_FILES = {"README.md", "config.json", "generation_config.json", "model.safetensors"}
 # tokenizer files a repository needs, and those transformers may add (which versions write which differs)

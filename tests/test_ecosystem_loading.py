@@ -13,9 +13,9 @@ import json
 import pytest
 import torch
 import transformers
+from fixtures.hub_folders import FAMILIES, folder, load, run_fresh_here
 from helpers import assert_close
 from safetensors.torch import load_file, save_file
-from test_ecosystem_fixtures import FAMILIES, folder, load, run_fresh_here
 
 IS_V5 = int(transformers.__version__.split(".")[0]) >= 5
 BLOCKS = {

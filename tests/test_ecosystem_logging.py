@@ -16,7 +16,7 @@ import warnings
 import pytest
 import torch
 import transformers
-from test_ecosystem_fixtures import FAMILIES, folder, load, training_examples
+from fixtures.hub_folders import FAMILIES, folder, load, training_examples
 
 # transformers' own messages about the machine, not about the model or how it is called
 ALLOWED = ("Device set to use cpu",)

@@ -14,7 +14,7 @@ from threading import Thread
 import pytest
 import torch
 import transformers
-from test_ecosystem_fixtures import FAMILIES, folder, load, run_fresh_here
+from fixtures.hub_folders import FAMILIES, folder, load, run_fresh_here
 from transformers import TextIteratorStreamer, TextStreamer
 
 IS_V5 = int(transformers.__version__.split(".")[0]) >= 5

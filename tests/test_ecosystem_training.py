@@ -13,9 +13,9 @@ import json
 
 import pytest
 import torch
+from fixtures.hub_folders import FAMILIES, LORA_TARGETS, folder, load, run_fresh_here, training_examples
 from helpers import assert_close
 from safetensors.torch import load_file, save_file
-from test_ecosystem_fixtures import FAMILIES, LORA_TARGETS, folder, load, run_fresh_here, training_examples
 from transformers import Trainer, TrainingArguments
 
 STEPS = 3

@@ -20,8 +20,10 @@ import sys
 
 import pytest
 import torch
+from fixtures import GMASK, SOP, random_prompt
+from fixtures import glm_modeling as modeling_module
+from fixtures import spread_glm as tiny_model
 from helpers import assert_close
-from test_glm_fixtures import GMASK, SOP, modeling_module, random_prompt, tiny_model
 from transformers.cache_utils import DynamicCache, DynamicLayer
 
 
@@ -32,7 +34,7 @@ def fast_decoding():
 
 def _other_family(family: str):
     """A private copy of the robustness suite's tiny BART or sparse GPT-2 (shared, cached models: never altered)."""
-    from test_robustness_fixtures import bart_model, sparse_model
+    from fixtures import bart_model, sparse_model
 
     return copy.deepcopy(bart_model() if family == "bart" else sparse_model())
 
@@ -207,7 +209,7 @@ def test_bart_and_sparse_gpt2_decode_with_both_speedups(family):
 
 def test_sparse_gpt2_memory_steps_keep_onednn():
     """With CogView's memory, a one-token step projects every memory row too: not a gemv, so oneDNN stays on."""
-    from test_robustness_fixtures import repo_module, sparse_config
+    from fixtures import repo_module, sparse_config
 
     model = repo_module("modeling_gpt2_sparse").GPT2SparseLMHeadModel(sparse_config(max_memory_length=16))
     model = model.eval().to(torch.bfloat16)

@@ -12,9 +12,7 @@ kernels are checked against a dense masked reference in tests/test_gpt2_sparse.p
 from __future__ import annotations
 
 import torch
-from hypothesis import example, given, settings
-from hypothesis import strategies as st
-from test_robustness_fixtures import (
+from fixtures import (
     GLM_VARIANTS,
     GMASK,
     MASK,
@@ -26,6 +24,8 @@ from test_robustness_fixtures import (
     repo_module,
     sparse_config,
 )
+from hypothesis import example, given, settings
+from hypothesis import strategies as st
 
 FUZZ = settings(max_examples=40, deadline=None)
 BLANKS = (GMASK, MASK, SMASK)

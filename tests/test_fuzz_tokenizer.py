@@ -18,9 +18,9 @@ from __future__ import annotations
 import time
 
 import pytest
+from fixtures import TOKENIZER_FLAVOURS, tokenizer
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
-from test_robustness_fixtures import TOKENIZER_FLAVOURS, tokenizer
 
 FUZZ = settings(max_examples=30, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 ANY_CHARACTER = st.characters(codec=None, categories=None, exclude_categories=("Cs",))  # every category but Cs

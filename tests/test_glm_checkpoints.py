@@ -15,9 +15,10 @@ from pathlib import Path
 import pytest
 import torch
 import transformers
+from fixtures import GMASK, MASK, left_pad, prompt
+from fixtures import spread_glm as tiny_model
 from helpers import REPO_ROOT, assert_close, fresh_env, run_fresh
 from safetensors.torch import load_file, save_file
-from test_glm_fixtures import GMASK, MASK, left_pad, prompt, tiny_model
 
 # Several random models (different seeds, sizes, blanks, padding) checked in ONE fresh process: the save/load
 # property over a handful of examples without paying a process start for each.

@@ -17,9 +17,11 @@ import sys
 
 import pytest
 import torch
+from fixtures import GLM_TINY as TINY
+from fixtures import left_pad, prompt
+from fixtures import spread_glm as tiny_model
 from helpers import REPO_ROOT, TOKENIZER_DATA, assert_close, load_in_fresh_process, load_output
 from safetensors.torch import load_file, save_file
-from test_glm_fixtures import TINY, left_pad, prompt, tiny_model
 
 THUDM_AUTO_MAP = {
     "AutoConfig": "configuration_chatglm.ChatGLMConfig",

@@ -7,20 +7,13 @@ from __future__ import annotations
 
 import pytest
 import torch
+from fixtures import EOP, GMASK, PAD, SOP, left_pad, random_prompt
+from fixtures import GLM_VARIANTS as VARIANTS
+from fixtures import glm_modeling as modeling_module
+from fixtures import spread_glm as tiny_model
+from helpers import assert_same_tokens_or_near_tie
 from hypothesis import given, settings
 from hypothesis import strategies as st
-from test_glm_fixtures import (
-    EOP,
-    GMASK,
-    PAD,
-    SOP,
-    VARIANTS,
-    assert_same_tokens_or_near_tie,
-    left_pad,
-    modeling_module,
-    random_prompt,
-    tiny_model,
-)
 from transformers import TextIteratorStreamer
 
 PROPERTY = settings(max_examples=10, deadline=None)

@@ -1,6 +1,6 @@
 """Core tests of the GLM model: masks and positions, forward invariants, bad inputs, weights.
 
-Invariants are hypothesis property tests on tiny random models with spread weights (see test_glm_fixtures), run
+Invariants are hypothesis property tests on tiny random models with spread weights (see fixtures.spread_glm), run
 for both architecture variants (ChatGLM-6B and the GLM-10B family) where they apply to both.
 """
 
@@ -12,27 +12,16 @@ import logging
 
 import pytest
 import torch
+from fixtures import EOP, GMASK, MASK, PAD, SMASK, SOP, glm_class, left_pad, prompt, random_prompt
+from fixtures import GLM_TINY as TINY
+from fixtures import GLM_VARIANTS as VARIANTS
+from fixtures import GLM_VOCAB as VOCAB
+from fixtures import glm_config as tiny_config
+from fixtures import glm_modeling as modeling_module
+from fixtures import spread_glm as tiny_model
 from helpers import assert_close
 from hypothesis import given, settings
 from hypothesis import strategies as st
-from test_glm_fixtures import (
-    EOP,
-    GMASK,
-    MASK,
-    PAD,
-    SMASK,
-    SOP,
-    TINY,
-    VARIANTS,
-    VOCAB,
-    glm_class,
-    left_pad,
-    modeling_module,
-    prompt,
-    random_prompt,
-    tiny_config,
-    tiny_model,
-)
 
 PROPERTY = settings(max_examples=10, deadline=None)
 

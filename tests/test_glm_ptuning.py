@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import pytest
 import torch
+from fixtures import EOP, glm_class, left_pad, prompt, random_prompt
+from fixtures import GLM_TINY as TINY
+from fixtures import spread_glm as tiny_model
 from helpers import assert_close
-from test_glm_fixtures import EOP, TINY, glm_class, left_pad, prompt, random_prompt, tiny_model
 from transformers import DynamicCache
 
 PREFIX = 3

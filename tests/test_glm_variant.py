@@ -11,19 +11,11 @@ import math
 
 import pytest
 import torch
+from fixtures import GMASK, MASK, PAD, SOP, glm_class, left_pad, prompt
+from fixtures import glm_config as tiny_config
+from fixtures import glm_modeling as modeling_module
+from fixtures import spread_glm as tiny_model
 from helpers import REPO_ROOT, TOKENIZER_DATA, assert_close, run_fresh
-from test_glm_fixtures import (
-    GMASK,
-    MASK,
-    PAD,
-    SOP,
-    glm_class,
-    left_pad,
-    modeling_module,
-    prompt,
-    tiny_config,
-    tiny_model,
-)
 
 GLM = dict(variant="glm")
 

@@ -6,10 +6,10 @@ from __future__ import annotations
 import contextlib
 import io
 import sys
-import types
 
 import pytest
 import torch
+from fixtures import repo_module
 from helpers import REPO_ROOT, TEST_DATA, assert_close
 from safetensors.torch import load_file
 
@@ -17,13 +17,7 @@ GOLDEN = TEST_DATA / "cogview_reference" / "golden.safetensors"
 
 
 def _model_class():
-    if "gpt2_sparse_repo" not in sys.modules:
-        pkg = types.ModuleType("gpt2_sparse_repo")
-        pkg.__path__ = [str(REPO_ROOT)]
-        sys.modules["gpt2_sparse_repo"] = pkg
-    from gpt2_sparse_repo.modeling_gpt2_sparse import GPT2SparseLMHeadModel
-
-    return GPT2SparseLMHeadModel
+    return repo_module("modeling_gpt2_sparse").GPT2SparseLMHeadModel
 
 
 @pytest.fixture(scope="module")

@@ -11,6 +11,7 @@ import types
 
 import pytest
 import torch
+from fixtures import repo_module
 from helpers import REPO_ROOT, assert_close, run_fresh
 from safetensors.torch import load_file, save_file
 
@@ -110,13 +111,9 @@ def test_converted_gpt2_equals_transformers_gpt2(tmp_path):
 
 
 def _import_ours():
-    if "gpt2_sparse_repo" not in sys.modules:
-        pkg = types.ModuleType("gpt2_sparse_repo")
-        pkg.__path__ = [str(REPO_ROOT)]
-        sys.modules["gpt2_sparse_repo"] = pkg
-    from gpt2_sparse_repo import configuration_gpt2_sparse, modeling_gpt2_sparse
-
-    return configuration_gpt2_sparse.GPT2SparseConfig, modeling_gpt2_sparse.GPT2SparseLMHeadModel
+    return repo_module("configuration_gpt2_sparse").GPT2SparseConfig, repo_module(
+        "modeling_gpt2_sparse"
+    ).GPT2SparseLMHeadModel
 
 
 def cogview_state_dict(model) -> dict[str, torch.Tensor]:

@@ -29,9 +29,9 @@ from pathlib import Path
 
 import pytest
 import torch
+from fixtures import bart_model, glm_model, sparse_model
 from helpers import REPO_ROOT, code_files, fresh_env, run_fresh
 from safetensors.torch import load, save_file
-from test_robustness_fixtures import bart_model, glm_model, sparse_model
 
 CODE_FILES = {
     "glm": code_files("configuration_glm.py", "modeling_glm.py"),

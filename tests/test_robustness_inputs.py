@@ -31,8 +31,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from helpers import REPO_ROOT, assert_close
-from test_robustness_fixtures import (
+from fixtures import (
     BART_IDS,
     BART_TINY,
     BART_VOCAB,
@@ -55,6 +54,7 @@ from test_robustness_fixtures import (
     sparse_model,
     tokenizer,
 )
+from helpers import REPO_ROOT, assert_close
 
 sys.path.insert(0, str(REPO_ROOT / "scripts"))
 import convert_checkpoint  # noqa: E402

@@ -18,7 +18,7 @@ import ctypes, gc, json, os, sys, weakref
 import torch, transformers
 from transformers.cache_utils import Cache
 sys.path.insert(0, sys.argv[1])
-from test_robustness_fixtures import bart_model, sparse_model
+from fixtures import bart_model, sparse_model
 
 transformers.logging.set_verbosity_error()
 torch.set_num_threads(1)

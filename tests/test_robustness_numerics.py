@@ -14,8 +14,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from helpers import REPO_ROOT, assert_close
-from test_robustness_fixtures import (
+from fixtures import (
     BART_IDS,
     GLM_PROMPT,
     SPARSE_IDS,
@@ -24,6 +23,7 @@ from test_robustness_fixtures import (
     repo_module,
     sparse_config,
 )
+from helpers import REPO_ROOT, assert_close
 
 
 class _Layer(torch.nn.Module):

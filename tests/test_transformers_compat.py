@@ -24,9 +24,10 @@ import sys
 import pytest
 import torch
 import transformers
+from fixtures import repo_module
+from fixtures.hub_folders import FAMILIES, load, training_examples
 from helpers import REPO_ROOT, assert_close
 from packaging.version import Version
-from test_ecosystem_fixtures import FAMILIES, load, repo_module, training_examples
 from transformers import GenerationMixin, Trainer, TrainingArguments
 from transformers.cache_utils import DynamicCache, EncoderDecoderCache
 
