@@ -1,69 +1,49 @@
-"""GLM tokenizer: one tokenizer class for ChatGLM-6B and for GLM's Chinese and English models.
+"""GLM tokenizer: one class for ChatGLM-6B and for GLM's Chinese and English models.
 
-`GLMTokenizer` is a slow (`PreTrainedTokenizer`) tokenizer loaded with
-`AutoTokenizer.from_pretrained(path, trust_remote_code=True)`; it works on transformers 4.57 and 5.x.
-One class, several *flavours* (the `flavour` init argument, saved in tokenizer_config.json):
-
-- `"chatglm"` reproduces THUDM's `ChatGLMTokenizer` (THUDM/chatglm-6b, `ice_text.model`, final revision with
-  `num_image_tokens=0`): before SentencePiece, `\\n` becomes `<n>`, `\\t` `<|tab|>` and runs of 2..80 spaces
-  `<|blank_N|>`; every chunk of text between special tokens gets SentencePiece's dummy prefix;
-  `build_inputs_with_special_tokens` APPENDS `[gMASK] <sop>` (and `B <eop>` for a pair); decoding drops `<pad>`
-  and the control pieces and undoes the whitespace encoding. Special tokens are pieces of the SentencePiece
-  model (ids 130000+ in ice_text).
-- `"glm-chinese"` reproduces GLM's `GLMChineseTokenizer` (glm-large-chinese / glm-10b-chinese,
-  `cog-pretrain.model`): `[CLS] + ids + <|endoftext|>`, truncation from the left, and the special tokens after the
-  50000 pieces as GLM's checkpoints expect: `<|endoftext|>` 50000, `[SEP]`, `[CLS]`, `[MASK]`, `[UNUSED1]`,
-  `[UNUSED2]` (placeholders that keep the layout), `<|startofpiece|>`, `<|endofpiece|>`, `[sMASK]`, `[gMASK]`
-  50009; `[UNK]` is the SentencePiece unknown piece (id 0). Decoding puts spaces around these tokens.
+`GLMTokenizer` is a slow (`PreTrainedTokenizer`) tokenizer, loaded with `AutoTokenizer.from_pretrained(path,
+trust_remote_code=True)` on transformers 4.57 and 5.x. One class, several *flavours* (`flavour`, saved in
+tokenizer_config.json); the special-token layouts are in `FLAVOURS` below:
+- `"chatglm"` reproduces THUDM's `ChatGLMTokenizer` (THUDM/chatglm-6b, `ice_text.model`, final revision,
+  `num_image_tokens=0`): `\\n` -> `<n>`, `\\t` -> `<|tab|>`, runs of 2..80 spaces -> `<|blank_N|>` before
+  SentencePiece; each chunk between special tokens gets the dummy prefix; `A [gMASK] <sop>` (pair: `+ B <eop>`);
+  decoding drops `<pad>` and the control pieces (ids 130000+) and undoes the whitespace encoding.
+- `"glm-chinese"` reproduces GLM's `GLMChineseTokenizer` (glm-large/10b-chinese, `cog-pretrain.model`): `[CLS] A
+  <|endoftext|>`, left truncation, the special tokens after the 50000 pieces ([UNUSED1/2] keep the layout), `[UNK]`
+  = the unknown piece 0; decoding puts spaces around the special tokens.
 - `"glm-english"` reproduces GLM's `GLMGPT2Tokenizer` (glm-10b, glm-2b): GPT-2's byte-level BPE (`vocab.json` +
-  `merges.txt`, 50257 tokens, run by the `tokenizers` library) with `[CLS] + ids + <|endoftext|>` and left
-  truncation, and GLM's command tokens after the BPE vocabulary in training order: `<|startofpiece|>` 50257,
-  `<|endofpiece|>`, `[CLS]`, `[MASK]`, `[SEP]`, `[UNK]`, `[gMASK]`, `[sMASK]` 50264; `<|endoftext|>` (50256) is
-  bos, eos, unk and pad, as in GPT2Tokenizer.
+  `merges.txt`, run by `tokenizers`), the same framing, GLM's command tokens after the 50257 BPE tokens.
 
-Behaviour is pinned here, not inherited from the installed transformers:
-- Whitespace next to a special token typed in the text is stripped, as the references did under transformers
-  4.33 (the last version they ran on).
-- Clean-up of tokenization spaces (`"a , b !"` -> `"a, b!"`): the references ran with it on (4.33's default);
-  transformers' default has changed since and 5.0.0 lacks the base-class helper. The setting is the init argument
-  `clean_up_tokenization_spaces` (saved in tokenizer_config.json, honoured on every version, our own fixed list of
-  replacements, `clean_up_spaces()` below). The checkpoint converter writes `true`, so converted
-  THUDM/GLM folders decode exactly as the references did; the class default is `false` so that
-  `decode(encode(text)) == text` (the repository's own default model keeps it off for that reason).
-- Deliberate differences from THUDM's ChatGLMTokenizer: the literal text `[gMASK]` / `[sMASK]` is the special
-  token (THUDM split it into pieces because transformers never registered it), so prompts and the chat template
-  can contain those blanks (whitespace next to them is kept); and decoding ONE special token that would decode to
-  nothing (`<eop>`, `<sop>`, `[gMASK]`, `<pad>`, ...) with `skip_special_tokens=False` gives its text (THUDM: `""`),
-  so that tools which take `decode(eos_id)` as a stop string (lm-eval's `--model hf`) stop at the end token.
+Behaviour is pinned here, never inherited from the installed transformers:
+- Whitespace next to a special token typed in the text is stripped, as under transformers 4.33 (the last version
+  the references ran on).
+- The clean-up of tokenization spaces (`"a , b !"` -> `"a, b!"`) is the init argument `clean_up_tokenization_spaces`
+  (saved, honoured on every version, with this module's own rules: `clean_up_spaces`; 5.0.0 lacks the base-class
+  helper). The references decoded with it on (4.33's default); the checkpoint converter writes `true`, so converted
+  folders decode exactly as THUDM's/GLM's. The class default is `false` so that `decode(encode(text)) == text`
+  (the repository's own default model keeps that).
+- Deliberate differences from THUDM: with `"chatglm"` the literal text `[gMASK]` / `[sMASK]` is the special token
+  (THUDM split it into pieces), so prompts and the chat template can hold those blanks; and ONE special token that
+  would decode to nothing (`<eop>`, `<sop>`, `<pad>`, ...) decodes to its text with `skip_special_tokens=False`
+  (THUDM: `""`), so that tools taking `decode(eos_id)` as a stop string (lm-eval `--model hf`) stop at the end.
 - Ambiguous input is refused with a TypeError/ValueError naming the argument, never guessed at.
+Other differences: only `input_ids` and `attention_mask` are returned (the model builds the prefix-LM mask and the
+2-D positions), padding is on the LEFT by default, and `build_inputs_for_generation` returns causal-LM labels.
+Blank infilling helpers: `build_inputs_for_generation`, `build_inputs_for_multiple_choice` (`GLMForMultipleChoice`).
 
-How this differs from the references otherwise: the tokenizer returns `input_ids` and `attention_mask` only (the
-model builds the prefix-LM mask and the 2-D positions itself), pads on the LEFT by default, and
-`build_inputs_for_generation` returns causal-LM style labels (see its docstring). Blank infilling helpers (all
-flavours): `build_inputs_for_generation` and `build_inputs_for_multiple_choice` (for `GLMForMultipleChoice`).
+A new flavour is a `_Flavour` record plus, if it is neither SentencePiece nor GPT-2 BPE, a backend with the
+`_SentencePieceVocab` interface. A new SentencePiece model for `"chatglm"` needs the user-defined symbols `<n>`,
+`<|tab|>`, `<|blank_2|>`..`<|blank_80|>`, the control symbols `[MASK] [gMASK] [sMASK] <sop> <eop>` (decode drops
+them), `<pad>` and `<unk>`, and `byte_fallback=True` if there is room (>= ~400 pieces); a missing piece is named::
 
-Adding a flavour: a `_Flavour` record below plus, if it is neither SentencePiece nor GPT-2 BPE, a vocabulary
-backend with the `_SentencePieceVocab` interface (`size`, `unk_id`, `encode_pieces`, `piece_to_id`,
-`pieces_to_ids`, `id_to_piece`, `decode_pieces`, `has_piece`, `save`).
-
-A new SentencePiece model for the `"chatglm"` flavour needs the user-defined symbols `<n>`, `<|tab|>`,
-`<|blank_2|>` .. `<|blank_K|>` (K = `max_blank_length`, default 80), the control symbols `[MASK]`, `[gMASK]`,
-`[sMASK]`, `<sop>`, `<eop>` (user_defined_symbols work too, but then decode prints them), a `<pad>` piece and
-`<unk>`; `byte_fallback=True` if the vocabulary has room (>= ~400 pieces) so unknown characters round-trip::
-
-    import sentencepiece as spm
-    spm.SentencePieceTrainer.train(
-        input="corpus.txt", model_prefix="tokenizer", vocab_size=200, model_type="unigram",
-        character_coverage=1.0, pad_id=3, unk_id=0, bos_id=1, eos_id=2,
+    spm.SentencePieceTrainer.train(input="corpus.txt", model_prefix="tokenizer", vocab_size=200, pad_id=3,
         control_symbols=["[MASK]", "[gMASK]", "[sMASK]", "<sop>", "<eop>"],
-        user_defined_symbols=["<n>", "<|tab|>"] + [f"<|blank_{n}|>" for n in range(2, 81)],
-    )
+        user_defined_symbols=["<n>", "<|tab|>"] + [f"<|blank_{n}|>" for n in range(2, 81)])
     tok = GLMTokenizer("tokenizer.model", flavour="chatglm")
     GLMTokenizer.register_for_auto_class("AutoTokenizer")
-    tok.save_pretrained("my-model")   # writes tokenizer.model, tokenizer_config.json, tokenization_glm.py
+    tok.save_pretrained("my-model")  # tokenizer.model, tokenizer_config.json, tokenization_glm.py
 
-The ids the model config needs are then `tok.sop_token_id` (bos), `tok.eop_token_id` (eos), `tok.mask_token_id`,
-`tok.gmask_token_id`, `tok.smask_token_id` and `tok.pad_token_id`. A missing piece is reported by name.
+The model config then takes `tok.sop_token_id` (bos), `eop_token_id` (eos), `mask_token_id`, `gmask_token_id`,
+`smask_token_id` and `pad_token_id`.
 """
 
 from __future__ import annotations
@@ -88,11 +68,9 @@ logger = logging.get_logger(__name__)
 # SentencePiece flavours use `vocab_file`; the GPT-2 BPE flavour `bpe_vocab_file` and `merges_file`.
 VOCAB_FILES_NAMES = {"vocab_file": "tokenizer.model", "bpe_vocab_file": "vocab.json", "merges_file": "merges.txt"}
 
-# ChatGLM-6B's prompt (THUDM's `chat`): a single question is sent as is; with history every turn is
-# "[Round i]\n问：q\n答：r\n" (0-indexed) and the new question "[Round n]\n问：q\n答：". With
-# add_generation_prompt the template also writes "[gMASK]<sop>", which is what encoding the prompt
-# with special tokens appends; so apply_chat_template(..., add_generation_prompt=True, tokenize=True)
-# equals tokenizer(prompt).input_ids.
+# ChatGLM-6B's prompt (THUDM's `chat`): one question as is; with history "[Round i]\n问：q\n答：r\n" per turn
+# (0-indexed), then "[Round n]\n问：q\n答：". add_generation_prompt adds "[gMASK]<sop>", which encoding with special
+# tokens appends: apply_chat_template(..., add_generation_prompt=True, tokenize=True) == tokenizer(prompt).input_ids.
 CHATGLM_CHAT_TEMPLATE = (
     "{%- for message in messages -%}"
     "{%- if (message['role'] == 'user') != (loop.index0 % 2 == 0) -%}"
@@ -133,14 +111,12 @@ class _Flavour:
     name: str
     named_tokens: dict[str, str]  # bos/eos/unk/pad/cls/sep/mask -> token text
     extra_tokens: tuple[str, ...]  # further special tokens (never split)
-    sop_token: str  # opens a generated span (GLM's bos for generation)
-    eop_token: str  # closes a span
-    gmask_token: str
-    smask_token: str
-    # Tokens that live after the SentencePiece pieces, in id order (GLM's added-token layout).
-    appended_tokens: tuple[str, ...] = ()
-    # Special tokens that keep the whitespace next to them (all others strip it, like 4.33 did).
-    keep_whitespace: frozenset[str] = frozenset()
+    sop_token: str = "<|startofpiece|>"  # opens a generated span (GLM's bos for generation)
+    eop_token: str = "<|endofpiece|>"  # closes a span
+    gmask_token: str = "[gMASK]"
+    smask_token: str = "[sMASK]"
+    appended_tokens: tuple[str, ...] = ()  # tokens after the vocabulary's own, in id order (GLM's layout)
+    keep_whitespace: frozenset[str] = frozenset()  # special tokens that keep the whitespace next to them
     encode_whitespace: bool = False  # ChatGLM's \n -> <n>, \t -> <|tab|>, spaces -> <|blank_N|>
     suffix_special_tokens: bool = False  # ChatGLM: ids + [gMASK, <sop>]; else [CLS] + ids + [eos]
     drop_pad_on_decode: bool = False
@@ -150,89 +126,36 @@ class _Flavour:
     backend: str = "sentencepiece"  # or "gpt2-bpe"
 
 
+# fmt: off
 FLAVOURS: dict[str, _Flavour] = {
     "chatglm": _Flavour(
         name="chatglm",
-        named_tokens={
-            "bos_token": "<sop>",
-            "eos_token": "<eop>",
-            "unk_token": "<unk>",
-            "pad_token": "<pad>",
-            "mask_token": "[MASK]",
-        },
-        extra_tokens=("[gMASK]", "[sMASK]"),
-        sop_token="<sop>",
-        eop_token="<eop>",
-        gmask_token="[gMASK]",
-        smask_token="[sMASK]",
+        named_tokens=dict(bos_token="<sop>", eos_token="<eop>", unk_token="<unk>", pad_token="<pad>", mask_token="[MASK]"),
+        extra_tokens=("[gMASK]", "[sMASK]"), sop_token="<sop>", eop_token="<eop>",
         keep_whitespace=frozenset({"[gMASK]", "[sMASK]"}),
-        encode_whitespace=True,
-        suffix_special_tokens=True,
-        drop_pad_on_decode=True,
-        chat_template=CHATGLM_CHAT_TEMPLATE,
+        encode_whitespace=True, suffix_special_tokens=True, drop_pad_on_decode=True, chat_template=CHATGLM_CHAT_TEMPLATE,
         required_pieces=("[MASK]", "[gMASK]", "[sMASK]", "<sop>", "<eop>", "<pad>", "<n>", "<|tab|>"),
     ),
-    "glm-chinese": _Flavour(
+    "glm-chinese": _Flavour(  # <|endoftext|> 50000 ... [gMASK] 50009
         name="glm-chinese",
-        named_tokens={
-            "eos_token": "<|endoftext|>",
-            "unk_token": "[UNK]",
-            "sep_token": "[SEP]",
-            "pad_token": "<|endoftext|>",
-            "cls_token": "[CLS]",
-            "mask_token": "[MASK]",
-        },
+        named_tokens=dict(eos_token="<|endoftext|>", unk_token="[UNK]", sep_token="[SEP]", pad_token="<|endoftext|>",
+                          cls_token="[CLS]", mask_token="[MASK]"),
         extra_tokens=("[UNUSED1]", "[UNUSED2]", "<|startofpiece|>", "<|endofpiece|>", "[sMASK]", "[gMASK]"),
-        sop_token="<|startofpiece|>",
-        eop_token="<|endofpiece|>",
-        gmask_token="[gMASK]",
-        smask_token="[sMASK]",
-        appended_tokens=(
-            "<|endoftext|>",
-            "[SEP]",
-            "[CLS]",
-            "[MASK]",
-            "[UNUSED1]",
-            "[UNUSED2]",
-            "<|startofpiece|>",
-            "<|endofpiece|>",
-            "[sMASK]",
-            "[gMASK]",
-        ),  # fmt: skip
+        appended_tokens=("<|endoftext|>", "[SEP]", "[CLS]", "[MASK]", "[UNUSED1]", "[UNUSED2]",
+                         "<|startofpiece|>", "<|endofpiece|>", "[sMASK]", "[gMASK]"),
         truncation_side="left",
     ),
-    "glm-english": _Flavour(
+    "glm-english": _Flavour(  # <|startofpiece|> 50257 ... [sMASK] 50264; <|endoftext|> 50256 is bos/eos/unk/pad
         name="glm-english",
-        named_tokens={
-            "bos_token": "<|endoftext|>",
-            "eos_token": "<|endoftext|>",
-            "unk_token": "<|endoftext|>",
-            "pad_token": "<|endoftext|>",
-            "cls_token": "[CLS]",
-            "mask_token": "[MASK]",
-            "sep_token": "[SEP]",
-        },
+        named_tokens=dict(bos_token="<|endoftext|>", eos_token="<|endoftext|>", unk_token="<|endoftext|>",
+                          pad_token="<|endoftext|>", cls_token="[CLS]", mask_token="[MASK]", sep_token="[SEP]"),
         extra_tokens=("<|startofpiece|>", "<|endofpiece|>", "[UNK]", "[gMASK]", "[sMASK]"),
-        sop_token="<|startofpiece|>",
-        eop_token="<|endofpiece|>",
-        gmask_token="[gMASK]",
-        smask_token="[sMASK]",
-        appended_tokens=(
-            "<|startofpiece|>",
-            "<|endofpiece|>",
-            "[CLS]",
-            "[MASK]",
-            "[SEP]",
-            "[UNK]",
-            "[gMASK]",
-            "[sMASK]",
-        ),
+        appended_tokens=("<|startofpiece|>", "<|endofpiece|>", "[CLS]", "[MASK]", "[SEP]", "[UNK]", "[gMASK]", "[sMASK]"),
         keep_whitespace=frozenset({"<|endoftext|>"}),  # GPT2Tokenizer's own AddedToken: no stripping
-        truncation_side="left",
-        required_pieces=("<|endoftext|>",),
-        backend="gpt2-bpe",
+        truncation_side="left", required_pieces=("<|endoftext|>",), backend="gpt2-bpe",
     ),
 }
+# fmt: on
 
 
 class _SentencePieceVocab:
@@ -482,20 +405,12 @@ def _special_token_kwargs(spec: _Flavour, kwargs: dict[str, Any]) -> dict[str, A
 
 
 class GLMTokenizer(PreTrainedTokenizer):
-    """Tokenizer for GLM models (ChatGLM-6B, GLM's Chinese and English models); see the module docstring.
-
-    Args:
-        vocab_file: the SentencePiece model (`tokenizer.model`; ChatGLM-6B's `ice_text.model`,
-            GLM's `cog-pretrain.model`); for `"glm-english"` it may name the BPE `vocab.json` instead.
-        flavour: `"chatglm"`, `"glm-chinese"` or `"glm-english"`.
-        bpe_vocab_file, merges_file: `"glm-english"` only: GPT-2's `vocab.json` and `merges.txt`.
-        num_image_tokens: ChatGLM only; ids below it are image tokens and text ids are shifted by it
-            (THUDM's tokenizer_config.json sets 0; the pre-April-2023 checkpoints used 20000).
-        max_blank_length: ChatGLM only; the longest space run encoded as one `<|blank_N|>` piece.
-        remove_space, do_lower_case: THUDM's optional text preprocessing (both off in ChatGLM-6B).
-        clean_up_tokenization_spaces: decode's default for removing spaces before punctuation (`False`; converted
-            THUDM/GLM folders store `True`, the references' behaviour).
-    """
+    """Tokenizer for GLM models; see the module docstring. `vocab_file`: the SentencePiece model (ChatGLM-6B's
+    `ice_text.model`, GLM's `cog-pretrain.model`), or for `"glm-english"` the BPE `vocab.json` (also
+    `bpe_vocab_file`, with `merges_file`). ChatGLM only: `num_image_tokens` (ids below it are image tokens and text
+    ids shift by it; THUDM's final config sets 0, older checkpoints 20000), `max_blank_length` (the longest space
+    run encoded as one `<|blank_N|>`). `remove_space`, `do_lower_case`: THUDM's optional preprocessing (off).
+    `clean_up_tokenization_spaces`: decode's default (False; converted THUDM/GLM folders store True)."""
 
     vocab_files_names = VOCAB_FILES_NAMES
     model_input_names = ["input_ids", "attention_mask"]
@@ -517,10 +432,8 @@ class GLMTokenizer(PreTrainedTokenizer):
         if flavour not in FLAVOURS:
             raise ValueError(f"flavour={flavour!r} is not supported; expected one of {sorted(FLAVOURS)}")
         spec = FLAVOURS[flavour]
-        if not isinstance(num_image_tokens, int) or num_image_tokens < 0:
-            raise ValueError(f"num_image_tokens={num_image_tokens!r}: expected an int >= 0")
-        if not isinstance(max_blank_length, int) or max_blank_length < 2:
-            raise ValueError(f"max_blank_length={max_blank_length!r}: expected an int >= 2")
+        _check_int(num_image_tokens, "num_image_tokens", 0)
+        _check_int(max_blank_length, "max_blank_length", 2)
         if flavour != "chatglm" and num_image_tokens:
             raise ValueError(f"num_image_tokens={num_image_tokens} is only meaningful for flavour='chatglm'")
         if not isinstance(clean_up_tokenization_spaces, bool):
@@ -743,12 +656,8 @@ class GLMTokenizer(PreTrainedTokenizer):
         if already_has_special_tokens:
             special = set(self.all_special_ids) | {self.sop_token_id, self.eop_token_id, self.gmask_token_id}
             return [1 if i in special else 0 for i in token_ids_0]
-        if self._spec.suffix_special_tokens:
-            mask = [0] * len(token_ids_0) + [1, 1]
-            return mask + ([0] * len(token_ids_1) + [1] if token_ids_1 is not None else [])
-        if token_ids_1 is not None:
-            raise ValueError(f"text_pair is not supported by the {self.flavour!r} flavour (GLM encodes one text)")
-        return [1] + [0] * len(token_ids_0) + [1]
+        marked = self.build_inputs_with_special_tokens([-1] * len(token_ids_0), token_ids_1 and [-1] * len(token_ids_1))
+        return [0 if i == -1 else 1 for i in marked]  # the framing the flavour adds, wherever it goes
 
     def create_token_type_ids_from_sequences(
         self, token_ids_0: list[int], token_ids_1: list[int] | None = None
@@ -800,19 +709,18 @@ class GLMTokenizer(PreTrainedTokenizer):
 
     def convert_tokens_to_string(self, tokens: list[str]) -> str:
         """Pieces back to text; tokens that are not SentencePiece pieces are joined with spaces around them."""
-        parts: list[str] = []
-        run: list[str] = []
-        for token in tokens:
-            if token in self._appended or token.startswith("<image_") or not self._vocab.has_piece(token):
-                if run:
-                    parts.append(self._postprocess(self._vocab.decode_pieces(run)))
-                    run = []
-                parts.append(token)
-            else:
-                run.append(token)
-        if run:
-            parts.append(self._postprocess(self._vocab.decode_pieces(run)))
-        return " ".join(parts)
+        alone = [t in self._appended or t.startswith("<image_") or not self._vocab.has_piece(t) for t in tokens]
+        return self._join(list(zip(tokens, alone)), " ")
+
+    def _join(self, tokens: list[tuple[str, bool]], separator: str) -> str:
+        """(token, stands alone) pairs to text: runs of pieces are decoded together, the others stand alone."""
+        parts, run = [], []
+        for token, alone in [*tokens, ("", True)]:
+            if alone and run:
+                parts.append(self._postprocess(self._vocab.decode_pieces(run)))
+                run = []
+            (parts if alone else run).append(token)
+        return separator.join(parts[:-1])
 
     def _decode(
         self,
@@ -829,25 +737,19 @@ class GLMTokenizer(PreTrainedTokenizer):
         token_ids = [token_ids] if _is_id(token_ids) else list(token_ids)
         skip = set(self.all_special_ids) if skip_special_tokens else set()
         pad_id = self.pad_token_id if self._spec.drop_pad_on_decode else None
-        parts: list[str] = []
-        run: list[str] = []
+        tokens = []
         for index in token_ids:
             if not _is_id(index):
                 raise TypeError(f"token_ids must hold integer token ids, got {_shown(index)}")
             if index in skip or index == pad_id or 0 <= index < self._text_offset:
                 continue
+            # SentencePiece ids decode together (GLM's "[UNK]" alias decodes as the <unk> piece, as the reference
+            # did; ChatGLM's control pieces [MASK], <sop>, ... decode to nothing); other tokens stand alone.
             if self._is_piece_id(index):
-                # SentencePiece ids decode together (GLM's "[UNK]" alias decodes as the <unk> piece, as
-                # the reference did); ChatGLM's control pieces ([MASK], <sop>, ...) decode to nothing.
-                run.append(self._vocab.id_to_piece(index - self._text_offset))
-                continue
-            if run:
-                parts.append(self._postprocess(self._vocab.decode_pieces(run)))
-                run = []
-            parts.append(self._convert_id_to_token_with_added(index))
-        if run:
-            parts.append(self._postprocess(self._vocab.decode_pieces(run)))
-        text = (" " if spaces_between_special_tokens else "").join(parts)
+                tokens.append((self._vocab.id_to_piece(index - self._text_offset), False))
+            else:
+                tokens.append((self._convert_id_to_token_with_added(index), True))
+        text = self._join(tokens, " " if spaces_between_special_tokens else "")
         if not text and not skip_special_tokens and len(token_ids) == 1 and token_ids[0] in self._special_ids():
             return self._convert_id_to_token_with_added(token_ids[0])  # e.g. "<eop>" for a stop string
         if clean_up_tokenization_spaces is None:
@@ -877,20 +779,13 @@ class GLMTokenizer(PreTrainedTokenizer):
     ) -> BatchEncoding:
         """Inputs for generating (or learning) the span of the first blank of each row.
 
-        `model_input` is what the tokenizer returned (`input_ids`, optional `attention_mask`; tensors or
-        lists, any padding side). Each row must hold a blank ([MASK], [sMASK] or [gMASK]). The start-of-piece
-        token is appended (unless the row already ends with it, as chatglm encodings do) and the rows are
-        LEFT-padded again. Returns `input_ids` and `attention_mask`; pass them to `generate()` (the model
-        derives the prefix mask and the 2-D positions from the start-of-piece token).
-
-        With `targets` (one string per row), each target plus the end-of-piece token is appended after
-        the start-of-piece token (cut to `max_gen_length` tokens) and `labels` are returned: -100 on the
-        padding, the context and the start-of-piece token, the target ids and end-of-piece elsewhere.
-        Labels follow the causal-LM convention (the model compares logits[:, :-1] with labels[:, 1:]):
-        labels[i] == input_ids[i], so the first span token's label sits at the <sop> position + 1.
-        (GLM-10B's reference labels are already shifted and its loss shifts again: off by one.)
-        With `padding=True` all rows are padded to context + 1 + `max_gen_length` tokens.
-        """
+        `model_input`: what the tokenizer returned (`input_ids`, optional `attention_mask`; tensors or lists, any
+        padding side); each row needs a blank ([MASK], [sMASK] or [gMASK]). `<sop>` is appended (unless the row ends
+        with it, as chatglm encodings do) and the rows are LEFT-padded again: pass `input_ids` and `attention_mask`
+        to `generate()`. With `targets` (one string per row) each target + `<eop>` (cut to `max_gen_length`) follows
+        `<sop>`, and `labels` are returned: -100 on padding, context and `<sop>`, else the ids, in the causal-LM
+        convention (labels[i] == input_ids[i]; GLM-10B's reference labels were shifted once more: off by one).
+        `padding=True` pads every row to context + 1 + `max_gen_length` tokens."""
         import torch
 
         _check_int(max_gen_length, "max_gen_length", 1)
@@ -932,12 +827,10 @@ class GLMTokenizer(PreTrainedTokenizer):
         context's blank (its first [MASK], [sMASK] or [gMASK]; GLM required a [MASK]) and block positions
         1, 2, ...; each choice sees the context and, causally, itself; the context sees only itself.
 
-        `choices` holds one list of answer strings per example. Returns tensors: `input_ids` [B, L],
-        `position_ids` [B, 2, L], `attention_mask` [B, 1, L, L] (1 = attend), `choice_ids` and `choice_indices`
-        [B, C, T] (`choice_ids` padded with -100); pass them all to the model. Rows are right-padded with the pad
-        token (GLM used id 0), their positions repeating the last one. Every example needs the same number of
-        choices. `max_length` is ignored, as in GLM.
-        """
+        `choices`: one list of answer strings per example, the same number for each. Returns tensors for the model:
+        `input_ids` [B, L], `position_ids` [B, 2, L], `attention_mask` [B, 1, L, L] (1 = attend), `choice_ids`
+        (padded with -100) and `choice_indices` [B, C, T]; rows right-padded with the pad token, positions repeating
+        the last one. `max_length` is ignored, as in GLM."""
         import torch
 
         examples = self._real_rows_with_blank(model_input)
