@@ -1,76 +1,49 @@
-"""GLM tokenizer: one tokenizer class for ChatGLM-6B and for GLM's Chinese and English models.
+"""GLM tokenizer: one class for ChatGLM-6B and for GLM's Chinese and English models.
 
-`GLMTokenizer` is a slow (`PreTrainedTokenizer`) tokenizer loaded with
-`AutoTokenizer.from_pretrained(path, trust_remote_code=True)`; it works on transformers 4.57 and 5.x.
-One class, several *flavours* (the `flavour` init argument, saved in tokenizer_config.json):
+`GLMTokenizer` is a slow (`PreTrainedTokenizer`) tokenizer, loaded with `AutoTokenizer.from_pretrained(path,
+trust_remote_code=True)` on transformers 4.57 and 5.x. One class, several *flavours* (`flavour`, saved in
+tokenizer_config.json); the special-token layouts are in `FLAVOURS` below:
+- `"chatglm"` reproduces THUDM's `ChatGLMTokenizer` (THUDM/chatglm-6b, `ice_text.model`, final revision,
+  `num_image_tokens=0`): `\\n` -> `<n>`, `\\t` -> `<|tab|>`, runs of 2..80 spaces -> `<|blank_N|>` before
+  SentencePiece; each chunk between special tokens gets the dummy prefix; `A [gMASK] <sop>` (pair: `+ B <eop>`);
+  decoding drops `<pad>` and the control pieces (ids 130000+) and undoes the whitespace encoding.
+- `"glm-chinese"` reproduces GLM's `GLMChineseTokenizer` (glm-large/10b-chinese, `cog-pretrain.model`): `[CLS] A
+  <|endoftext|>`, left truncation, the special tokens after the 50000 pieces ([UNUSED1/2] keep the layout), `[UNK]`
+  = the unknown piece 0; decoding puts spaces around the special tokens.
+- `"glm-english"` reproduces GLM's `GLMGPT2Tokenizer` (glm-10b, glm-2b): GPT-2's byte-level BPE (`vocab.json` +
+  `merges.txt`, run by `tokenizers`), the same framing, GLM's command tokens after the 50257 BPE tokens.
 
-- `"chatglm"` reproduces THUDM's `ChatGLMTokenizer` (THUDM/chatglm-6b, `ice_text.model`, final
-  revision with `num_image_tokens=0`): before SentencePiece, `\\n` becomes `<n>`, `\\t` becomes `<|tab|>`
-  and runs of 2..80 spaces become `<|blank_N|>`; every chunk of text between special tokens gets
-  SentencePiece's dummy prefix; `build_inputs_with_special_tokens` APPENDS `[gMASK] <sop>` (and
-  `B <eop>` for a pair); decoding drops `<pad>` and the control pieces and undoes the whitespace
-  encoding, so `decode(encode(text)) == text` for text the SentencePiece normaliser leaves alone.
-  Special tokens are pieces of the SentencePiece model (ids 130000+ in ice_text).
-- `"glm-chinese"` reproduces GLM's `GLMChineseTokenizer` (glm-large-chinese / glm-10b-chinese,
-  `cog-pretrain.model`): `[CLS] + ids + <|endoftext|>`, truncation from the left, and the special
-  tokens placed after the 50000 pieces exactly as GLM's checkpoints expect: `<|endoftext|>` 50000,
-  `[SEP]` 50001, `[CLS]` 50002, `[MASK]` 50003, `[UNUSED1]` 50004, `[UNUSED2]` 50005 (placeholders that
-  keep the layout), `<|startofpiece|>` 50006, `<|endofpiece|>` 50007, `[sMASK]` 50008, `[gMASK]` 50009;
-  `[UNK]` is the SentencePiece unknown piece (id 0). Decoding puts spaces around these tokens.
-- `"glm-english"` reproduces GLM's `GLMGPT2Tokenizer` (glm-10b, glm-2b): GPT-2's byte-level BPE
-  (`vocab.json` + `merges.txt`, 50257 tokens, run by the `tokenizers` library) with `[CLS] + ids +
-  <|endoftext|>` and left truncation like the Chinese flavour, and GLM's tokens after the BPE vocabulary in
-  the order the checkpoints were trained with (GLM's GPT2BPETokenizer command tokens): `<|startofpiece|>`
-  50257, `<|endofpiece|>` 50258, `[CLS]` 50259, `[MASK]` 50260, `[SEP]` 50261, `[UNK]` 50262, `[gMASK]`
-  50263, `[sMASK]` 50264; `<|endoftext|>` (50256) is bos, eos, unk and pad, as in GPT2Tokenizer.
+Behaviour is pinned here, never inherited from the installed transformers:
+- Whitespace next to a special token typed in the text is stripped, as under transformers 4.33 (the last version
+  the references ran on).
+- The clean-up of tokenization spaces (`"a , b !"` -> `"a, b!"`) is the init argument `clean_up_tokenization_spaces`
+  (saved, honoured on every version, with this module's own rules: `clean_up_spaces`; 5.0.0 lacks the base-class
+  helper). The references decoded with it on (4.33's default); the checkpoint converter writes `true`, so converted
+  folders decode exactly as THUDM's/GLM's. The class default is `false` so that `decode(encode(text)) == text`
+  (the repository's own default model keeps that).
+- Deliberate differences from THUDM: with `"chatglm"` the literal text `[gMASK]` / `[sMASK]` is the special token
+  (THUDM split it into pieces), so prompts and the chat template can hold those blanks; and ONE special token that
+  would decode to nothing (`<eop>`, `<sop>`, `<pad>`, ...) decodes to its text with `skip_special_tokens=False`
+  (THUDM: `""`), so that tools taking `decode(eos_id)` as a stop string (lm-eval `--model hf`) stop at the end.
+- Ambiguous input is refused with a TypeError/ValueError naming the argument, never guessed at.
+Other differences: only `input_ids` and `attention_mask` are returned (the model builds the prefix-LM mask and the
+2-D positions), padding is on the LEFT by default, and `build_inputs_for_generation` returns causal-LM labels.
+Blank infilling helpers: `build_inputs_for_generation`, `build_inputs_for_multiple_choice` (`GLMForMultipleChoice`).
 
-Both flavours follow what the references did under transformers 4.33 (the last version they ran
-on): whitespace next to a special token typed in the text is stripped, and `decode` uses
-`clean_up_tokenization_spaces` only when asked (the references' 4.33 default was True; ours is False
-so that decode reverses encode; pass `clean_up_tokenization_spaces=True` for the old output).
-One deliberate difference from THUDM: with `"chatglm"`, the literal text `[gMASK]` / `[sMASK]` is
-the special token (THUDM split it into ordinary pieces because transformers never registered it),
-so prompts and the chat template can contain those blanks; whitespace next to them is kept.
+A new flavour is a `_Flavour` record plus, if it is neither SentencePiece nor GPT-2 BPE, a backend with the
+`_SentencePieceVocab` interface. A new SentencePiece model for `"chatglm"` needs the user-defined symbols `<n>`,
+`<|tab|>`, `<|blank_2|>`..`<|blank_80|>`, the control symbols `[MASK] [gMASK] [sMASK] <sop> <eop>` (decode drops
+them), `<pad>` and `<unk>`, and `byte_fallback=True` if there is room (>= ~400 pieces); a missing piece is named::
 
-How this differs from the references: the tokenizer returns `input_ids` and `attention_mask` only
-(the model builds the prefix-LM mask and the 2-D positions itself), pads on the LEFT by default
-(`padding_side="right"` per call works too), and `build_inputs_for_generation` returns causal-LM
-style labels (see its docstring).
-
-Adding a flavour: a flavour is a `_Flavour` record below plus, if it is neither SentencePiece nor
-GPT-2 BPE, a vocabulary backend with the `_SentencePieceVocab` interface (`size`, `unk_id`,
-`encode_pieces`, `piece_to_id`, `pieces_to_ids`, `id_to_piece`, `decode_pieces`, `has_piece`, `save`).
-
-Blank infilling helpers (all flavours): `build_inputs_for_generation` (the span to generate or learn) and
-`build_inputs_for_multiple_choice` (GLM's one-pass scoring of answer choices, for `GLMForMultipleChoice`).
-
-Building a new tokenizer for the `"chatglm"` flavour (e.g. a small model trained on your corpus):
-train a SentencePiece model whose pieces include
-
-- the user-defined symbols `<n>`, `<|tab|>`, `<|blank_2|>` .. `<|blank_K|>` (K = `max_blank_length`,
-  default 80; the whitespace encoding needs them as whole pieces, so they must be user_defined_symbols),
-- the pieces `[MASK]`, `[gMASK]`, `[sMASK]`, `<sop>`, `<eop>` (control_symbols, as in ice_text, so that
-  decode drops them; user_defined_symbols also work but then decode prints them), a `<pad>` piece
-  (e.g. `pad_id=3`) and the unknown piece `<unk>`,
-- `byte_fallback=True` if the vocabulary has room (unknown characters then round-trip as bytes; it
-  needs vocab_size >= ~400: 256 byte pieces plus the ~90 symbols above); without it they become `<unk>`.
-
-For example::
-
-    import sentencepiece as spm
-    spm.SentencePieceTrainer.train(
-        input="corpus.txt", model_prefix="tokenizer", vocab_size=200, model_type="unigram",
-        character_coverage=1.0, pad_id=3, unk_id=0, bos_id=1, eos_id=2,
+    spm.SentencePieceTrainer.train(input="corpus.txt", model_prefix="tokenizer", vocab_size=200, pad_id=3,
         control_symbols=["[MASK]", "[gMASK]", "[sMASK]", "<sop>", "<eop>"],
-        user_defined_symbols=["<n>", "<|tab|>"] + [f"<|blank_{n}|>" for n in range(2, 81)],
-    )
+        user_defined_symbols=["<n>", "<|tab|>"] + [f"<|blank_{n}|>" for n in range(2, 81)])
     tok = GLMTokenizer("tokenizer.model", flavour="chatglm")
     GLMTokenizer.register_for_auto_class("AutoTokenizer")
-    tok.save_pretrained("my-model")   # writes tokenizer.model, tokenizer_config.json, tokenization_glm.py
+    tok.save_pretrained("my-model")  # tokenizer.model, tokenizer_config.json, tokenization_glm.py
 
-The ids the model config needs are then `tok.sop_token_id` (bos), `tok.eop_token_id` (eos),
-`tok.mask_token_id`, `tok.gmask_token_id`, `tok.smask_token_id` and `tok.pad_token_id`. A missing
-required piece is reported by name when the tokenizer is built.
+The model config then takes `tok.sop_token_id` (bos), `eop_token_id` (eos), `mask_token_id`, `gmask_token_id`,
+`smask_token_id` and `pad_token_id`.
 """
 
 from __future__ import annotations
@@ -78,7 +51,9 @@ from __future__ import annotations
 import json
 import os
 import re
+import reprlib
 import shutil
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -93,11 +68,9 @@ logger = logging.get_logger(__name__)
 # SentencePiece flavours use `vocab_file`; the GPT-2 BPE flavour `bpe_vocab_file` and `merges_file`.
 VOCAB_FILES_NAMES = {"vocab_file": "tokenizer.model", "bpe_vocab_file": "vocab.json", "merges_file": "merges.txt"}
 
-# ChatGLM-6B's prompt (THUDM's `chat`): a single question is sent as is; with history every turn is
-# "[Round i]\n问：q\n答：r\n" (0-indexed) and the new question "[Round n]\n问：q\n答：". With
-# add_generation_prompt the template also writes "[gMASK]<sop>", which is what encoding the prompt
-# with special tokens appends; so apply_chat_template(..., add_generation_prompt=True, tokenize=True)
-# equals tokenizer(prompt).input_ids.
+# ChatGLM-6B's prompt (THUDM's `chat`): one question as is; with history "[Round i]\n问：q\n答：r\n" per turn
+# (0-indexed), then "[Round n]\n问：q\n答：". add_generation_prompt adds "[gMASK]<sop>", which encoding with special
+# tokens appends: apply_chat_template(..., add_generation_prompt=True, tokenize=True) == tokenizer(prompt).input_ids.
 CHATGLM_CHAT_TEMPLATE = (
     "{%- for message in messages -%}"
     "{%- if (message['role'] == 'user') != (loop.index0 % 2 == 0) -%}"
@@ -112,6 +85,24 @@ CHATGLM_CHAT_TEMPLATE = (
     "{%- if add_generation_prompt -%}{{- '[gMASK]<sop>' -}}{%- endif -%}"
 )
 
+# The clean-up of tokenization spaces the references decoded with (transformers 4.33; the same ten rules through
+# 5.23), applied in this order. Kept here so that decoding never depends on the base class having the helper.
+CLEAN_UP_RULES = (
+    (" .", "."), (" ?", "?"), (" !", "!"), (" ,", ","), (" ' ", "'"),
+    (" n't", "n't"), (" 'm", "'m"), (" 's", "'s"), (" 've", "'ve"), (" 're", "'re"),
+)  # fmt: skip
+
+# Where transformers keeps the added tokens of a slow tokenizer (text -> id, id -> AddedToken): private, so read
+# through `_added_tokens()` with the public (sorted, slower) properties as the fallback.
+ADDED_TOKENS_ATTRIBUTES = ("_added_tokens_encoder", "_added_tokens_decoder")
+
+
+def clean_up_spaces(text: str) -> str:
+    """Remove the spaces that word-by-word decoding leaves before punctuation and English contractions."""
+    for old, new in CLEAN_UP_RULES:
+        text = text.replace(old, new)
+    return text
+
 
 @dataclass(frozen=True)
 class _Flavour:
@@ -120,14 +111,12 @@ class _Flavour:
     name: str
     named_tokens: dict[str, str]  # bos/eos/unk/pad/cls/sep/mask -> token text
     extra_tokens: tuple[str, ...]  # further special tokens (never split)
-    sop_token: str  # opens a generated span (GLM's bos for generation)
-    eop_token: str  # closes a span
-    gmask_token: str
-    smask_token: str
-    # Tokens that live after the SentencePiece pieces, in id order (GLM's added-token layout).
-    appended_tokens: tuple[str, ...] = ()
-    # Special tokens that keep the whitespace next to them (all others strip it, like 4.33 did).
-    keep_whitespace: frozenset[str] = frozenset()
+    sop_token: str = "<|startofpiece|>"  # opens a generated span (GLM's bos for generation)
+    eop_token: str = "<|endofpiece|>"  # closes a span
+    gmask_token: str = "[gMASK]"
+    smask_token: str = "[sMASK]"
+    appended_tokens: tuple[str, ...] = ()  # tokens after the vocabulary's own, in id order (GLM's layout)
+    keep_whitespace: frozenset[str] = frozenset()  # special tokens that keep the whitespace next to them
     encode_whitespace: bool = False  # ChatGLM's \n -> <n>, \t -> <|tab|>, spaces -> <|blank_N|>
     suffix_special_tokens: bool = False  # ChatGLM: ids + [gMASK, <sop>]; else [CLS] + ids + [eos]
     drop_pad_on_decode: bool = False
@@ -137,89 +126,36 @@ class _Flavour:
     backend: str = "sentencepiece"  # or "gpt2-bpe"
 
 
+# fmt: off
 FLAVOURS: dict[str, _Flavour] = {
     "chatglm": _Flavour(
         name="chatglm",
-        named_tokens={
-            "bos_token": "<sop>",
-            "eos_token": "<eop>",
-            "unk_token": "<unk>",
-            "pad_token": "<pad>",
-            "mask_token": "[MASK]",
-        },
-        extra_tokens=("[gMASK]", "[sMASK]"),
-        sop_token="<sop>",
-        eop_token="<eop>",
-        gmask_token="[gMASK]",
-        smask_token="[sMASK]",
+        named_tokens=dict(bos_token="<sop>", eos_token="<eop>", unk_token="<unk>", pad_token="<pad>", mask_token="[MASK]"),
+        extra_tokens=("[gMASK]", "[sMASK]"), sop_token="<sop>", eop_token="<eop>",
         keep_whitespace=frozenset({"[gMASK]", "[sMASK]"}),
-        encode_whitespace=True,
-        suffix_special_tokens=True,
-        drop_pad_on_decode=True,
-        chat_template=CHATGLM_CHAT_TEMPLATE,
+        encode_whitespace=True, suffix_special_tokens=True, drop_pad_on_decode=True, chat_template=CHATGLM_CHAT_TEMPLATE,
         required_pieces=("[MASK]", "[gMASK]", "[sMASK]", "<sop>", "<eop>", "<pad>", "<n>", "<|tab|>"),
     ),
-    "glm-chinese": _Flavour(
+    "glm-chinese": _Flavour(  # <|endoftext|> 50000 ... [gMASK] 50009
         name="glm-chinese",
-        named_tokens={
-            "eos_token": "<|endoftext|>",
-            "unk_token": "[UNK]",
-            "sep_token": "[SEP]",
-            "pad_token": "<|endoftext|>",
-            "cls_token": "[CLS]",
-            "mask_token": "[MASK]",
-        },
+        named_tokens=dict(eos_token="<|endoftext|>", unk_token="[UNK]", sep_token="[SEP]", pad_token="<|endoftext|>",
+                          cls_token="[CLS]", mask_token="[MASK]"),
         extra_tokens=("[UNUSED1]", "[UNUSED2]", "<|startofpiece|>", "<|endofpiece|>", "[sMASK]", "[gMASK]"),
-        sop_token="<|startofpiece|>",
-        eop_token="<|endofpiece|>",
-        gmask_token="[gMASK]",
-        smask_token="[sMASK]",
-        appended_tokens=(
-            "<|endoftext|>",
-            "[SEP]",
-            "[CLS]",
-            "[MASK]",
-            "[UNUSED1]",
-            "[UNUSED2]",
-            "<|startofpiece|>",
-            "<|endofpiece|>",
-            "[sMASK]",
-            "[gMASK]",
-        ),
+        appended_tokens=("<|endoftext|>", "[SEP]", "[CLS]", "[MASK]", "[UNUSED1]", "[UNUSED2]",
+                         "<|startofpiece|>", "<|endofpiece|>", "[sMASK]", "[gMASK]"),
         truncation_side="left",
     ),
-    "glm-english": _Flavour(
+    "glm-english": _Flavour(  # <|startofpiece|> 50257 ... [sMASK] 50264; <|endoftext|> 50256 is bos/eos/unk/pad
         name="glm-english",
-        named_tokens={
-            "bos_token": "<|endoftext|>",
-            "eos_token": "<|endoftext|>",
-            "unk_token": "<|endoftext|>",
-            "pad_token": "<|endoftext|>",
-            "cls_token": "[CLS]",
-            "mask_token": "[MASK]",
-            "sep_token": "[SEP]",
-        },
+        named_tokens=dict(bos_token="<|endoftext|>", eos_token="<|endoftext|>", unk_token="<|endoftext|>",
+                          pad_token="<|endoftext|>", cls_token="[CLS]", mask_token="[MASK]", sep_token="[SEP]"),
         extra_tokens=("<|startofpiece|>", "<|endofpiece|>", "[UNK]", "[gMASK]", "[sMASK]"),
-        sop_token="<|startofpiece|>",
-        eop_token="<|endofpiece|>",
-        gmask_token="[gMASK]",
-        smask_token="[sMASK]",
-        appended_tokens=(
-            "<|startofpiece|>",
-            "<|endofpiece|>",
-            "[CLS]",
-            "[MASK]",
-            "[SEP]",
-            "[UNK]",
-            "[gMASK]",
-            "[sMASK]",
-        ),
+        appended_tokens=("<|startofpiece|>", "<|endofpiece|>", "[CLS]", "[MASK]", "[SEP]", "[UNK]", "[gMASK]", "[sMASK]"),
         keep_whitespace=frozenset({"<|endoftext|>"}),  # GPT2Tokenizer's own AddedToken: no stripping
-        truncation_side="left",
-        required_pieces=("<|endoftext|>",),
-        backend="gpt2-bpe",
+        truncation_side="left", required_pieces=("<|endoftext|>",), backend="gpt2-bpe",
     ),
 }
+# fmt: on
 
 
 class _SentencePieceVocab:
@@ -367,19 +303,114 @@ class _GPT2BPEVocab:
         self._build(state["encoder"], [tuple(m) for m in state["merges"]])
 
 
-class GLMTokenizer(PreTrainedTokenizer):
-    """Tokenizer for GLM models (ChatGLM-6B, GLM's Chinese and English models); see the module docstring.
+# ---------------------------------------------------------------------------------- checks of the public entries
+def _shown(value: Any) -> str:
+    return f"{type(value).__name__} {reprlib.repr(value)}"
 
-    Args:
-        vocab_file: the SentencePiece model (`tokenizer.model`; ChatGLM-6B's `ice_text.model`,
-            GLM's `cog-pretrain.model`); for `"glm-english"` it may name the BPE `vocab.json` instead.
-        flavour: `"chatglm"`, `"glm-chinese"` or `"glm-english"`.
-        bpe_vocab_file, merges_file: `"glm-english"` only: GPT-2's `vocab.json` and `merges.txt`.
-        num_image_tokens: ChatGLM only; ids below it are image tokens and text ids are shifted by it
-            (THUDM's tokenizer_config.json sets 0; the pre-April-2023 checkpoints used 20000).
-        max_blank_length: ChatGLM only; the longest space run encoded as one `<|blank_N|>` piece.
-        remove_space, do_lower_case: THUDM's optional text preprocessing (both off in ChatGLM-6B).
-    """
+
+def _is_id(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _is_strs(value: Any) -> bool:
+    return isinstance(value, (list, tuple)) and all(isinstance(v, str) for v in value)
+
+
+def _check_text(value: Any, name: str) -> None:
+    """`text` / `text_pair` of `__call__`: a str, a batch of str, or a batch of lists of str (pre-split words or
+    pairs). Ids (ints), bytes, None inside a batch and deeper nesting are refused: versions differ in what they
+    make of them (5.x takes a list of ints as ids and a triply nested list as a batch)."""
+    if isinstance(value, str) or _is_strs(value):
+        return
+    if isinstance(value, (list, tuple)) and value and all(_is_strs(v) for v in value):
+        return
+    raise TypeError(
+        f"{name} must be a str, a list of str (a batch) or a list of lists of str (pre-split words or pairs), "
+        f"got {_shown(value)}"
+    )
+
+
+def _plain(value: Any) -> Any:
+    """Tensors and arrays (and their scalars) as Python lists and numbers; lists element by element. (transformers'
+    `to_py_obj` is not used: 4.57's turns [True, 5] into [1, 5] through numpy.)"""
+    if isinstance(value, (list, tuple)):
+        return [_plain(v) for v in value]
+    return value.tolist() if hasattr(value, "tolist") else value
+
+
+def _token_id_rows(token_ids: Any, name: str, is_item=_is_id) -> tuple[list[list[int]], bool]:
+    """Ids (an int, a sequence, a batch of sequences; lists, tensors or arrays) as rows of Python ints, and whether
+    a batch was given. Anything else, a float or a bool among them, is a TypeError naming `name`."""
+    values = _plain(token_ids)
+    if is_item(values):
+        return [[values]], False
+    if isinstance(values, (list, tuple)) and all(is_item(v) for v in values):
+        return [list(values)], False
+    if isinstance(values, (list, tuple)) and all(isinstance(r, (list, tuple)) for r in values):
+        if all(is_item(v) for r in values for v in r):
+            return [list(r) for r in values], True
+    items = values if isinstance(values, (list, tuple)) else [values]
+    items = [w for v in items for w in (v if isinstance(v, (list, tuple)) else [v])]
+    bad = next((v for v in items if not is_item(v)), values)
+    raise TypeError(
+        f"{name} must hold integer token ids (an int, a list, a batch of lists, a tensor), got {_shown(token_ids)}"
+        + (f" holding {_shown(bad)}" if bad is not values else "")
+    )
+
+
+def _check_conversation(conversation: Any) -> None:
+    """A chat: a list of {"role": str, "content": str} messages, or a batch (list) of such lists."""
+    if not isinstance(conversation, (list, tuple)):
+        raise TypeError(f"conversation must be a list of messages (dicts), got {_shown(conversation)}")
+    batched = bool(conversation) and all(isinstance(c, (list, tuple)) for c in conversation)
+    for chat in conversation if batched else [conversation]:
+        for i, message in enumerate(chat):
+            if not isinstance(message, Mapping):
+                raise TypeError(f"conversation[{i}] must be a dict with 'role' and 'content', got {_shown(message)}")
+            if not isinstance(message.get("role"), str) or not isinstance(message.get("content"), str):
+                raise TypeError(
+                    f"conversation[{i}] needs a str 'role' and a str 'content', got {reprlib.repr(message)}"
+                )
+
+
+def _check_int(value: Any, name: str, minimum: int) -> None:
+    if not _is_id(value):
+        raise TypeError(f"{name} must be an int >= {minimum}, got {_shown(value)}")
+    if value < minimum:
+        raise ValueError(f"{name}={value}: expected an int >= {minimum}")
+
+
+def _special_token_kwargs(spec: _Flavour, kwargs: dict[str, Any]) -> dict[str, Any]:
+    """The init kwargs with the flavour's special tokens: its named tokens unless given, its extra tokens first
+    (their order fixes ids in 4.x), then any saved ones (4.x's list, 5.x's list or {name: token})."""
+    # THUDM's tokenizer_config.json carries custom *_token kwargs; 5.x would turn them into special tokens
+    # (changing how the text "[gMASK]" splits), and we derive them from the flavour anyway.
+    for key in ("gmask_token", "smask_token", "end_token", "sop_token", "eop_token"):
+        kwargs.pop(key, None)
+    for key, value in spec.named_tokens.items():
+        kwargs.setdefault(key, value)
+    saved_extra = kwargs.pop("extra_special_tokens", None) or []
+    if isinstance(saved_extra, dict):  # 5.x's named form {name: token}; 4.57 writes {}
+        saved_extra = list(saved_extra.values())
+    saved = list(kwargs.pop("additional_special_tokens", None) or []) + list(saved_extra)
+    extras: list[str | AddedToken] = []
+    for token in [*spec.extra_tokens, *saved]:
+        if str(token) not in [str(t) for t in extras]:
+            extras.append(token)
+    kwargs["additional_special_tokens"] = extras
+    kwargs.setdefault("truncation_side", spec.truncation_side)
+    if spec.chat_template is not None:
+        kwargs.setdefault("chat_template", spec.chat_template)
+    return kwargs
+
+
+class GLMTokenizer(PreTrainedTokenizer):
+    """Tokenizer for GLM models; see the module docstring. `vocab_file`: the SentencePiece model (ChatGLM-6B's
+    `ice_text.model`, GLM's `cog-pretrain.model`), or for `"glm-english"` the BPE `vocab.json` (also
+    `bpe_vocab_file`, with `merges_file`). ChatGLM only: `num_image_tokens` (ids below it are image tokens and text
+    ids shift by it; THUDM's final config sets 0, older checkpoints 20000), `max_blank_length` (the longest space
+    run encoded as one `<|blank_N|>`). `remove_space`, `do_lower_case`: THUDM's optional preprocessing (off).
+    `clean_up_tokenization_spaces`: decode's default (False; converted THUDM/GLM folders store True)."""
 
     vocab_files_names = VOCAB_FILES_NAMES
     model_input_names = ["input_ids", "attention_mask"]
@@ -395,23 +426,23 @@ class GLMTokenizer(PreTrainedTokenizer):
         do_lower_case: bool = False,
         bpe_vocab_file: str | None = None,
         merges_file: str | None = None,
+        clean_up_tokenization_spaces: bool = False,
         **kwargs,
     ):
         if flavour not in FLAVOURS:
             raise ValueError(f"flavour={flavour!r} is not supported; expected one of {sorted(FLAVOURS)}")
         spec = FLAVOURS[flavour]
-        if not isinstance(num_image_tokens, int) or num_image_tokens < 0:
-            raise ValueError(f"num_image_tokens={num_image_tokens!r}: expected an int >= 0")
-        if not isinstance(max_blank_length, int) or max_blank_length < 2:
-            raise ValueError(f"max_blank_length={max_blank_length!r}: expected an int >= 2")
+        _check_int(num_image_tokens, "num_image_tokens", 0)
+        _check_int(max_blank_length, "max_blank_length", 2)
         if flavour != "chatglm" and num_image_tokens:
             raise ValueError(f"num_image_tokens={num_image_tokens} is only meaningful for flavour='chatglm'")
-        self.flavour = flavour
-        self._spec = spec
-        self.num_image_tokens = num_image_tokens
-        self.max_blank_length = max_blank_length
-        self.remove_space = remove_space
-        self._lowercase = do_lower_case
+        if not isinstance(clean_up_tokenization_spaces, bool):
+            raise TypeError(
+                f"clean_up_tokenization_spaces must be True or False, got {_shown(clean_up_tokenization_spaces)}"
+            )
+        self.flavour, self._spec = flavour, spec
+        self.num_image_tokens, self.max_blank_length = num_image_tokens, max_blank_length
+        self.remove_space, self._lowercase = remove_space, do_lower_case
         # The vocabulary must exist before PreTrainedTokenizer.__init__, which calls get_vocab().
         if spec.backend == "gpt2-bpe":
             self._vocab = _GPT2BPEVocab(bpe_vocab_file or vocab_file, merges_file)
@@ -427,35 +458,16 @@ class GLMTokenizer(PreTrainedTokenizer):
         self._base_vocab: dict[str, int] | None = None
         self._blank_re = re.compile(r"<\|blank_(\d+)\|>")
         self._space_run_re = re.compile(rf" {{2,{max_blank_length}}}")
-
-        # THUDM's tokenizer_config.json carries custom *_token kwargs; 5.x would turn them into special
-        # tokens (changing how the text "[gMASK]" splits), and we derive them from the flavour anyway.
-        for key in ("gmask_token", "smask_token", "end_token", "sop_token", "eop_token"):
-            kwargs.pop(key, None)
-        for key, value in spec.named_tokens.items():
-            kwargs.setdefault(key, value)
-        # Extra special tokens: the flavour's first (their order fixes ids in 4.x), then any saved ones.
-        saved_extra = kwargs.pop("extra_special_tokens", None) or []
-        if isinstance(saved_extra, dict):  # 5.x's named form {name: token}; 4.57 writes {}
-            saved_extra = list(saved_extra.values())
-        saved = list(kwargs.pop("additional_special_tokens", None) or []) + list(saved_extra)
-        extras: list[str | AddedToken] = []
-        for token in [*spec.extra_tokens, *saved]:
-            if str(token) not in [str(t) for t in extras]:
-                extras.append(token)
-        kwargs.setdefault("truncation_side", spec.truncation_side)
-        kwargs.setdefault("clean_up_tokenization_spaces", False)
-        if spec.chat_template is not None:
-            kwargs.setdefault("chat_template", spec.chat_template)
         super().__init__(
             flavour=flavour,
             num_image_tokens=num_image_tokens,
             max_blank_length=max_blank_length,
             remove_space=remove_space,
             do_lower_case=do_lower_case,
-            additional_special_tokens=extras,
-            **kwargs,
+            clean_up_tokenization_spaces=clean_up_tokenization_spaces,
+            **_special_token_kwargs(spec, kwargs),
         )
+        self.clean_up_tokenization_spaces = clean_up_tokenization_spaces  # whatever the base class did with it
 
     # ------------------------------------------------------------------ vocabulary
     def _check_pieces(self) -> None:
@@ -492,8 +504,19 @@ class GLMTokenizer(PreTrainedTokenizer):
         if self._base_vocab is None:
             self._base_vocab = self._build_base_vocab()
         vocab = dict(self._base_vocab)
-        vocab.update(getattr(self, "_added_tokens_encoder", {}))
+        vocab.update(self._added_tokens()[0])
         return vocab
+
+    def _added_tokens(self) -> tuple[dict[str, int], dict[int, AddedToken]]:
+        """The added tokens as (text -> id, id -> AddedToken): transformers' private cache when it has one (4.57
+        through 5.x), else its public properties (sorted copies); empty while the base class is being set up."""
+        encoder, decoder = (getattr(self, name, None) for name in ADDED_TOKENS_ATTRIBUTES)
+        if isinstance(encoder, dict) and isinstance(decoder, dict):
+            return encoder, decoder
+        try:
+            return self.added_tokens_encoder, self.added_tokens_decoder
+        except AttributeError:
+            return {}, {}
 
     def _convert_token_to_id(self, token: str) -> int:
         if token in self._appended:
@@ -512,9 +535,17 @@ class GLMTokenizer(PreTrainedTokenizer):
             return self._vocab.id_to_piece(index - self._text_offset)
         if index in self._appended_by_id:
             return self._appended_by_id[index]
-        raise ValueError(f"token id {index} is outside the vocabulary (ids 0..{self.vocab_size - 1})")
+        raise ValueError(f"token_ids holds token id {index}, outside the vocabulary (ids 0..{self.vocab_size - 1})")
 
-    # ------------------------------------------------------------------ text <-> pieces
+    # ------------------------------------------------------------------ text -> pieces -> ids
+    def __call__(self, text: Any = None, text_pair: Any = None, *args, **kwargs) -> BatchEncoding:
+        """`PreTrainedTokenizer.__call__` after checking `text` and `text_pair` (see `_check_text`)."""
+        if text is not None or kwargs.get("text_target") is None:
+            _check_text(text, "text")
+        if text_pair is not None:
+            _check_text(text_pair, "text_pair")
+        return super().__call__(text, text_pair, *args, **kwargs)
+
     def _preprocess(self, text: str) -> str:
         if self.remove_space:
             text = " ".join(text.strip().split())
@@ -524,15 +555,6 @@ class GLMTokenizer(PreTrainedTokenizer):
             text = text.replace("\n", "<n>").replace("\t", "<|tab|>")
             # Longest runs first, as THUDM does: a run of 81 spaces is <|blank_80|> + " ".
             text = self._space_run_re.sub(lambda m: f"<|blank_{len(m.group(0))}|>", text)
-        return text
-
-    def _postprocess(self, text: str) -> str:
-        if self._spec.encode_whitespace:
-            text = text.replace("<n>", "\n").replace("<|tab|>", "\t")
-            top = self.max_blank_length
-            text = self._blank_re.sub(
-                lambda m: " " * int(m.group(1)) if 2 <= int(m.group(1)) <= top else m.group(0), text
-            )
         return text
 
     def _tokenize(self, text: str, **kwargs) -> list[str]:
@@ -556,15 +578,15 @@ class GLMTokenizer(PreTrainedTokenizer):
                 ) from err
         split_special_tokens = kwargs.pop("split_special_tokens", getattr(self, "split_special_tokens", False))
         text, kwargs = self.prepare_for_tokenization(text, **kwargs)
-        if split_special_tokens or not self._added_tokens_encoder:
+        added, added_by_id = self._added_tokens()
+        if split_special_tokens or not added:
             return self._tokenize(text) if text else []
-        added = self._added_tokens_encoder
         splitter, specials = self._splitter()
         chunks = splitter.split(text)
         for i, chunk in enumerate(chunks):
             if chunk not in added:
                 continue
-            token = self._added_tokens_decoder.get(added[chunk])
+            token = added_by_id.get(added[chunk])
             strip_left = chunk in specials or (isinstance(token, AddedToken) and token.lstrip)
             strip_right = chunk in specials or (isinstance(token, AddedToken) and token.rstrip)
             if strip_left and i > 0 and chunks[i - 1] not in added:
@@ -573,21 +595,19 @@ class GLMTokenizer(PreTrainedTokenizer):
                 chunks[i + 1] = chunks[i + 1].lstrip()
         tokens: list[str] = []
         for chunk in chunks:
-            if not chunk:
-                continue
             if chunk in added:
                 tokens.append(chunk)
-            else:
+            elif chunk:
                 tokens.extend(self._tokenize(chunk))
         return tokens
 
     def _splitter(self) -> tuple[re.Pattern, set[str]]:
         """A regex that splits text on the added tokens (longest first, like transformers' Trie, but
         in C), and the special tokens that strip whitespace; cached until the added tokens change."""
-        key = (frozenset(self._added_tokens_encoder), tuple(self.all_special_tokens))
+        added = self._added_tokens()[0]
+        key = (frozenset(added), tuple(self.all_special_tokens))
         if getattr(self, "_splitter_cache", (None,))[0] != key:
-            tokens = sorted(self._added_tokens_encoder, key=len, reverse=True)
-            pattern = re.compile("(" + "|".join(map(re.escape, tokens)) + ")")
+            pattern = re.compile("(" + "|".join(map(re.escape, sorted(added, key=len, reverse=True))) + ")")
             self._splitter_cache = (key, pattern, set(self.all_special_tokens) - self._spec.keep_whitespace)
         return self._splitter_cache[1], self._splitter_cache[2]
 
@@ -596,108 +616,21 @@ class GLMTokenizer(PreTrainedTokenizer):
         if tokens is None or isinstance(tokens, str) or self.num_image_tokens:
             return super().convert_tokens_to_ids(tokens)
         tokens = list(tokens)
-        added, appended, offset = self._added_tokens_encoder, self._appended, self._text_offset
+        added, appended, offset = self._added_tokens()[0], self._appended, self._text_offset
         piece_ids = self._vocab.pieces_to_ids(tokens)
         return [
             added[t] if t in added else appended[t] if t in appended else i + offset for t, i in zip(tokens, piece_ids)
         ]
 
-    def _is_piece_id(self, index: int) -> bool:
-        return self._text_offset <= index < self._text_offset + self._vocab.size
-
-    def convert_tokens_to_string(self, tokens: list[str]) -> str:
-        """Pieces back to text; tokens that are not SentencePiece pieces are joined with spaces around them."""
-        parts: list[str] = []
-        run: list[str] = []
-        for token in tokens:
-            if token in self._appended or token.startswith("<image_") or not self._vocab.has_piece(token):
-                if run:
-                    parts.append(self._postprocess(self._vocab.decode_pieces(run)))
-                    run = []
-                parts.append(token)
-            else:
-                run.append(token)
-        if run:
-            parts.append(self._postprocess(self._vocab.decode_pieces(run)))
-        return " ".join(parts)
-
-    def _decode(
-        self,
-        token_ids: int | list[int],
-        skip_special_tokens: bool = False,
-        clean_up_tokenization_spaces: bool | None = None,
-        spaces_between_special_tokens: bool = True,
-        **kwargs,
-    ) -> str:
-        """Decode ids: runs of SentencePiece ids are decoded together; other tokens (GLM's added special
-        tokens, user-added tokens) stand alone, joined with spaces when `spaces_between_special_tokens`.
-        The chatglm flavour drops `<pad>` and image ids (control pieces decode to nothing)."""
-        if isinstance(token_ids, int):
-            token_ids = [token_ids]
-        skip = set(self.all_special_ids) if skip_special_tokens else set()
-        pad_id = self.pad_token_id if self._spec.drop_pad_on_decode else None
-        parts: list[str] = []
-        run: list[str] = []
-        for index in token_ids:
-            if isinstance(index, (bool, float, str, bytes)) or not hasattr(index, "__index__"):
-                raise TypeError(f"token_ids must hold integer token ids, got {type(index).__name__} {index!r}")
-            index = int(index)
-            if index in skip or index == pad_id or 0 <= index < self._text_offset:
-                continue
-            if self._is_piece_id(index):
-                # SentencePiece ids decode together (GLM's "[UNK]" alias decodes as the <unk> piece, as
-                # the reference did); ChatGLM's control pieces ([MASK], <sop>, ...) decode to nothing.
-                run.append(self._vocab.id_to_piece(index - self._text_offset))
-                continue
-            if run:
-                parts.append(self._postprocess(self._vocab.decode_pieces(run)))
-                run = []
-            parts.append(self._convert_id_to_token_with_added(index))
-        if run:
-            parts.append(self._postprocess(self._vocab.decode_pieces(run)))
-        text = (" " if spaces_between_special_tokens else "").join(parts)
-        if clean_up_tokenization_spaces is None:
-            clean_up_tokenization_spaces = self.clean_up_tokenization_spaces
-        if clean_up_tokenization_spaces:
-            text = self.clean_up_tokenization(text)
-        return text
-
-    def _convert_id_to_token_with_added(self, index: int) -> str:
-        token = self._added_tokens_decoder.get(index)
-        return str(token) if token is not None else self._convert_id_to_token(index)
-
     # ------------------------------------------------------------------ special tokens
-    @property
-    def sop_token(self) -> str:
-        return self._spec.sop_token
-
-    @property
-    def eop_token(self) -> str:
-        return self._spec.eop_token
-
-    @property
-    def gmask_token(self) -> str:
-        return self._spec.gmask_token
-
-    @property
-    def smask_token(self) -> str:
-        return self._spec.smask_token
-
-    @property
-    def sop_token_id(self) -> int:
-        return self.convert_tokens_to_ids(self._spec.sop_token)
-
-    @property
-    def eop_token_id(self) -> int:
-        return self.convert_tokens_to_ids(self._spec.eop_token)
-
-    @property
-    def gmask_token_id(self) -> int:
-        return self.convert_tokens_to_ids(self._spec.gmask_token)
-
-    @property
-    def smask_token_id(self) -> int:
-        return self.convert_tokens_to_ids(self._spec.smask_token)
+    sop_token = property(lambda self: self._spec.sop_token)
+    eop_token = property(lambda self: self._spec.eop_token)
+    gmask_token = property(lambda self: self._spec.gmask_token)
+    smask_token = property(lambda self: self._spec.smask_token)
+    sop_token_id = property(lambda self: self.convert_tokens_to_ids(self._spec.sop_token))
+    eop_token_id = property(lambda self: self.convert_tokens_to_ids(self._spec.eop_token))
+    gmask_token_id = property(lambda self: self.convert_tokens_to_ids(self._spec.gmask_token))
+    smask_token_id = property(lambda self: self.convert_tokens_to_ids(self._spec.smask_token))
 
     @property
     def mask_token_ids(self) -> list[int]:
@@ -723,17 +656,118 @@ class GLMTokenizer(PreTrainedTokenizer):
         if already_has_special_tokens:
             special = set(self.all_special_ids) | {self.sop_token_id, self.eop_token_id, self.gmask_token_id}
             return [1 if i in special else 0 for i in token_ids_0]
-        if self._spec.suffix_special_tokens:
-            mask = [0] * len(token_ids_0) + [1, 1]
-            return mask + ([0] * len(token_ids_1) + [1] if token_ids_1 is not None else [])
-        if token_ids_1 is not None:
-            raise ValueError(f"text_pair is not supported by the {self.flavour!r} flavour (GLM encodes one text)")
-        return [1] + [0] * len(token_ids_0) + [1]
+        marked = self.build_inputs_with_special_tokens([-1] * len(token_ids_0), token_ids_1 and [-1] * len(token_ids_1))
+        return [0 if i == -1 else 1 for i in marked]  # the framing the flavour adds, wherever it goes
 
     def create_token_type_ids_from_sequences(
         self, token_ids_0: list[int], token_ids_1: list[int] | None = None
     ) -> list[int]:
         return [0] * len(self.build_inputs_with_special_tokens(token_ids_0, token_ids_1))
+
+    def apply_chat_template(self, conversation: Any, *args, **kwargs):
+        """`PreTrainedTokenizer.apply_chat_template` after checking that `conversation` is a list of
+        {"role": str, "content": str} messages (or a batch of such lists)."""
+        _check_conversation(conversation)
+        return super().apply_chat_template(conversation, *args, **kwargs)
+
+    # ------------------------------------------------------------------ ids -> pieces -> text
+    def decode(
+        self,
+        token_ids: Any,
+        skip_special_tokens: bool = False,
+        clean_up_tokenization_spaces: bool | None = None,
+        **kwargs,
+    ) -> str | list[str]:
+        """Ids (an int, a list, a tensor) to text; a batch (2-D) gives a list of texts, on every version.
+
+        `clean_up_tokenization_spaces=None` takes the tokenizer's setting (see the module docstring)."""
+        rows, batched = _token_id_rows(token_ids, "token_ids")
+        texts = [self._decode(row, skip_special_tokens, clean_up_tokenization_spaces, **kwargs) for row in rows]
+        return texts if batched else texts[0]
+
+    def batch_decode(self, sequences: Any, skip_special_tokens: bool = False, **kwargs) -> list[str]:
+        """A batch of id sequences (a list of lists, or a 2-D tensor) to a list of texts."""
+        rows, batched = _token_id_rows(sequences, "sequences")
+        if not batched:
+            raise TypeError(
+                f"sequences must be a batch (a list of id lists or a 2-D tensor), got {_shown(sequences)}: "
+                "decode() takes a single sequence"
+            )
+        return [self._decode(row, skip_special_tokens, **kwargs) for row in rows]
+
+    def _postprocess(self, text: str) -> str:
+        if self._spec.encode_whitespace:
+            text = text.replace("<n>", "\n").replace("<|tab|>", "\t")
+            top = self.max_blank_length
+            text = self._blank_re.sub(
+                lambda m: " " * int(m.group(1)) if 2 <= int(m.group(1)) <= top else m.group(0), text
+            )
+        return text
+
+    def _is_piece_id(self, index: int) -> bool:
+        return self._text_offset <= index < self._text_offset + self._vocab.size
+
+    def convert_tokens_to_string(self, tokens: list[str]) -> str:
+        """Pieces back to text; tokens that are not SentencePiece pieces are joined with spaces around them."""
+        alone = [t in self._appended or t.startswith("<image_") or not self._vocab.has_piece(t) for t in tokens]
+        return self._join(list(zip(tokens, alone)), " ")
+
+    def _join(self, tokens: list[tuple[str, bool]], separator: str) -> str:
+        """(token, stands alone) pairs to text: runs of pieces are decoded together, the others stand alone."""
+        parts, run = [], []
+        for token, alone in [*tokens, ("", True)]:
+            if alone and run:
+                parts.append(self._postprocess(self._vocab.decode_pieces(run)))
+                run = []
+            (parts if alone else run).append(token)
+        return separator.join(parts[:-1])
+
+    def _decode(
+        self,
+        token_ids: int | list[int],
+        skip_special_tokens: bool = False,
+        clean_up_tokenization_spaces: bool | None = None,
+        spaces_between_special_tokens: bool = True,
+        **kwargs,
+    ) -> str:
+        """Decode ids: runs of SentencePiece ids are decoded together; other tokens (GLM's added special
+        tokens, user-added tokens) stand alone, joined with spaces when `spaces_between_special_tokens`.
+        The chatglm flavour drops `<pad>` and image ids (control pieces decode to nothing), except that one
+        special token alone decodes to its text."""
+        token_ids = [token_ids] if _is_id(token_ids) else list(token_ids)
+        skip = set(self.all_special_ids) if skip_special_tokens else set()
+        pad_id = self.pad_token_id if self._spec.drop_pad_on_decode else None
+        tokens = []
+        for index in token_ids:
+            if not _is_id(index):
+                raise TypeError(f"token_ids must hold integer token ids, got {_shown(index)}")
+            if index in skip or index == pad_id or 0 <= index < self._text_offset:
+                continue
+            # SentencePiece ids decode together (GLM's "[UNK]" alias decodes as the <unk> piece, as the reference
+            # did; ChatGLM's control pieces [MASK], <sop>, ... decode to nothing); other tokens stand alone.
+            if self._is_piece_id(index):
+                tokens.append((self._vocab.id_to_piece(index - self._text_offset), False))
+            else:
+                tokens.append((self._convert_id_to_token_with_added(index), True))
+        text = self._join(tokens, " " if spaces_between_special_tokens else "")
+        if not text and not skip_special_tokens and len(token_ids) == 1 and token_ids[0] in self._special_ids():
+            return self._convert_id_to_token_with_added(token_ids[0])  # e.g. "<eop>" for a stop string
+        if clean_up_tokenization_spaces is None:
+            clean_up_tokenization_spaces = self.clean_up_tokenization_spaces
+        return clean_up_spaces(text) if clean_up_tokenization_spaces else text
+
+    def _special_ids(self) -> set[int]:
+        spec = self._spec
+        return set(self.convert_tokens_to_ids([*spec.named_tokens.values(), *spec.extra_tokens]))
+
+    def _convert_id_to_token_with_added(self, index: int) -> str:
+        token = self._added_tokens()[1].get(index)
+        return str(token) if token is not None else self._convert_id_to_token(index)
+
+    @staticmethod
+    def clean_up_tokenization(text: str) -> str:
+        """transformers' hook, answered with this module's own rules (some releases lack the base-class one)."""
+        return clean_up_spaces(text)
 
     # ------------------------------------------------------------------ blank infilling
     def build_inputs_for_generation(
@@ -745,35 +779,25 @@ class GLMTokenizer(PreTrainedTokenizer):
     ) -> BatchEncoding:
         """Inputs for generating (or learning) the span of the first blank of each row.
 
-        `model_input` is what the tokenizer returned (`input_ids`, optional `attention_mask`; tensors or
-        lists, any padding side). Each row must hold a blank ([MASK], [sMASK] or [gMASK]). The start-of-piece
-        token is appended (unless the row already ends with it, as chatglm encodings do) and the rows are
-        LEFT-padded again. Returns `input_ids` and `attention_mask`; pass them to `generate()` (the model
-        derives the prefix mask and the 2-D positions from the start-of-piece token).
-
-        With `targets` (one string per row), each target plus the end-of-piece token is appended after
-        the start-of-piece token (cut to `max_gen_length` tokens) and `labels` are returned: -100 on the
-        padding, the context and the start-of-piece token, the target ids and end-of-piece elsewhere.
-        Labels follow the causal-LM convention (the model compares logits[:, :-1] with labels[:, 1:]):
-        labels[i] == input_ids[i], so the first span token's label sits at the <sop> position + 1.
-        (GLM-10B's reference labels are already shifted and its loss shifts again: off by one.)
-        With `padding=True` all rows are padded to context + 1 + `max_gen_length` tokens.
-        """
+        `model_input`: what the tokenizer returned (`input_ids`, optional `attention_mask`; tensors or lists, any
+        padding side); each row needs a blank ([MASK], [sMASK] or [gMASK]). `<sop>` is appended (unless the row ends
+        with it, as chatglm encodings do) and the rows are LEFT-padded again: pass `input_ids` and `attention_mask`
+        to `generate()`. With `targets` (one string per row) each target + `<eop>` (cut to `max_gen_length`) follows
+        `<sop>`, and `labels` are returned: -100 on padding, context and `<sop>`, else the ids, in the causal-LM
+        convention (labels[i] == input_ids[i]; GLM-10B's reference labels were shifted once more: off by one).
+        `padding=True` pads every row to context + 1 + `max_gen_length` tokens."""
         import torch
 
-        if not isinstance(max_gen_length, int) or max_gen_length < 1:
-            raise ValueError(f"max_gen_length={max_gen_length!r}: expected an int >= 1")
-        input_ids = model_input.get("input_ids") if hasattr(model_input, "get") else None
-        as_tensor = torch.is_tensor(input_ids)
+        _check_int(max_gen_length, "max_gen_length", 1)
+        if not isinstance(padding, bool):
+            raise TypeError(f"padding must be True or False, got {_shown(padding)}")
         sop, eop, pad = self.sop_token_id, self.eop_token_id, self.pad_token_id
-        contexts = []
-        for real, _ in self._real_rows_with_blank(model_input):
-            contexts.append(real if real[-1] == sop else real + [sop])
-
+        contexts = [real if real[-1] == sop else real + [sop] for real, _ in self._real_rows_with_blank(model_input)]
         spans: list[list[int]] = [[] for _ in contexts]
         if targets is not None:
-            if isinstance(targets, str):
-                targets = [targets]
+            targets = [targets] if isinstance(targets, str) else targets
+            if not _is_strs(targets):
+                raise TypeError(f"targets must be a str or a list of str (one per row), got {_shown(targets)}")
             if len(targets) != len(contexts):
                 raise ValueError(f"targets has {len(targets)} entries for {len(contexts)} rows of model_input")
             spans = [(self.encode(t, add_special_tokens=False) + [eop])[:max_gen_length] for t in targets]
@@ -787,7 +811,8 @@ class GLMTokenizer(PreTrainedTokenizer):
         }
         if targets is not None:
             batch["labels"] = [[-100] * (total - len(s)) + s for s in spans]
-        if not as_tensor:
+        input_ids = model_input["input_ids"]
+        if not torch.is_tensor(input_ids):
             return BatchEncoding(batch)
         return BatchEncoding({k: torch.tensor(v, dtype=torch.long, device=input_ids.device) for k, v in batch.items()})
 
@@ -802,40 +827,24 @@ class GLMTokenizer(PreTrainedTokenizer):
         context's blank (its first [MASK], [sMASK] or [gMASK]; GLM required a [MASK]) and block positions
         1, 2, ...; each choice sees the context and, causally, itself; the context sees only itself.
 
-        Returns tensors: `input_ids` [B, L], `position_ids` [B, 2, L], `attention_mask` [B, 1, L, L]
-        (1 = attend), `choice_ids` and `choice_indices` [B, C, T] (`choice_ids` padded with -100); pass them all
-        to the model. Rows are right-padded with the pad token (GLM used id 0), their positions repeating the
-        last one. Every example needs the same number of choices. `max_length` is ignored, as in GLM.
-        """
+        `choices`: one list of answer strings per example, the same number for each. Returns tensors for the model:
+        `input_ids` [B, L], `position_ids` [B, 2, L], `attention_mask` [B, 1, L, L] (1 = attend), `choice_ids`
+        (padded with -100) and `choice_indices` [B, C, T]; rows right-padded with the pad token, positions repeating
+        the last one. `max_length` is ignored, as in GLM."""
         import torch
 
         examples = self._real_rows_with_blank(model_input)
-        if isinstance(choices, (str, bytes)) or len(choices) != len(examples):
-            raise ValueError(f"choices must hold one list of answer strings per example ({len(examples)})")
+        if not isinstance(choices, (list, tuple)) or not all(_is_strs(c) for c in choices):
+            raise TypeError(
+                f"choices must be a list holding one list of answer strings per example, got {_shown(choices)}"
+            )
+        if len(choices) != len(examples):
+            raise ValueError(
+                f"choices must hold one list of answer strings per example ({len(examples)}), got {len(choices)}"
+            )
         if len({len(c) for c in choices}) != 1 or not choices[0]:
             raise ValueError("every example needs the same (non-zero) number of choices")
-        sop = self.sop_token_id
-        samples = []
-        for (context, blank), row_choices in zip(examples, choices):
-            tokens, positions, blocks = list(context), list(range(len(context))), [0] * len(context)
-            spans, choice_ids, choice_indices = [], [], []
-            for choice in row_choices:
-                ids = self.encode(choice, add_special_tokens=False)
-                if not ids:
-                    raise ValueError(f"choice {choice!r} encodes to no tokens")
-                spans.append((len(tokens), len(ids)))
-                choice_ids.append(ids)
-                choice_indices.append(list(range(len(tokens), len(tokens) + len(ids))))
-                tokens += [sop] + ids[:-1]
-                positions += [blank] * len(ids)
-                blocks += list(range(1, len(ids) + 1))
-            mask = torch.zeros(len(tokens), len(tokens), dtype=torch.long)
-            mask[: len(context), : len(context)] = 1  # the context reads itself (bidirectionally)
-            for start, length in spans:  # each choice: the context, then itself causally
-                mask[start : start + length, : len(context)] = 1
-                mask[start : start + length, start : start + length] = torch.ones(length, length).tril()
-            samples.append((tokens, positions, blocks, mask, choice_ids, choice_indices))
-
+        samples = [self._choice_sample(context, blank, row) for (context, blank), row in zip(examples, choices)]
         width = max(len(s[0]) for s in samples)
         span_width = max(len(ids) for s in samples for ids in s[4])
         input_ids, position_ids, masks, choice_ids, choice_indices = [], [], [], [], []
@@ -856,25 +865,52 @@ class GLMTokenizer(PreTrainedTokenizer):
             }
         )
 
-    def _real_rows_with_blank(self, model_input: dict[str, Any]) -> list[tuple[list[int], int]]:
-        """The rows of a tokenizer output without their padding, each with the index of its first blank token."""
+    def _choice_sample(self, context: list[int], blank: int, choices: list[str]) -> tuple:
+        """One example of `build_inputs_for_multiple_choice`: (tokens, positions, block positions, mask [L, L],
+        the ids of each choice, the positions that predict them)."""
         import torch
 
-        if not hasattr(model_input, "get") or model_input.get("input_ids") is None:
-            raise ValueError("model_input has no 'input_ids': pass what the tokenizer returned")
-        input_ids = model_input["input_ids"]
-        rows = input_ids.tolist() if torch.is_tensor(input_ids) else list(input_ids)
-        if rows and not isinstance(rows[0], (list, tuple)):
-            rows = [rows]  # one unbatched row
+        tokens, positions, blocks = list(context), list(range(len(context))), [0] * len(context)
+        spans, choice_ids, choice_indices = [], [], []
+        for choice in choices:
+            ids = self.encode(choice, add_special_tokens=False)
+            if not ids:
+                raise ValueError(f"choice {choice!r} encodes to no tokens")
+            spans.append((len(tokens), len(ids)))
+            choice_ids.append(ids)
+            choice_indices.append(list(range(len(tokens), len(tokens) + len(ids))))
+            tokens += [self.sop_token_id] + ids[:-1]
+            positions += [blank] * len(ids)
+            blocks += list(range(1, len(ids) + 1))
+        mask = torch.zeros(len(tokens), len(tokens), dtype=torch.long)
+        mask[: len(context), : len(context)] = 1  # the context reads itself (bidirectionally)
+        for start, length in spans:  # each choice: the context, then itself causally
+            mask[start : start + length, : len(context)] = 1
+            mask[start : start + length, start : start + length] = torch.ones(length, length).tril()
+        return tokens, positions, blocks, mask, choice_ids, choice_indices
+
+    def _real_rows_with_blank(self, model_input: dict[str, Any]) -> list[tuple[list[int], int]]:
+        """The rows of a tokenizer output without their padding, each with the index of its first blank token.
+        An attention mask that disagrees with the ids in rows or length, or holds values other than 0/1, is an
+        error: dropping what does not line up would silently change the prompt."""
+        if not isinstance(model_input, Mapping) or model_input.get("input_ids") is None:
+            raise TypeError(
+                f"model_input must be what the tokenizer returned (with 'input_ids'), got {_shown(model_input)}"
+            )
+        rows, _ = _token_id_rows(model_input["input_ids"], "model_input['input_ids']")
         mask = model_input.get("attention_mask")
         if mask is None:
             masks = [[1] * len(r) for r in rows]
-        else:
-            masks = mask.tolist() if torch.is_tensor(mask) else list(mask)
-            if masks and not isinstance(masks[0], (list, tuple)):
-                masks = [masks]
-        blanks = set(self.mask_token_ids)
-        result = []
+        else:  # 0/1 ints or bools
+            masks = _token_id_rows(mask, "model_input['attention_mask']", lambda v: isinstance(v, int))[0]
+        if len(masks) != len(rows) or any(len(m) != len(r) for m, r in zip(masks, rows)):
+            shapes = [len(r) for r in rows], [len(m) for m in masks]
+            raise ValueError(
+                f"model_input['attention_mask'] (row lengths {shapes[1]}) does not match input_ids ({shapes[0]})"
+            )
+        if any(v not in (0, 1) for m in masks for v in m):
+            raise ValueError("model_input['attention_mask'] must hold only 0 (padding) and 1 (token)")
+        blanks, result = set(self.mask_token_ids), []
         for i, (row, row_mask) in enumerate(zip(rows, masks)):
             real = [t for t, m in zip(row, row_mask) if m]
             blank = next((j for j, t in enumerate(real) if t in blanks), None)

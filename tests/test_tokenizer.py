@@ -538,6 +538,110 @@ def test_convert_chatglm_tokenizer_folder(tmp_path):
         convert_chatglm_tokenizer(src, tmp_path)
 
 
+# ----------------------------------------------------------------------------- decoding pinned to the references
+DECODE_CORPUS = """
+    import json, sys
+    from transformers import AutoTokenizer
+    tok = AutoTokenizer.from_pretrained(sys.argv[1], trust_remote_code=True)
+    cases = json.load(open(sys.argv[2], encoding="utf-8"))
+    print(json.dumps([[tok.decode(c["ids"]), tok.decode(c["ids"], clean_up_tokenization_spaces=False)] for c in cases]))
+"""
+
+
+def _thudm_folder(src: Path, flavour: str) -> list[dict]:
+    """A THUDM/GLM hub-style tokenizer folder (its tokenizer_config.json has no clean_up_tokenization_spaces, as
+    the real ones) for `flavour`, and the golden cases of that reference."""
+    src.mkdir()
+    if flavour == "chatglm":
+        (src / "ice_text.model").symlink_to(TOKENIZER_DATA / "ice_text.model")
+        config = {"tokenizer_class": "ChatGLMTokenizer", "num_image_tokens": 0, "bos_token": "<sop>"}
+        cases = GOLDEN["chatglm"]["cases"]
+    elif flavour == "glm-chinese":
+        (src / "cog-pretrain.model").symlink_to(TOKENIZER_DATA / "cog-pretrain.model")
+        config, cases = {"tokenizer_class": "GLMChineseTokenizer"}, GOLDEN["glm_chinese"]["cases"]
+    else:
+        (src / "vocab.json").symlink_to(TOKENIZER_DATA / "gpt2-vocab.json")
+        (src / "merges.txt").symlink_to(TOKENIZER_DATA / "gpt2-merges.txt")
+        config, cases = GOLDEN_EN["tokenizer_config"], GOLDEN_EN["cases"]
+    (src / "tokenizer_config.json").write_text(json.dumps(config))
+    return cases
+
+
+@pytest.mark.parametrize("flavour", ["chatglm", "glm-chinese", "glm-english"])
+def test_converted_folders_decode_like_the_references(tmp_path, flavour):
+    """The converter writes the references' clean-up setting explicitly; a converted folder loaded through
+    AutoTokenizer (fresh process, this transformers version; CI runs both) decodes the whole golden corpus exactly as
+    THUDM's/GLM's tokenizers did under transformers 4.33, with and without clean-up."""
+    sys.path.insert(0, str(REPO_ROOT / "scripts"))
+    from converters.tokenizer_files import convert_chatglm_tokenizer, convert_glm_tokenizer
+
+    cases = _thudm_folder(tmp_path / "src", flavour)
+    (tmp_path / "out").mkdir()
+    convert = convert_chatglm_tokenizer if flavour == "chatglm" else convert_glm_tokenizer
+    convert(tmp_path / "src", tmp_path / "out")
+    assert json.loads((tmp_path / "out" / "tokenizer_config.json").read_text())["clean_up_tokenization_spaces"] is True
+    (tmp_path / "cases.json").write_text(json.dumps(cases), encoding="utf-8")
+    got = json.loads(run_fresh(DECODE_CORPUS, tmp_path / "out", tmp_path / "cases.json"))
+    expected = [[c["decoded_default"], c["decoded"]] for c in cases]
+    assert not _mismatches((c["text"], g, e) for c, g, e in zip(cases, got, expected))
+    assert any(c["decoded"] != c["decoded_default"] for c in cases)  # the corpus exercises the clean-up
+
+
+def test_clean_up_needs_no_base_class_helper(monkeypatch, chatglm):
+    """transformers 5.0.0 has no PreTrainedTokenizerBase.clean_up_tokenization: decoding must not need it."""
+    from transformers.tokenization_utils_base import PreTrainedTokenizerBase
+
+    monkeypatch.delattr(PreTrainedTokenizerBase, "clean_up_tokenization", raising=False)
+    for c in GOLDEN["chatglm"]["cases"]:
+        assert chatglm.decode(c["ids"], clean_up_tokenization_spaces=True) == c["decoded_default"], c["text"]
+    assert chatglm.clean_up_tokenization("a , b ! it 's") == "a, b! it's"
+
+
+def test_added_tokens_fallback_to_the_public_properties(monkeypatch):
+    """Should a transformers release rename its private added-token caches, the public properties are used."""
+    import tokenization_glm
+
+    tok = GLMTokenizer(str(TOKENIZER_DATA / "ice_text.model"), flavour="chatglm")
+    tok.add_tokens(["<added_tok>"])
+    texts = [c["text"] for c in GOLDEN["chatglm"]["cases"]] + ["x <added_tok> y"]
+    before = [(tok(t)["input_ids"], tok.decode(tok(t)["input_ids"])) for t in texts]
+    monkeypatch.setattr(tokenization_glm, "ADDED_TOKENS_ATTRIBUTES", ("_no_such_encoder", "_no_such_decoder"))
+    assert tok._added_tokens()[0] == tok.added_tokens_encoder  # the fallback is really taken
+    assert [(tok(t)["input_ids"], tok.decode(tok(t)["input_ids"])) for t in texts] == before
+
+
+def test_lone_control_token_decodes_to_its_text(chatglm, glmzh, glmen):
+    """lm-eval's `--model hf` takes decode(eos_id) as a stop string (and decode(bos_id) as a prefix test); THUDM's
+    decode gives "" for ChatGLM's control pieces, which stops every generation after one token. Ours gives the
+    token's text for one special token alone; decoding anything else keeps THUDM's output (golden tests above)."""
+    for token, reference in GOLDEN["chatglm"]["lone"].items():
+        assert reference["decoded"] == "" and reference["decoded_int"] == ""  # THUDM's
+        i = reference["id"]
+        assert chatglm.decode([i]) == chatglm.decode(i) == chatglm.decode(torch.tensor([i])) == token
+        assert chatglm.decode([i], skip_special_tokens=True) == ""
+        assert chatglm.decode([i, i]) == ""  # not alone: THUDM's output
+    for tok in (chatglm, glmzh, glmen):
+        stop = tok.decode(tok.eos_token_id, skip_special_tokens=False)
+        assert stop and stop == tok.eos_token
+        assert tok.decode(tok.eop_token_id) == tok.eop_token
+        assert not "你好".startswith(tok.decode(tok.sop_token_id))
+        ids = tok("Hello , world !")["input_ids"]
+        assert stop not in tok.decode(ids, skip_special_tokens=True)
+
+
+def test_clean_up_setting_is_saved_and_honoured(tmp_path, chatglm):
+    """The init argument is stored in tokenizer_config.json and wins over transformers' default on reload; the
+    class default (and the repository's own default model) keep it off, so decode reverses encode."""
+    assert chatglm.clean_up_tokenization_spaces is False
+    assert json.loads((REPO_ROOT / "tokenizer_config.json").read_text())["clean_up_tokenization_spaces"] is False
+    tok = GLMTokenizer(str(TOKENIZER_DATA / "ice_text.model"), clean_up_tokenization_spaces=True)
+    tok.save_pretrained(tmp_path)
+    assert json.loads((tmp_path / "tokenizer_config.json").read_text())["clean_up_tokenization_spaces"] is True
+    again = GLMTokenizer.from_pretrained(tmp_path)
+    ids = again("Hello , world !")["input_ids"]
+    assert again.decode(ids) == "Hello, world!" and chatglm.decode(ids) == "Hello , world !"
+
+
 def test_torch_tensors_keep_device_and_dtype(glmzh):
     enc = glmzh(["[gMASK] 你好"], return_tensors="pt")
     out = glmzh.build_inputs_for_generation(enc, targets=["世界"])

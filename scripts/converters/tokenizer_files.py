@@ -10,6 +10,11 @@
   tokenizers (no [gMASK]/[sMASK]) are refused. When SRC has `added_tokens.json`, its ids must agree with
   the flavour's layout.
 
+Decoding is pinned to the references': their tokenizer_config.json did not set `clean_up_tokenization_spaces`, so
+they decoded with the default of the transformers they ran on (4.33: on); the converted tokenizer_config.json
+states it explicitly (`true`, or the source folder's own value when it has one), which GLMTokenizer honours on
+every transformers version.
+
 The files are written by `GLMTokenizer.save_pretrained` from this repository's tokenization_glm.py,
 so the output loads with `AutoTokenizer.from_pretrained(out, trust_remote_code=True)` on
 transformers 4.57 and 5.x alike. Both functions return the names of the files written.
@@ -49,6 +54,14 @@ def _save(tokenizer, out: Path) -> list[str]:
     return sorted({p.name for p in out.iterdir()} - before)
 
 
+def _clean_up_spaces(tok_config: dict) -> bool:
+    """The references' decode clean-up: the source's explicit setting, else on (transformers 4.33's default)."""
+    value = tok_config.get("clean_up_tokenization_spaces", True)
+    if not isinstance(value, bool):
+        raise ConversionError(f"tokenizer_config.json clean_up_tokenization_spaces={value!r}: expected true or false")
+    return value
+
+
 def _model_max_length(src: Path, default: int) -> int:
     config_file = src / "config.json"
     if config_file.is_file():
@@ -83,6 +96,7 @@ def convert_chatglm_tokenizer(src: Path, out: Path) -> list[str]:
             remove_space=bool(tok_config.get("remove_space", False)),
             do_lower_case=bool(tok_config.get("do_lower_case", False)),
             model_max_length=_model_max_length(src, 2048),
+            clean_up_tokenization_spaces=_clean_up_spaces(tok_config),
         )
     except ValueError as err:
         raise ConversionError(f"cannot build the ChatGLM tokenizer from {vocab}: {err}") from err
@@ -114,7 +128,11 @@ def convert_glm_tokenizer(src: Path, out: Path) -> list[str]:
             "[gMASK]/[sMASK]); only GLMChineseTokenizer and GLMGPT2Tokenizer are"
         )
     try:
-        tokenizer = _tokenizer_class()(**kwargs, model_max_length=_model_max_length(src, 1024))
+        tokenizer = _tokenizer_class()(
+            **kwargs,
+            model_max_length=_model_max_length(src, 1024),
+            clean_up_tokenization_spaces=_clean_up_spaces(tok_config),
+        )
     except ValueError as err:
         raise ConversionError(f"cannot build the {kwargs['flavour']} tokenizer from {src}: {err}") from err
     if (src / "added_tokens.json").is_file():
