@@ -277,3 +277,22 @@ def test_evaluate_script_help_runs_offline(tmp_path):
     )  # fmt: skip
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert "--model_args" in proc.stdout or "run" in proc.stdout
+
+
+@needs_model
+def test_max_gen_toks_is_honoured_and_generation_config_does_not_override_it(direct):
+    """generation_config.json sets no max_new_tokens (it would override a caller's max_length, e.g. lm-eval's hf
+    class); the glm class passes max_gen_toks as max_new_tokens."""
+    from lm_eval.api.instance import Instance
+
+    _, tok = direct
+    config = json.loads((REPO_ROOT / "generation_config.json").read_text())
+    assert "max_new_tokens" not in config and config["eos_token_id"] == tok.eop_token_id
+    lm = glm_eval.GLMEvalLM(pretrained=str(REPO_ROOT), device="cpu", batch_size=2)
+    prompts = ["The capital of Italy is", "Buenos Aires is the capital of"]
+    for limit in (1, 40):
+        gen = {"until": [], "max_gen_toks": limit, "do_sample": False}
+        out = lm.generate_until([Instance("generate_until", {}, (p, dict(gen)), i) for i, p in enumerate(prompts)])
+        lengths = [len(tok.encode(o, add_special_tokens=False)) for o in out]
+        assert all(n <= limit for n in lengths), (limit, out)
+        assert limit == 1 or out == ["Rome.", "Argentina."], out  # stopped at <eop>, long before 40 tokens
