@@ -255,7 +255,8 @@ def build_model(tokenizer, args):
         bos_token_id=tokenizer.sop_token_id,
         eos_token_id=tokenizer.eop_token_id,
         pad_token_id=tokenizer.pad_token_id,
-        max_new_tokens=32,
+        # no max_new_tokens / max_length here: a max_new_tokens overrides a caller's max_length (lm-eval's hf class
+        # passes one), and a max_length makes generate() warn at every call that passes max_new_tokens
         do_sample=False,
     )
     return model
