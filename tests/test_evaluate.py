@@ -220,9 +220,9 @@ PAIRS = [("the cat sat on", " the mat."), ("a hat is", " on the cat."), ("that",
 
 @pytest.mark.parametrize("name", ["gpt2_sparse", "bart_gen"])
 def test_hf_class_scores_bart_gen_and_sparse_gpt2_like_direct_scoring(name):
+    from fixtures.hub_folders import folder, load
     from lm_eval.api.instance import Instance
     from lm_eval.models.huggingface import HFLM
-    from test_ecosystem_fixtures import folder, load
 
     model, tok = load(name)
     expected = []

@@ -18,9 +18,9 @@ from __future__ import annotations
 
 import pytest
 import torch
+from fixtures import TOKENIZER_FLAVOURS, tokenizer
 from hypothesis import given, settings
 from hypothesis import strategies as st
-from test_robustness_fixtures import TOKENIZER_FLAVOURS, tokenizer
 
 
 def tok():
