@@ -16,9 +16,9 @@ from pathlib import Path
 import torch
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
-SHARED = REPO_ROOT.parent / "shared"
-TOKENIZER_DATA = SHARED / "data" / "tokenizers"
 TEST_DATA = Path(__file__).resolve().parent / "data"
+# The real tokenizer files (ChatGLM-6B, GLM-Chinese, GPT-2 BPE); tests/data/tokenizers/SOURCES.md says where from.
+TOKENIZER_DATA = TEST_DATA / "tokenizers"
 
 
 def assert_close(actual, expected, atol: float = 1e-5, rtol: float = 0.0, msg: str = "") -> None:
