@@ -109,19 +109,30 @@ RELOAD_AND_PIPELINE = """
 
 
 @functools.cache
-def report(name: str) -> dict:
-    """What the two fresh processes recorded for family `name` (run once per process and family)."""
+def _run(name: str) -> dict | AssertionError:
+    """Both fresh processes of family `name`, once per process; a failure is kept (not re-run per test)."""
     path = REPO_ROOT if name == "glm" else folder(name).path
     saved = Path(tempfile.mkdtemp(prefix=f"compat_{name}_")) / "saved"
     prompts = json.dumps(PROMPTS[name])
-    first = run_fresh_here(
-        LOAD_GENERATE_SAVE_TRAIN,
-        *(name, path, AUTO_LM[name], prompts, saved, NEW_TOKENS, TRAIN_STEPS, TESTS_DIR),
-    )
-    second = run_fresh_here(
-        RELOAD_AND_PIPELINE, *(path, saved, AUTO_LM[name], prompts, NEW_TOKENS, "1" if name in CAUSAL else "0")
-    )
+    try:
+        first = run_fresh_here(
+            LOAD_GENERATE_SAVE_TRAIN,
+            *(name, path, AUTO_LM[name], prompts, saved, NEW_TOKENS, TRAIN_STEPS, TESTS_DIR),
+        )
+        second = run_fresh_here(
+            RELOAD_AND_PIPELINE, *(path, saved, AUTO_LM[name], prompts, NEW_TOKENS, "1" if name in CAUSAL else "0")
+        )
+    except AssertionError as error:
+        return error
     return dict(first=json.loads(first.splitlines()[-1]), second=json.loads(second.splitlines()[-1]))
+
+
+def report(name: str) -> dict:
+    """What the two fresh processes recorded for family `name`."""
+    result = _run(name)
+    if isinstance(result, AssertionError):
+        raise AssertionError(f"transformers {transformers.__version__}, {name}: {result}")
+    return result
 
 
 @pytest.mark.parametrize("name", per_family(NAMES))
