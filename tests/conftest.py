@@ -28,18 +28,6 @@ def pytest_configure(config):
         torch.set_num_threads(1)
 
 
-def pytest_terminal_summary(terminalreporter):
-    # The real tokenizer files come from the project's shared data next to the repository, not from the repo itself.
-    from helpers import TOKENIZER_DATA
-
-    if not TOKENIZER_DATA.is_dir():
-        terminalreporter.write_line(
-            f"NOTE: {TOKENIZER_DATA} is missing; the tokenizer, converter and fuzz tests that read the real "
-            "tokenizer files fail without it (clone the repository next to the project's shared/ folder).",
-            red=True,
-        )
-
-
 def pytest_unconfigure(config):
     import shutil
 

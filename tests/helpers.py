@@ -16,11 +16,11 @@ from pathlib import Path
 import torch
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
-SHARED = REPO_ROOT.parent / "shared"
-TOKENIZER_DATA = SHARED / "data" / "tokenizers"
 TEST_DATA = Path(__file__).resolve().parent / "data"
+# The real tokenizer files (ChatGLM-6B, GLM-Chinese, GPT-2 BPE); tests/data/tokenizers/SOURCES.md says where from.
+TOKENIZER_DATA = TEST_DATA / "tokenizers"
 
-sys.path.insert(0, str(REPO_ROOT / "scripts"))  # the converters: what a converted folder holds is decided there
+sys.path.append(str(REPO_ROOT / "scripts"))  # the converters: what a converted folder holds is decided there
 from converters.common import code_files  # noqa: E402,F401  (re-exported: each family's code files)
 
 

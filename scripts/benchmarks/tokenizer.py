@@ -4,7 +4,7 @@
     python scripts/benchmarks/tokenizer.py [--quick]
 
 Cases, for the "chatglm" flavour (ice_text.model, 130k pieces) and the "glm-chinese" flavour
-(cog-pretrain.model, 50k pieces), from /work/shared/data/tokenizers (or $GLM_TOKENIZER_DATA):
+(cog-pretrain.model, 50k pieces), from tests/data/tokenizers (or $GLM_TOKENIZER_DATA):
 - `encode 1MB`: `tok(text)["input_ids"]` on 1 MiB of mixed Chinese / English / code text, against
   `sp.encode(text)` (ids, no whitespace encoding, no special-token splitting);
 - `batch 1000 short`: `tok(texts, padding=True)` on 1,000 short texts, against `sp.encode(texts)`.
@@ -24,7 +24,7 @@ import time
 from pathlib import Path
 
 REPO_ROOT = Path(__file__).resolve().parent.parent.parent
-DATA = Path(os.environ.get("GLM_TOKENIZER_DATA", REPO_ROOT.parent / "shared" / "data" / "tokenizers"))
+DATA = Path(os.environ.get("GLM_TOKENIZER_DATA", REPO_ROOT / "tests" / "data" / "tokenizers"))
 SAMPLE = (
     "GLM 是一个通用语言模型，支持自回归空白填充。The quick brown fox jumps over the lazy dog, 3.14 times.\n"
     "def fill(blank):\n\tif blank:\n        return model.generate(blank)  # 生成\n"
