@@ -44,16 +44,11 @@ models -> heads. Differences from THUDM's code:
 
 from __future__ import annotations
 
-import re
-from collections.abc import Iterator
-from threading import Thread
-
 import torch
 import torch.nn.functional as F
 from torch import nn
 from transformers import GenerationMixin, PreTrainedModel
 from transformers.cache_utils import Cache, DynamicCache
-from transformers.generation import LogitsProcessor, LogitsProcessorList, TextIteratorStreamer
 from transformers.modeling_layers import GradientCheckpointingLayer
 from transformers.modeling_outputs import (
     BaseModelOutputWithPast,
@@ -65,6 +60,7 @@ from transformers.utils import logging
 
 from .configuration_glm import GLMConfig
 from .fast_decoding import CompiledDecoding, attention_function, fast_cpu_gemv, use_growing_kv_layers
+from .glm_chat import GLMChatMixin
 from .model_checks import CheckedLoading, check_half_overflow
 from .transformers_compat import (
     cache_field,
@@ -752,7 +748,7 @@ class GLMModel(GLMPreTrainedModel):
         return build_attention_mask(position_ids[:, 1], attention_mask, past_length, prefix_length)
 
 
-class GLMForConditionalGeneration(GLMPreTrainedModel, GenerationMixin, CompiledDecoding):
+class GLMForConditionalGeneration(GLMPreTrainedModel, GenerationMixin, CompiledDecoding, GLMChatMixin):
     """GLM with the LM head tied to the word embeddings; `generate()`, `chat()` and `stream_chat()`."""
 
     _auto_class = "AutoModelForCausalLM"  # save_pretrained copies the code files next to the weights
@@ -949,88 +945,6 @@ class GLMForConditionalGeneration(GLMPreTrainedModel, GenerationMixin, CompiledD
             step_positions = build_position_ids(input_ids, None, self.config, validate=past_length == 0)
             step_positions = step_positions[..., past_length:]
         return step_positions, step_mask
-
-    @torch.no_grad()
-    def chat(
-        self,
-        tokenizer,
-        query: str,
-        history: list[tuple[str, str]] | None = None,
-        max_length: int = 2048,
-        num_beams: int = 1,
-        do_sample: bool = True,
-        top_p: float = 0.7,
-        temperature: float = 0.95,
-        logits_processor: LogitsProcessorList | None = None,
-        **kwargs,
-    ) -> tuple[str, list[tuple[str, str]]]:
-        """ChatGLM-6B's chat API: answer `query` given `history`; returns (response, history + [(query, response)])."""
-        history = list(history or [])
-        inputs, gen_kwargs = self._chat_inputs(
-            tokenizer, query, history, logits_processor, do_sample, top_p, temperature
-        )
-        length = _chat_length(self.generation_config, max_length, kwargs)
-        output = self.generate(**inputs, **length, num_beams=num_beams, **gen_kwargs, **kwargs)
-        response = process_response(
-            tokenizer.decode(output[0, inputs["input_ids"].shape[1] :], skip_special_tokens=True)
-        )
-        return response, history + [(query, response)]
-
-    @torch.no_grad()
-    def stream_chat(
-        self,
-        tokenizer,
-        query: str,
-        history: list[tuple[str, str]] | None = None,
-        max_length: int = 2048,
-        do_sample: bool = True,
-        top_p: float = 0.7,
-        temperature: float = 0.95,
-        logits_processor: LogitsProcessorList | None = None,
-        **kwargs,
-    ) -> Iterator[tuple[str, list[tuple[str, str]]]]:
-        """ChatGLM-6B's streaming chat: yields (response so far, history + [(query, response so far)])."""
-        history = list(history or [])
-        inputs, gen_kwargs = self._chat_inputs(
-            tokenizer, query, history, logits_processor, do_sample, top_p, temperature
-        )
-        streamer = TextIteratorStreamer(tokenizer, skip_prompt=True, skip_special_tokens=True)
-        errors: list[BaseException] = []
-
-        def run_generate() -> None:
-            try:
-                length = _chat_length(self.generation_config, max_length, kwargs)
-                self.generate(**inputs, **length, streamer=streamer, **gen_kwargs, **kwargs)
-            except BaseException as err:  # re-raised in the caller's thread below
-                errors.append(err)
-                streamer.end()
-
-        thread = Thread(target=run_generate, daemon=True)
-        thread.start()
-        text, response = "", None
-        for piece in streamer:
-            text += piece
-            if piece:
-                response = process_response(text)
-                yield response, history + [(query, response)]
-        thread.join()
-        if errors:
-            raise errors[0]
-        if response is None:  # an empty answer (e.g. <eop> first) still ends the stream with one reply
-            yield "", history + [(query, "")]
-
-    def _chat_inputs(
-        self, tokenizer, query: str, history: list[tuple[str, str]], logits_processor, do_sample, top_p, temperature
-    ) -> tuple[dict, dict]:
-        """The encoded ChatGLM prompt, and generate() settings (sampling ones only when sampling)."""
-        encoded = tokenizer([build_chat_prompt(query, history)], return_tensors="pt")
-        inputs = {k: encoded[k].to(self.device) for k in ("input_ids", "attention_mask") if k in encoded}
-        processors = LogitsProcessorList([InvalidScoreLogitsProcessor()])
-        processors.extend(logits_processor or [])
-        gen_kwargs = {"do_sample": do_sample, "logits_processor": processors}
-        if do_sample:
-            gen_kwargs.update(top_p=top_p, temperature=temperature)
-        return inputs, gen_kwargs
 
 
 class GLMForSequenceClassification(GLMPreTrainedModel):
@@ -1329,50 +1243,6 @@ def _to_batch(tensor: torch.Tensor, batch_size: int, name: str) -> torch.Tensor:
     elif name == "position_ids" and tensor.shape[1] != 2:
         raise ValueError(f"position_ids must have shape [batch, 2, seq], got {list(tensor.shape)}")
     return tensor.repeat_interleave(copies, dim=0)
-
-
-def _chat_length(generation_config, max_length: int, kwargs: dict) -> dict:
-    """chat()'s `max_length` for generate(), unless a `max_new_tokens` is in force (passed, or in
-    generation_config.json): generate() would follow that one anyway, and warn about both being set."""
-    if kwargs.get("max_new_tokens") is not None or generation_config.max_new_tokens is not None:
-        return {}
-    return {"max_length": max_length}
-
-
-def build_chat_prompt(query: str, history: list[tuple[str, str]]) -> str:
-    """ChatGLM-6B's multi-turn prompt: the bare query without history, else numbered rounds of 问/答."""
-    if not history:
-        return query
-    rounds = [f"[Round {i}]\n问：{old_query}\n答：{response}\n" for i, (old_query, response) in enumerate(history)]
-    return "".join(rounds) + f"[Round {len(history)}]\n问：{query}\n答："
-
-
-_CJK = r"[\u4e00-\u9fff]"
-_FULL_WIDTH = {",": "，", "!": "！", ":": "：", ";": "；", "?": "？"}
-
-
-def process_response(response: str) -> str:
-    """ChatGLM-6B's post-processing: strip, fill the training-date placeholder, and make ASCII punctuation next
-    to a CJK character full-width."""
-    response = response.strip().replace("[[训练时间]]", "2023年")
-    for ascii_mark, full_width in _FULL_WIDTH.items():
-        mark = re.escape(ascii_mark)
-        response = re.sub(rf"({_CJK}){mark}", rf"\1{full_width}", response)
-        response = re.sub(rf"{mark}({_CJK})", rf"{full_width}\1", response)
-    return response
-
-
-class InvalidScoreLogitsProcessor(LogitsProcessor):
-    """ChatGLM-6B's guard against fp16 overflow: NaN/+inf scores become a forced token 5 instead of a crash.
-
-    Unlike THUDM's, -inf is left alone: generate()'s own processors (bad words, min length, ...) put it there.
-    """
-
-    def __call__(self, input_ids: torch.LongTensor, scores: torch.FloatTensor) -> torch.FloatTensor:
-        if bool((torch.isnan(scores) | torch.isposinf(scores)).any()):
-            scores = torch.zeros_like(scores)
-            scores[..., 5] = 5e4
-        return scores
 
 
 __all__ = [

@@ -7,9 +7,8 @@ from __future__ import annotations
 
 import pytest
 import torch
-from fixtures import EOP, GMASK, PAD, SOP, left_pad, random_prompt
+from fixtures import EOP, GMASK, PAD, SOP, left_pad, random_prompt, repo_module
 from fixtures import GLM_VARIANTS as VARIANTS
-from fixtures import glm_modeling as modeling_module
 from fixtures import spread_glm as tiny_model
 from helpers import assert_same_tokens_or_near_tie
 from hypothesis import given, settings
@@ -207,15 +206,34 @@ def test_stream_chat_reraises_generation_errors():
         list(model.stream_chat(StubTokenizer(), "q", num_beams=2, max_length=40))
 
 
+@pytest.mark.parametrize(
+    "query,history,name",
+    [
+        (["hi"], None, "query"),
+        ("hi", "hello", "history"),
+        ("hi", ["q", "a"], r"history\[0\]"),
+        ("hi", [("q", "a", "b")], r"history\[0\]"),
+        ("hi", [{"role": "user", "content": "q"}], r"history\[0\]"),
+        ("hi", [("q", None)], r"history\[0\]"),
+    ],
+)
+def test_chat_refuses_a_history_of_another_shape(query, history, name):
+    model = tiny_model()
+    with pytest.raises(TypeError, match=rf"^{name}"):
+        model.chat(StubTokenizer(), query, history, max_length=40)
+    with pytest.raises(TypeError, match=rf"^{name}"):
+        next(model.stream_chat(StubTokenizer(), query, history, max_length=40))
+
+
 def test_process_response_matches_chatglm():
-    process = modeling_module().process_response
+    process = repo_module("glm_chat").process_response
     assert process("  你好,世界!  ") == "你好，世界！"
     assert process("a, b! c: d; e?") == "a, b! c: d; e?"
     assert process("今天是[[训练时间]]吗?") == "今天是2023年吗？"
 
 
 def test_invalid_scores_are_replaced():
-    processor = modeling_module().InvalidScoreLogitsProcessor()
+    processor = repo_module("glm_chat").InvalidScoreLogitsProcessor()
     scores = torch.tensor([[0.0, float("nan"), 1.0, 2.0, 3.0, 4.0, 5.0]])
     fixed = processor(None, scores)
     assert fixed.argmax().item() == 5 and torch.isfinite(fixed).all()
