@@ -4,53 +4,24 @@ kernel on its own: test_sparse_attention.py."""
 
 from __future__ import annotations
 
-import sys
-import types
-
 import pytest
 import torch
 import torch.nn.functional as F
-from helpers import REPO_ROOT, assert_close
+from fixtures import SPARSE_IMAGE, SPARSE_VOCAB, repo_module, sparse_config
+from helpers import assert_close
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-
-def _import():
-    if "gpt2_sparse_repo" not in sys.modules:
-        pkg = types.ModuleType("gpt2_sparse_repo")
-        pkg.__path__ = [str(REPO_ROOT)]
-        sys.modules["gpt2_sparse_repo"] = pkg
-    from gpt2_sparse_repo import configuration_gpt2_sparse, modeling_gpt2_sparse, sparse_attention
-
-    return configuration_gpt2_sparse, modeling_gpt2_sparse, sparse_attention
-
-
-cfg_mod, mod, sa = _import()
+cfg_mod, mod, sa = (
+    repo_module(name) for name in ("configuration_gpt2_sparse", "modeling_gpt2_sparse", "sparse_attention")
+)
 GPT2SparseConfig = cfg_mod.GPT2SparseConfig
 GPT2SparseLMHeadModel = mod.GPT2SparseLMHeadModel
-
-VOCAB, N_IMAGE = 120, 100  # ids < 100 are image tokens, 100..119 text
+VOCAB, N_IMAGE = SPARSE_VOCAB, SPARSE_IMAGE  # ids < 100 are image tokens, 100..119 text
 
 
 def tiny_config(**overrides) -> GPT2SparseConfig:
-    kwargs = dict(
-        vocab_size=VOCAB,
-        hidden_size=32,
-        num_layers=2,
-        num_attention_heads=4,
-        max_position_embeddings=96,
-        hidden_dropout=0.0,
-        attention_dropout=0.0,
-        query_window=4,
-        key_window_times=2,
-        num_pivot=6,
-        num_image_tokens=N_IMAGE,
-        init_method_std=0.2,  # large enough that attention patterns matter
-        eos_token_id=None,
-        pad_token_id=0,
-    )
-    kwargs.update(overrides)
-    return GPT2SparseConfig(**kwargs)
+    return sparse_config(**{"init_method_std": 0.2, **overrides})  # large enough that attention patterns matter
 
 
 def tiny_model(**overrides) -> GPT2SparseLMHeadModel:
@@ -145,22 +116,8 @@ def test_model_sampled_pivots_text_image_mixes(mode, blocks, batch, n_text, seed
                 assert set(is_text[row, :limit].nonzero().flatten().tolist()) <= chosen
 
 
-def test_sampled_pivots_text_first_exact_count_and_deterministic():
-    ids = token_ids(3, 24, n_text=3)
-    is_image = ids < N_IMAGE
-    valid = torch.ones_like(is_image)
-    valid[2, :4] = False  # padding is never a pivot
-    is_text, is_img = valid & ~is_image, valid & is_image
-    a = sa.sample_pivots(is_text, is_img, 6, torch.Generator().manual_seed(1))
-    b = sa.sample_pivots(is_text, is_img, 6, torch.Generator().manual_seed(1))
-    c = sa.sample_pivots(is_text, is_img, 6, torch.Generator().manual_seed(2))
-    assert a.shape == (3, 6) and torch.equal(a, b) and not torch.equal(a, c)
-    for row in range(3):
-        chosen = set(a[row].tolist())
-        assert len(chosen) == 6
-        assert set(is_text[row].nonzero().flatten().tolist()) <= chosen
-        assert all(valid[row, j] for j in chosen)
-
+def test_model_pivot_sampling_is_deterministic_with_a_generator():
+    """(The sampler itself: test_sparse_attention.py.)"""
     model = tiny_model()
     ids = token_ids(2, 24)
     run = lambda seed: model(ids, is_sparse=1, generator=torch.Generator().manual_seed(seed)).logits  # noqa: E731
