@@ -87,7 +87,7 @@ def sparse_window_attention(
         raise ValueError(f"backend must be 'auto', 'flex' or 'kernel', got {backend!r}")
     if backend == "flex" or (backend == "auto" and _flex_applies(query, dropout)):
         parts = _FlexParts.get(block_masks, query, key, window_start, pivot_idx, key_mask)
-        return _two_part_attention(query, key, value, parts, pivot_bias, scaling, _flex_part)
+        return _two_part_attention(query, key, value, parts, pivot_bias, scaling, _flex_part, fused=True)
     geometry = _SparseGeometry(query, key, window_start, block, span, pivot_idx, pivot_bias, key_mask)
     seed = int(torch.randint(0, 2**62, (1,))) if dropout > 0 else 0
     if torch.is_grad_enabled() and (query.requires_grad or key.requires_grad or value.requires_grad):
@@ -177,25 +177,47 @@ class _Part:
 
     def block_mask(self):
         if self._block_mask is None:
-            from torch.nn.attention.flex_attention import BlockMask
-
-            def ordered(tiles: torch.Tensor):
-                count = tiles.sum(-1, dtype=torch.int32)
-                order = tiles.to(torch.int8).argsort(dim=-1, descending=True, stable=True).to(torch.int32)
-                return count.contiguous(), order.contiguous()
-
-            kv_num, kv_idx = ordered(self.partial)
-            full_num, full_idx = ordered(self.full) if self.full is not None else (None, None)
-            self._block_mask = BlockMask.from_kv_blocks(
-                kv_num,
-                kv_idx,
-                full_num,
-                full_idx,
-                BLOCK_SIZE=_TILE,
-                mask_mod=self.mask_mod(),
-                seq_lengths=(self.q_len, self.kv_len),
-            )
+            self._block_mask = _make_block_mask(self)
         return self._block_mask
+
+
+def _ordered(tiles: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Tile lists as BlockMask keeps them: [..., rows, cols] bool -> (listed per row [..., rows] int32, the listed
+    columns first [..., rows, cols] int32)."""
+    count = tiles.sum(-1, dtype=torch.int32)
+    order = tiles.to(torch.int8).argsort(dim=-1, descending=True, stable=True).to(torch.int32)
+    return count.contiguous(), order.contiguous()
+
+
+def _make_block_mask(part: _Part):
+    """The part's BlockMask, with both the key-major lists (forward) and the query-major ones (backward) taken from
+    the tile masks we hold. BlockMask.from_kv_blocks would rebuild the query-major lists from the key-major ones
+    (a vmapped scatter, then a sort: about 40 small ops and their Python, every time a part is built)."""
+    from torch.nn.attention.flex_attention import BlockMask
+
+    kv_num, kv_idx = _ordered(part.partial)
+    full_num, full_idx = _ordered(part.full) if part.full is not None else (None, None)
+    lengths = (part.q_len, part.kv_len)
+    try:
+        q_num, q_idx = _ordered(part.partial.transpose(-1, -2))
+        full_q_num, full_q_idx = _ordered(part.full.transpose(-1, -2)) if part.full is not None else (None, None)
+        return BlockMask(
+            seq_lengths=lengths,
+            kv_num_blocks=kv_num,
+            kv_indices=kv_idx,
+            full_kv_num_blocks=full_num,
+            full_kv_indices=full_idx,
+            q_num_blocks=q_num,
+            q_indices=q_idx,
+            full_q_num_blocks=full_q_num,
+            full_q_indices=full_q_idx,
+            BLOCK_SIZE=(_TILE, _TILE),
+            mask_mod=part.mask_mod(),
+        )
+    except TypeError:  # a torch whose BlockMask takes other arguments: the public constructor derives them
+        return BlockMask.from_kv_blocks(
+            kv_num, kv_idx, full_num, full_idx, BLOCK_SIZE=_TILE, mask_mod=part.mask_mod(), seq_lengths=lengths
+        )
 
 
 def _query_tiles(window_start: torch.Tensor, q_pos: torch.Tensor):
@@ -286,12 +308,15 @@ class _FlexParts:
         cache = {} if cache is None else cache
         bsz, _, q_len, _ = query.shape
         k_len, device = key.shape[2], query.device
-        q_pos = torch.arange(k_len - q_len, k_len, device=device)
         shape, given_start = (bsz, q_len, k_len), window_start
-        window_start = window_start.to(device=device, dtype=torch.long)
+
+        def positions():  # only when a part is built: a cached layer call launches nothing here
+            q_pos = torch.arange(k_len - q_len, k_len, device=device)
+            return window_start.to(device=device, dtype=torch.long), q_pos
+
         entry = cache.get("window")
         if entry is None or entry[0] != shape or entry[1] is not given_start:
-            entry = cache["window"] = shape, given_start, _window_part(bsz, window_start, q_pos, k_len, key_mask)
+            entry = cache["window"] = shape, given_start, _window_part(bsz, *positions(), k_len, key_mask)
         window = entry[2]
         if not pivot_idx.shape[1]:
             return cls(window, None, None)
@@ -302,7 +327,7 @@ class _FlexParts:
             entry = pivots[id(pivot_idx)] = (
                 pivot_idx,
                 shape,
-                *_pivot_part(bsz, window_start, q_pos, k_len, pivot_idx, key_mask),
+                *_pivot_part(bsz, *positions(), k_len, pivot_idx, key_mask),
             )
         return cls(window, entry[2], entry[3])
 
@@ -313,15 +338,26 @@ class _FlexParts:
         return x.gather(2, index)
 
 
-def _two_part_attention(query, key, value, parts: _FlexParts, pivot_bias: float, scaling: float, attend):
+def _two_part_attention(
+    query, key, value, parts: _FlexParts, pivot_bias: float, scaling: float, attend, fused: bool = False
+):
     """Sparse attention as two attention calls merged by their log-sum-exp. `attend(q, k, v, part, scaling)`
     returns (out [B, H, Q, D], lse [B, H, Q] fp32, -inf for rows that see nothing): FlexAttention on CUDA,
-    `dense_part` in the CPU tests. Returns [B, Q, H, D], contiguous."""
+    `dense_part` in the CPU tests. `fused`: merge with the compiled one-pass merge (CUDA) instead of the chunked
+    eager one. Returns [B, Q, H, D], contiguous."""
     out, lse = attend(query, key, value, parts.window, scaling)
     if parts.pivots is not None:
         pivot_out, pivot_lse = attend(query, parts.gather(key), parts.gather(value), parts.pivots, scaling)
         # a constant added to every logit of a part leaves its softmax alone and adds to its log-sum-exp
-        out = merge_by_lse(out, lse, pivot_out, pivot_lse + pivot_bias)
+        if pivot_bias:
+            pivot_lse = pivot_lse + pivot_bias
+        if not fused:
+            out = merge_by_lse(out, lse, pivot_out, pivot_lse)
+        elif torch.is_grad_enabled() and (out.requires_grad or pivot_out.requires_grad):
+            out = _FusedMerge.apply(out, lse, pivot_out, pivot_lse)
+        else:  # inference: the window part's output becomes the result, no third [B, H, Q, D] tensor
+            _merge_code("into", _FusedMerge.compiled)(out, lse, pivot_out, pivot_lse)
+            del pivot_out
     return out.transpose(1, 2).contiguous()
 
 
@@ -400,6 +436,68 @@ class _MergeByLse(torch.autograd.Function):
             a, b = lse1[:, :, rows], lse2[:, :, rows]
             total = torch.logaddexp(a, b)
             yield rows, torch.exp(a - total)[..., None], torch.exp(b - total)[..., None]
+
+
+# The merge on CUDA: one pass over o1 and o2 each way, written as plain torch and compiled (Inductor fuses it into
+# a kernel or two with the fp32 arithmetic in registers); the eager chunked _MergeByLse costs about a dozen
+# launches per 2**22 elements (hundreds per layer at 64k tokens), this a fixed two or three.
+def _merge_weights(lse1, lse2):
+    """(a1, a2) = softmax over (lse1, lse2), [B, H, Q, 1] each; lse2 = -inf gives (1, 0)."""
+    diff = lse1 - lse2
+    return torch.sigmoid(diff)[..., None], torch.sigmoid(-diff)[..., None]
+
+
+def _merge_out(o1, lse1, o2, lse2):
+    """out [B, Q, H, D] contiguous (the caller's next layout) from o [B, H, Q, D]."""
+    acc = _acc_dtype(o1)
+    a1, a2 = _merge_weights(lse1, lse2)
+    return (o1.to(acc) * a1 + o2.to(acc) * a2).to(o1.dtype).transpose(1, 2).contiguous()
+
+
+def _merge_into(o1, lse1, o2, lse2):
+    """The merge written over o1 (inference)."""
+    acc = _acc_dtype(o1)
+    a1, a2 = _merge_weights(lse1, lse2)
+    o1.copy_(o1.to(acc) * a1 + o2.to(acc) * a2)
+
+
+def _merge_grad(grad, o1, lse1, o2, lse2):
+    """(d_o1, d_lse1, d_o2, d_lse2) for grad [B, H, Q, D]; d_lse1 = -d_lse2 = a1 * a2 * <grad, o1 - o2>."""
+    acc = _acc_dtype(o1)
+    a1, a2 = _merge_weights(lse1, lse2)
+    g = grad.to(acc)
+    d_lse1 = (a1 * a2).squeeze(-1) * (g * (o1.to(acc) - o2.to(acc))).sum(-1)
+    return (g * a1).to(o1.dtype), d_lse1, (g * a2).to(o2.dtype), -d_lse1
+
+
+_MERGE_CODE = {"out": _merge_out, "into": _merge_into, "grad": _merge_grad}
+_COMPILED_MERGE: dict = {}
+
+
+def _merge_code(name: str, compiled: bool = True):
+    """One of the merge functions, compiled once per process and dtype, for any shape (dynamic: no recompile per
+    sequence length); compiled=False: the same code eagerly (CPU tests)."""
+    if not compiled:
+        return _MERGE_CODE[name]
+    if name not in _COMPILED_MERGE:
+        _COMPILED_MERGE[name] = torch.compile(_MERGE_CODE[name], dynamic=True)
+    return _COMPILED_MERGE[name]
+
+
+class _FusedMerge(torch.autograd.Function):
+    """merge_by_lse through the compiled one-pass functions above (CUDA); saves what _MergeByLse saves. Returns
+    [B, H, Q, D], a view of a [B, Q, H, D] tensor. `compiled` is a class attribute so tests can run it eagerly."""
+
+    compiled = True
+
+    @staticmethod
+    def forward(ctx, o1, lse1, o2, lse2):
+        ctx.save_for_backward(o1, lse1, o2, lse2)
+        return _merge_code("out", _FusedMerge.compiled)(o1, lse1, o2, lse2).transpose(1, 2)
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        return _merge_code("grad", _FusedMerge.compiled)(grad_out, *ctx.saved_tensors)
 
 
 def merge_by_lse(o1: torch.Tensor, lse1: torch.Tensor, o2: torch.Tensor, lse2: torch.Tensor) -> torch.Tensor:

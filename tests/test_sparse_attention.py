@@ -243,8 +243,22 @@ def test_block_masks_cover_the_mask_and_full_tiles_are_full(seed):
             all_allowed = tiles.all(-1).all(-2)
             assert not (part.full & ~all_allowed).any(), f"{name}: a tile marked full holds masked pairs"
             assert not (part.full & part.partial).any()
-        dense = part.block_mask().to_dense().bool()
+        block_mask = part.block_mask()
+        dense = block_mask.to_dense().bool()
         assert torch.equal(dense.expand_as(listed), listed.expand_as(dense)), f"{name}: BlockMask lists other tiles"
+        # the query-major lists (backward) we build from our tiles are the ones torch derives from the key-major
+        derived = type(block_mask).from_kv_blocks(
+            block_mask.kv_num_blocks,
+            block_mask.kv_indices,
+            block_mask.full_kv_num_blocks,
+            block_mask.full_kv_indices,
+            BLOCK_SIZE=sa._TILE,
+            seq_lengths=(part.q_len, part.kv_len),
+        )
+        for field in ("q_num_blocks", "q_indices", "full_q_num_blocks", "full_q_indices"):
+            ours, theirs = getattr(block_mask, field), getattr(derived, field)
+            assert (ours is None) == (theirs is None), f"{name}: {field}"
+            assert ours is None or torch.equal(ours, theirs), f"{name}: {field} differs from from_kv_blocks'"
     # the window part reads about (t * w + 128) / 128 + 1 key tiles per query tile, not the whole causal triangle
     per_row = (parts.window.partial | (parts.window.full if parts.window.full is not None else False)).sum(-1)
     assert int(per_row.max()) <= -(-(t * w + sa._TILE) // sa._TILE) + 1
@@ -263,6 +277,41 @@ def test_merge_by_lse_gradcheck_and_empty_second_part(monkeypatch):
     assert torch.equal(out, o1)
     grads = torch.autograd.grad(out.sum(), (o1, l1, empty))
     assert all(bool(torch.isfinite(x).all()) for x in grads)
+
+
+def test_fused_merge_eagerly_gradcheck_and_empty_second_part(monkeypatch):
+    """The one-pass merge CUDA compiles, run eagerly: gradients, a second part that sees nothing, and agreement
+    with the chunked merge; its output is a [B, H, Q, D] view of a [B, Q, H, D] tensor."""
+    monkeypatch.setattr(sa._FusedMerge, "compiled", False)
+    g = torch.Generator().manual_seed(1)
+    o1, o2 = (torch.randn(2, 3, 7, 5, generator=g, dtype=torch.double, requires_grad=True) for _ in range(2))
+    l1, l2 = (torch.randn(2, 3, 7, generator=g, dtype=torch.double, requires_grad=True) for _ in range(2))
+    assert torch.autograd.gradcheck(sa._FusedMerge.apply, (o1, l1, o2, l2), eps=1e-6, atol=1e-6)
+    out = sa._FusedMerge.apply(o1, l1, o2, l2)
+    assert out.transpose(1, 2).is_contiguous()
+    assert_close(out, sa.merge_by_lse(o1, l1, o2, l2), atol=1e-12, msg="fused vs chunked merge")
+    empty = torch.full((2, 3, 7), float("-inf"), dtype=torch.double, requires_grad=True)
+    out = sa._FusedMerge.apply(o1, l1, torch.zeros_like(o2), empty)
+    assert torch.equal(out, o1)
+    grads = torch.autograd.grad(out.sum(), (o1, l1, empty))
+    assert all(bool(torch.isfinite(x).all()) for x in grads)
+
+
+@pytest.mark.parametrize("seed", range(6))
+def test_two_parts_with_the_fused_merge_match_dense_reference(seed, monkeypatch):
+    """The CUDA path's merge (run eagerly here): with gradients (autograd Function) and in inference (written
+    over the window part's output)."""
+    monkeypatch.setattr(sa._FusedMerge, "compiled", False)
+    mode, w, t, q, k, v, pivots, key_mask = random_case(200 + seed)
+    expected = reference_for(mode, w, t, q, k, v, pivots, key_mask)
+    start, _, _, bias = geometry(mode, q.shape[2], k.shape[2], w, t, pivots.shape[1])
+    parts = sa._FlexParts.get({}, q, k, start, pivots, key_mask)
+    scaling = q.shape[-1] ** -0.5
+    out = sa._two_part_attention(q, k, v, parts, bias, scaling, sa.dense_part, fused=True)
+    check_against_reference(out, expected, (q, k, v), 1e-5, f"fused merge mode {mode} w={w} t={t}", seed)
+    with torch.no_grad():
+        out = sa._two_part_attention(q, k, v, parts, bias, scaling, sa.dense_part, fused=True)
+    assert_close(out, expected, atol=1e-5, msg=f"fused merge in inference mode {mode}")
 
 
 def test_dispatch_on_cpu_takes_the_kernel(monkeypatch):
@@ -297,23 +346,10 @@ def test_sampled_pivots_text_first_exact_count_and_deterministic():
 
 
 # ---------------------------------------------------------------------------------------------------------------
-# CUDA: the FlexAttention path itself (pytest -m gpu)
+# CUDA: the FlexAttention path itself (pytest -m gpu). In order of compile cost (scripts/benchmarks/gpu_sparse.sh
+# runs them under a time limit): bf16 at the benchmark's shapes first (its kernels warm the compile cache for the
+# benchmark), then fp32 at fixed shapes, random shapes, the whole model.
 # ---------------------------------------------------------------------------------------------------------------
-@pytest.mark.parametrize("seed", range(8))
-@gpu
-def test_gpu_flex_matches_dense_reference_fp32(seed):
-    """Compiled FlexAttention (two parts), fp32, forward and gradients against the dense reference. Sequences long
-    enough to span several tiles; head_dim 64 (CogView's; the other gpu tests share the compiled kernels)."""
-    torch.backends.cuda.matmul.allow_tf32 = False
-    mode, w, t, q, k, v, pivots, key_mask = random_case(seed, max_blocks=60, device="cuda", head_dim=64)
-    start, block, span, bias = geometry(mode, q.shape[2], k.shape[2], w, t, pivots.shape[1])
-    out = sa.sparse_window_attention(
-        q, k, v, start.cuda(), block, span, pivots, bias, key_mask, 64**-0.5, block_masks={}, backend="flex"
-    )
-    expected = reference_for(mode, w, t, q, k, v, pivots, key_mask)
-    check_against_reference(out, expected, (q, k, v), 2e-4, f"flex mode {mode} w={w} t={t} Q={q.shape[2]}", seed)
-
-
 @pytest.mark.parametrize("mode", [1, 2])
 @gpu
 def test_gpu_flex_matches_kernel_bf16_cogview_shape(mode):
@@ -359,6 +395,21 @@ def test_gpu_flex_compiles_once_for_both_parts_and_new_data():
     for seed in (1, 2, 3):
         call(seed)
     assert counters["stats"]["unique_graphs"] == before, "new data recompiled FlexAttention"
+
+
+@pytest.mark.parametrize("seed", range(8))
+@gpu
+def test_gpu_flex_matches_dense_reference_fp32(seed):
+    """Compiled FlexAttention (two parts), fp32, forward and gradients against the dense reference. Sequences long
+    enough to span several tiles; head_dim 64 (CogView's; the other gpu tests share the compiled kernels)."""
+    torch.backends.cuda.matmul.allow_tf32 = False
+    mode, w, t, q, k, v, pivots, key_mask = random_case(seed, max_blocks=60, device="cuda", head_dim=64)
+    start, block, span, bias = geometry(mode, q.shape[2], k.shape[2], w, t, pivots.shape[1])
+    out = sa.sparse_window_attention(
+        q, k, v, start.cuda(), block, span, pivots, bias, key_mask, 64**-0.5, block_masks={}, backend="flex"
+    )
+    expected = reference_for(mode, w, t, q, k, v, pivots, key_mask)
+    check_against_reference(out, expected, (q, k, v), 2e-4, f"flex mode {mode} w={w} t={t} Q={q.shape[2]}", seed)
 
 
 @pytest.mark.parametrize("mode", [1, 2])
