@@ -14,6 +14,9 @@ loads the folder through the Auto classes and records:
 - the losses of a few `Trainer` steps.
 A second fresh process reloads the saved folder through the Auto classes (same logits expected) and runs the
 `text-generation` pipeline (GLM, sparse GPT-2), whose ids must equal `generate()`'s prompt by prompt.
+Greedy and beam ids must also equal those the pinned release gave (tests/data/compat/generate_ids.json, written
+by `python tests/test_compat_matrix.py --write-golden` with .venv/tf5's transformers): a release that changes what
+the models generate, not only how they are called, fails here.
 """
 
 from __future__ import annotations
@@ -28,7 +31,7 @@ import pytest
 import torch
 import transformers
 from fixtures.hub_folders import AUTO_LM, PROMPTS, folder, run_fresh_here
-from helpers import REPO_ROOT, assert_close
+from helpers import REPO_ROOT, TEST_DATA, assert_close
 
 # "glm" is the embedded default model at the repository root, the others tiny random folders.
 NAMES = ("glm", "glm-10b", "gpt2_sparse", "bart_gen")
@@ -37,6 +40,7 @@ MODES = ("greedy", "beam", "sampled", "batch")
 NEW_TOKENS = 6
 TRAIN_STEPS = 2
 TESTS_DIR = Path(__file__).resolve().parent
+GOLDEN = TEST_DATA / "compat" / "generate_ids.json"
 
 # One xdist group per family: the two fresh processes of a family run once, on the worker that gets its tests
 # (scripts/test.sh passes --dist loadgroup).
@@ -173,3 +177,28 @@ def test_trainer_steps_update_the_weights(name):
 def test_text_generation_pipeline_equals_generate(name):
     first, second = report(name)["first"], report(name)["second"]
     assert second["pipeline"] == first["greedy_each"]
+
+
+def generated_ids(name: str) -> dict:
+    """What the golden file holds for family `name`: greedy ids per prompt and the beam-search ids."""
+    first = report(name)["first"]
+    return {"greedy_each": first["greedy_each"], "beam": first["generate"]["beam"]["True"]}
+
+
+@pytest.mark.parametrize("name", per_family(NAMES))
+def test_generated_ids_equal_the_pinned_release(name):
+    golden = json.loads(GOLDEN.read_text())
+    assert generated_ids(name) == golden["ids"][name], (
+        f"transformers {transformers.__version__}, {name}: generate() gives other ids than transformers "
+        f"{golden['transformers']} did"
+    )
+
+
+if __name__ == "__main__":  # python tests/test_compat_matrix.py --write-golden (with the pinned transformers)
+    import sys
+
+    assert sys.argv[1:] == ["--write-golden"], "usage: python tests/test_compat_matrix.py --write-golden"
+    ids = {name: generated_ids(name) for name in NAMES}
+    GOLDEN.parent.mkdir(exist_ok=True)
+    GOLDEN.write_text(json.dumps({"transformers": transformers.__version__, "ids": ids}, indent=1) + "\n")
+    print(f"wrote {GOLDEN} with transformers {transformers.__version__}")
