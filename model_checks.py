@@ -154,13 +154,42 @@ def check_finite(values: torch.Tensor, name: str) -> None:
         raise ValueError(f"{name} holds NaN or inf values")
 
 
-def check_labels(labels, shape: tuple[int, ...], vocab_size: int, expected: str, read_values: bool = True) -> None:
-    """TypeError / ValueError naming `labels` unless they are int64/int32 ids of `shape` (`expected` says which
-    shape in words) in [0, vocab_size) or -100 (ignored)."""
+def check_inputs(
+    input_ids,
+    inputs_embeds,
+    embeddings: nn.Embedding,
+    ids_name: str = "input_ids",
+    embeds_name: str = "inputs_embeds",
+    width_name: str = "hidden_size",
+) -> tuple[int, int]:
+    """Static checks of a model's input, exactly one of token ids and embeddings (matching the `embeddings` table's
+    width and dtype): its batch size and length. `check_input_values` reads the values."""
+    if (input_ids is None) == (inputs_embeds is None):
+        raise ValueError(f"pass exactly one of {ids_name} and {embeds_name}")
+    if input_ids is not None:
+        check_token_ids(input_ids, ids_name)
+        return tuple(input_ids.shape)
+    check_embeds(inputs_embeds, embeds_name, embeddings.embedding_dim, embeddings.weight.dtype, width_name)
+    return tuple(inputs_embeds.shape[:2])
+
+
+def check_input_values(input_ids, inputs_embeds, embeddings: nn.Embedding, ids_name: str, embeds_name: str) -> None:
+    """The data-dependent half of `check_inputs`: ids inside the table, embeddings finite (one device sync)."""
+    if input_ids is not None:
+        check_token_range(input_ids, ids_name, embeddings.num_embeddings)
+    else:
+        check_finite(inputs_embeds, embeds_name)
+
+
+def check_labels(
+    labels, shape: tuple[int, ...] | None, vocab_size: int, expected: str = "", read_values: bool = True
+) -> None:
+    """TypeError / ValueError naming `labels` unless they are int64/int32 ids of `shape` (when given; `expected`
+    says which shape in words) in [0, vocab_size) or -100 (ignored; the range check only when `read_values`)."""
     check_tensor(labels, "labels", "integer token ids, -100 = ignored")
     if labels.dtype not in INDEX_DTYPES:
         raise TypeError(f"labels must be an integer tensor of token ids (-100 = ignored), got dtype {labels.dtype}")
-    if tuple(labels.shape) != tuple(shape):
+    if shape is not None and tuple(labels.shape) != tuple(shape):
         raise ValueError(f"labels must have {expected} {list(shape)}, got {list(labels.shape)}")
     if read_values:
         bad = ((labels < 0) | (labels >= vocab_size)) & (labels != -100)
@@ -182,8 +211,8 @@ def padding_mask(
         raise TypeError(f"{name} must hold 0/1 values, got dtype {mask.dtype}")
     if tuple(mask.shape) != tuple(shape):
         raise ValueError(
-            f"{name} must be a 2-D [batch, key_length] padding mask of shape {tuple(shape)} (cached positions "
-            f"included), got {tuple(mask.shape)}"
+            f"{name} must have shape [batch, length] = {list(shape)} (a 2-D 0/1 padding mask, cached positions "
+            f"included), got {list(mask.shape)}"
         )
     if not read_values:
         return mask.bool()

@@ -67,15 +67,13 @@ from .configuration_glm import GLMConfig
 from .fast_decoding import CompiledDecoding, attention_function, fast_cpu_gemv, use_growing_kv_layers
 from .model_checks import (
     CheckedLoading,
-    check_embeds,
-    check_finite,
     check_generate_inputs,
     check_half_overflow,
+    check_input_values,
+    check_inputs,
     check_labels,
     check_prefix_length,
     check_tensor,
-    check_token_ids,
-    check_token_range,
     padding_mask,
     reads_values,
 )
@@ -583,7 +581,7 @@ class GLMModel(GLMPreTrainedModel):
         past_key_values = take_cache(past_key_values, kwargs)
         _refuse_mems(kwargs)
         check_unused_kwargs(kwargs, type(self).__name__)
-        batch_size, query_length = self._check_tokens(input_ids, inputs_embeds)
+        batch_size, query_length = check_inputs(input_ids, inputs_embeds, self.word_embeddings)
 
         if use_cache and past_key_values is None:
             past_key_values = DynamicCache(config=config)
@@ -592,12 +590,10 @@ class GLMModel(GLMPreTrainedModel):
         embeds_dtype = inputs_embeds.dtype if inputs_embeds is not None else self.word_embeddings.weight.dtype
         past_length, prefix_key_values = self._prepare_prefix(past_key_values, batch_size, embeds_dtype)
         read = reads_values(past_length, query_length)  # data-dependent checks: not on decode steps
+        if read:
+            check_input_values(input_ids, inputs_embeds, self.word_embeddings, "input_ids", "inputs_embeds")
         if input_ids is not None:
-            if read:
-                check_token_range(input_ids, "input_ids", config.vocab_size)
             inputs_embeds = self.word_embeddings(input_ids)
-        elif read:
-            check_finite(inputs_embeds, "inputs_embeds")
         if past_length + query_length > config.max_sequence_length:
             raise ValueError(
                 f"sequence length {past_length + query_length} (cached {past_length} + new {query_length}) exceeds "
@@ -680,16 +676,6 @@ class GLMModel(GLMPreTrainedModel):
                 )
             use_cache = False
         return use_cache
-
-    def _check_tokens(self, input_ids, inputs_embeds) -> tuple[int, int]:
-        """Static checks of the input (exactly one of ids / embeddings): its batch size and length."""
-        if (input_ids is None) == (inputs_embeds is None):
-            raise ValueError("Pass exactly one of input_ids and inputs_embeds.")
-        if input_ids is not None:
-            check_token_ids(input_ids, "input_ids")
-            return input_ids.shape
-        check_embeds(inputs_embeds, "inputs_embeds", self.config.hidden_size, self.word_embeddings.weight.dtype)
-        return inputs_embeds.shape[:2]
 
     def _resolve_position_ids(
         self,

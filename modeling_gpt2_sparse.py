@@ -51,16 +51,14 @@ from .configuration_gpt2_sparse import GPT2SparseConfig
 from .fast_decoding import CompiledDecoding, attention_function, fast_cpu_gemv, use_growing_kv_layers
 from .model_checks import (
     CheckedLoading,
-    check_embeds,
-    check_finite,
     check_generate_inputs,
     check_half_overflow,
+    check_input_values,
+    check_inputs,
     check_labels,
     check_mode_flag,
     check_positions,
     check_prefix_length,
-    check_token_ids,
-    check_token_range,
     padding_mask,
     reads_values,
 )
@@ -360,7 +358,7 @@ class GPT2SparseModel(GPT2SparsePreTrainedModel):
         if self.gradient_checkpointing and self.training and use_cache:
             use_cache = False  # resolved first: the checkpointed layers warn about a cache they are handed
         mode = check_mode_flag(is_sparse, "is_sparse", SPARSE_MODES, config.is_sparse)
-        bsz, q_len = self._check_tokens(input_ids, inputs_embeds)
+        bsz, q_len = check_inputs(input_ids, inputs_embeds, self.word_embeddings)
         mems, past_key_values, use_cache = self._memory_or_cache(mems, past_key_values, use_cache, mode, bsz)
         past_len = mems[0].shape[1] if mems is not None else 0
         past_len = past_key_values.get_seq_length() if past_key_values is not None else past_len
@@ -414,16 +412,6 @@ class GPT2SparseModel(GPT2SparsePreTrainedModel):
             mems=new_mems,
         )
 
-    def _check_tokens(self, input_ids, inputs_embeds) -> tuple[int, int]:
-        """Static checks of the input (one of ids / embeddings): its batch size and length."""
-        if (input_ids is None) == (inputs_embeds is None):
-            raise ValueError("Pass exactly one of input_ids and inputs_embeds")
-        if input_ids is not None:
-            check_token_ids(input_ids, "input_ids")
-            return input_ids.shape
-        check_embeds(inputs_embeds, "inputs_embeds", self.config.hidden_size, self.word_embeddings.weight.dtype)
-        return inputs_embeds.shape[:2]
-
     def _memory_or_cache(
         self, mems, past_key_values: Cache | None, use_cache: bool, mode: int, bsz: int
     ) -> tuple[list[torch.Tensor] | None, Cache | None, bool]:
@@ -469,10 +457,8 @@ class GPT2SparseModel(GPT2SparsePreTrainedModel):
                 "is_sparse=1 (sparse training) needs the whole sequence in one call, without a cache or memory; "
                 "use is_sparse=2 or 0 to decode"
             )
-        if read and input_ids is not None:
-            check_token_range(input_ids, "input_ids", config.vocab_size)
-        elif read:
-            check_finite(inputs_embeds, "inputs_embeds")
+        if read:
+            check_input_values(input_ids, inputs_embeds, self.word_embeddings, "input_ids", "inputs_embeds")
         if position_ids is None:
             if k_len > config.max_position_embeddings:
                 raise ValueError(
@@ -496,7 +482,7 @@ class GPT2SparseModel(GPT2SparsePreTrainedModel):
         q_len: int,
         past_len: int,
         key_mask: torch.Tensor | None,
-        sep: torch.Tensor | None,
+        sep: int | torch.Tensor | None,
         device: torch.device,
     ) -> torch.Tensor | None:
         """Bool mask [B|1, 1, Q, K] (True = attend): causal, plus the first `sep` tokens of this call visible to all
@@ -514,7 +500,7 @@ class GPT2SparseModel(GPT2SparsePreTrainedModel):
         k_pos = torch.arange(k_len, device=device).view(1, 1, k_len)
         allowed = k_pos <= q_pos  # [1, Q, K]
         if has_sep:
-            sep_t = sep.to(device).view(-1, 1, 1)
+            sep_t = torch.as_tensor(sep, device=device).view(-1, 1, 1)
             allowed = allowed | (k_pos < past_len + sep_t)  # [B|1, Q, K]
         if key_mask is not None:
             # padded queries keep their own key so their (discarded) rows stay finite

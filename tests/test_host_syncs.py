@@ -131,6 +131,10 @@ def test_no_host_sync_in_decode_steps(family, num_beams):
 def test_counter_sees_a_sync():
     """A `.item()` inside forward() (here in the body's pre-hook) is counted once per decode step."""
     model, inputs = FAMILIES["gpt2_sparse-0"]()
-    model.model.register_forward_pre_hook(lambda module, args: torch.zeros(1).item())
+
+    def read_a_value(module, args):
+        torch.zeros(1).item()
+
+    model.model.register_forward_pre_hook(read_a_value)
     counts, steps = decode_step_reads(model, dict(inputs, max_new_tokens=3, min_new_tokens=3, do_sample=False))
     assert counts.get("item") == steps == 2
