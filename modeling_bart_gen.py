@@ -45,7 +45,19 @@ from transformers.utils import can_return_tuple, logging
 
 from .configuration_bart_gen import BartGenConfig
 from .fast_decoding import CompiledDecoding, attention_function, fast_cpu_gemv, use_growing_kv_layers
-from .model_checks import CheckedLoading, check_half_overflow
+from .model_checks import (
+    CheckedLoading,
+    check_generate_inputs,
+    check_half_overflow,
+    check_input_values,
+    check_inputs,
+    check_labels,
+    check_tensor,
+    check_token_ids,
+    check_token_range,
+    padding_mask,
+    reads_values,
+)
 from .transformers_compat import (
     cache_field,
     causal_lm_loss,
@@ -77,66 +89,12 @@ def shift_tokens_right(input_ids: torch.Tensor, pad_token_id: int | None, decode
     return shifted.masked_fill_(shifted == -100, pad_token_id)
 
 
-def _check_ids(ids: torch.Tensor, vocab_size: int, name: str, allow_ignore_index: bool = False) -> None:
-    """Raise a ValueError (instead of an IndexError or a device assert) for ids outside the vocabulary, a TypeError /
-    ValueError for ids that are not a non-empty integer tensor [batch, length]."""
-    if not isinstance(ids, torch.Tensor) or ids.is_floating_point() or ids.is_complex() or ids.dtype == torch.bool:
-        kind = ids.dtype if isinstance(ids, torch.Tensor) else type(ids).__name__
-        raise TypeError(f"{name} must be an integer tensor of token ids [batch, length], got {kind}")
-    if ids.dim() != 2 or ids.numel() == 0:
-        raise ValueError(f"{name} must have a non-empty shape [batch, length], got {list(ids.shape)}")
-    if torch.compiler.is_compiling():
-        return
-    bad = (ids < 0) | (ids >= vocab_size)
-    if allow_ignore_index:
-        bad &= ids != -100
-    if bool(bad.any()):
-        value = int(ids[bad][0])
-        raise ValueError(f"{name} holds the id {value}, outside the vocabulary [0, {vocab_size}) of this model")
-
-
 def _check_length(length: int, max_positions: int, name: str) -> None:
     if length > max_positions:
         raise ValueError(
             f"{name} needs {length} positions but config.max_position_embeddings is {max_positions}: "
             f"truncate the input to at most {max_positions} tokens"
         )
-
-
-def _check_embeds(embeds: torch.Tensor, d_model: int, name: str) -> None:
-    """TypeError / ValueError naming `name` unless `embeds` is a finite float tensor [batch, length, d_model]."""
-    if not isinstance(embeds, torch.Tensor) or not embeds.is_floating_point():
-        kind = embeds.dtype if isinstance(embeds, torch.Tensor) else type(embeds).__name__
-        raise TypeError(f"{name} must be a floating-point tensor [batch, length, d_model], got {kind}")
-    if embeds.dim() != 3 or embeds.shape[-1] != d_model or embeds.numel() == 0:
-        raise ValueError(
-            f"{name} must have a non-empty shape [batch, length, d_model={d_model}], got {list(embeds.shape)}"
-        )
-    if not torch.compiler.is_compiling() and not bool(torch.isfinite(embeds).all()):
-        raise ValueError(f"{name} holds NaN or inf values")
-
-
-def _check_mask_shape(attention_mask: torch.Tensor | None, shape: tuple[int, int], name: str) -> None:
-    if attention_mask is not None and tuple(attention_mask.shape) != tuple(shape):
-        raise ValueError(f"{name} must have shape [batch, length] = {list(shape)}, got {list(attention_mask.shape)}")
-
-
-def _padding_or_none(attention_mask: torch.Tensor | None) -> torch.Tensor | None:
-    """A 2-D 0/1 mask as bool, or None when it masks nothing (then no mask tensor is needed at all)."""
-    if attention_mask is None:
-        return None
-    if attention_mask.dim() != 2:
-        raise ValueError(f"attention masks must be 2-D [batch, length] 0/1 tensors, got shape {attention_mask.shape}")
-    if torch.compiler.is_compiling():
-        return attention_mask.bool()  # the all-ones shortcut is data-dependent: it would break the compiled graph
-    is_pad = attention_mask == 0
-    flags = torch.stack((((attention_mask != 0) & (attention_mask != 1)).any(), is_pad.any(), is_pad.all(-1).any()))
-    not_binary, has_padding, empty_row = flags.tolist()  # one device sync for all three
-    if not_binary:
-        raise ValueError("attention masks must hold 0/1 (1 = real token, 0 = padding), got other values")
-    if empty_row:
-        raise ValueError("an attention mask has a row of padding only: every sequence needs at least one real token")
-    return attention_mask.bool() if has_padding else None
 
 
 def _to_backend_mask(allowed: torch.Tensor, dtype: torch.dtype, attn_implementation: str | None) -> torch.Tensor:
@@ -417,19 +375,16 @@ class BartGenEncoder(BartGenPreTrainedModel):
         **kwargs,
     ) -> BaseModelOutput:
         check_unused_kwargs(kwargs, type(self).__name__)
-        if (input_ids is None) == (inputs_embeds is None):
-            raise ValueError("pass exactly one of input_ids and inputs_embeds to the encoder")
         output_attentions = output_attentions if output_attentions is not None else self.config.output_attentions
         output_hidden_states = (
             output_hidden_states if output_hidden_states is not None else self.config.output_hidden_states
         )
+        read = not torch.compiler.is_compiling()  # the encoder runs once per source: never a decode step
+        B, S = check_inputs(input_ids, inputs_embeds, self.embed_tokens, width_name="d_model")
+        if read:
+            check_input_values(input_ids, inputs_embeds, self.embed_tokens, "input_ids", "inputs_embeds")
         if inputs_embeds is None:
-            _check_ids(input_ids, self.embed_tokens.num_embeddings, "input_ids")
             inputs_embeds = self.embed_tokens(input_ids)  # (B, S, C)
-        else:
-            _check_embeds(inputs_embeds, self.config.d_model, "inputs_embeds")
-        B, S = inputs_embeds.shape[:2]
-        _check_mask_shape(attention_mask, (B, S), "attention_mask")
         _check_length(S, self.config.max_position_embeddings, "input_ids (encoder)")
 
         hidden_states = inputs_embeds + self.embed_positions(S)
@@ -437,10 +392,13 @@ class BartGenEncoder(BartGenPreTrainedModel):
         hidden_states = F.dropout(hidden_states, p=self.dropout, training=self.training)
 
         # mask built once for every layer: padded keys are hidden, queries at padding still attend
-        padding = _padding_or_none(attention_mask)
         mask = None
-        if padding is not None:
-            mask = _to_backend_mask(padding[:, None, None, :], inputs_embeds.dtype, self.config._attn_implementation)
+        if attention_mask is not None:
+            padding = padding_mask(attention_mask, "attention_mask", (B, S), read)
+            if padding is not None:
+                mask = _to_backend_mask(
+                    padding[:, None, None, :], inputs_embeds.dtype, self.config._attn_implementation
+                )
 
         all_hidden_states = () if output_hidden_states else None
         all_attentions = () if output_attentions else None
@@ -480,11 +438,51 @@ class BartGenDecoder(BartGenPreTrainedModel):
         self.gradient_checkpointing = False
         self.post_init()
 
+    def _use_cache(self, use_cache: bool | None) -> bool:
+        requested = use_cache  # None: config.use_cache decides (and is turned off below without a warning)
+        use_cache = use_cache if use_cache is not None else self.config.use_cache
+        if self.gradient_checkpointing and self.training and use_cache:
+            if requested:
+                logger.warning_once(
+                    "use_cache=True is incompatible with gradient checkpointing; setting use_cache=False"
+                )
+            use_cache = False
+        return use_cache
+
+    def _check_encoder_states(self, encoder_hidden_states, batch_size: int) -> None:
+        if encoder_hidden_states is None:
+            return
+        d_model = self.config.d_model
+        check_tensor(encoder_hidden_states, "encoder_outputs", f"[batch, source length, d_model={d_model}]")
+        if (
+            encoder_hidden_states.dim() != 3
+            or encoder_hidden_states.shape[0] != batch_size
+            or encoder_hidden_states.shape[-1] != d_model
+        ):
+            raise ValueError(
+                f"encoder_outputs must be [batch={batch_size}, source length, d_model={d_model}], got "
+                f"{list(encoder_hidden_states.shape)}"
+            )
+        dtype = self.embed_tokens.weight.dtype
+        if encoder_hidden_states.dtype != dtype:
+            raise TypeError(f"encoder_outputs has dtype {encoder_hidden_states.dtype}, the model runs in {dtype}")
+
     def _self_attention_mask(
-        self, attention_mask: torch.Tensor | None, T: int, past_length: int, dtype: torch.dtype, device: torch.device
+        self,
+        attention_mask: torch.Tensor | None,
+        T: int,
+        past_length: int,
+        dtype: torch.dtype,
+        device: torch.device,
+        read: bool = True,
+        batch_size: int | None = None,
     ) -> torch.Tensor | None:
-        """Causal mask over past + T keys, AND the decoder padding mask; None when sdpa's is_causal suffices."""
-        padding = _padding_or_none(attention_mask)
+        """Causal mask over past + T keys, AND the decoder padding mask (checked: [batch_size, past + T]); None when
+        sdpa's is_causal suffices."""
+        padding = None
+        if attention_mask is not None:
+            B = batch_size if batch_size is not None else getattr(attention_mask, "shape", (0,))[0]
+            padding = padding_mask(attention_mask, "decoder_attention_mask", (B, past_length + T), read)
         impl = self.config._attn_implementation
         if padding is None and (T == 1 or (past_length == 0 and impl == "sdpa")):
             return None  # one new token sees the whole cache; a fresh sequence uses sdpa's own causal mask
@@ -492,13 +490,20 @@ class BartGenDecoder(BartGenPreTrainedModel):
         kv_pos = torch.arange(past_length + T, device=device)
         allowed = (kv_pos[None, :] <= q_pos[:, None])[None, None]  # (1, 1, T, past + T)
         if padding is not None:
-            if padding.shape[-1] != past_length + T:
-                raise ValueError(
-                    f"decoder_attention_mask has length {padding.shape[-1]}, expected past + new tokens = "
-                    f"{past_length + T}"
-                )
             allowed = allowed & padding[:, None, None, :]  # (B, 1, T, past + T)
         return _to_backend_mask(allowed, dtype, impl)
+
+    def _cross_attention_mask(
+        self, encoder_hidden_states: torch.Tensor, encoder_attention_mask: torch.Tensor | None, dtype, read: bool
+    ) -> torch.Tensor | None:
+        """[B, 1, 1, S] hiding the source's padding from every query; None without padding."""
+        if encoder_attention_mask is None:
+            return None
+        shape = tuple(encoder_hidden_states.shape[:2])
+        padding = padding_mask(encoder_attention_mask, "attention_mask (encoder)", shape, read)
+        if padding is None:
+            return None
+        return _to_backend_mask(padding[:, None, None, :], dtype, self.config._attn_implementation)
 
     @can_return_tuple
     def forward(
@@ -516,36 +521,14 @@ class BartGenDecoder(BartGenPreTrainedModel):
     ) -> BaseModelOutputWithPastAndCrossAttentions:
         past_key_values = take_cache(past_key_values, kwargs)
         check_unused_kwargs(kwargs, type(self).__name__)
-        if (input_ids is None) == (inputs_embeds is None):
-            raise ValueError("pass exactly one of decoder_input_ids and decoder_inputs_embeds to the decoder")
         output_attentions = output_attentions if output_attentions is not None else self.config.output_attentions
         output_hidden_states = (
             output_hidden_states if output_hidden_states is not None else self.config.output_hidden_states
         )
-        requested_cache = use_cache  # None: config.use_cache decides (and is turned off below without a warning)
-        use_cache = use_cache if use_cache is not None else self.config.use_cache
-        if self.gradient_checkpointing and self.training and use_cache:
-            if requested_cache:
-                logger.warning_once(
-                    "use_cache=True is incompatible with gradient checkpointing; setting use_cache=False"
-                )
-            use_cache = False
-        if inputs_embeds is None:
-            _check_ids(input_ids, self.embed_tokens.num_embeddings, "decoder_input_ids")
-            inputs_embeds = self.embed_tokens(input_ids)  # (B, T, C)
-        else:
-            _check_embeds(inputs_embeds, self.config.d_model, "decoder_inputs_embeds")
-        B, T = inputs_embeds.shape[:2]
-        if encoder_hidden_states is not None and (
-            encoder_hidden_states.dim() != 3
-            or encoder_hidden_states.shape[0] != B
-            or encoder_hidden_states.shape[-1] != self.config.d_model
-        ):
-            raise ValueError(
-                f"encoder_outputs must be [batch={B}, source length, d_model={self.config.d_model}], got "
-                f"{list(encoder_hidden_states.shape)}"
-            )
-
+        use_cache = self._use_cache(use_cache)
+        names = ("decoder_input_ids", "decoder_inputs_embeds")
+        B, T = check_inputs(input_ids, inputs_embeds, self.embed_tokens, *names, width_name="d_model")
+        self._check_encoder_states(encoder_hidden_states, B)
         if use_cache and past_key_values is None:
             past_key_values = (
                 EncoderDecoderCache(DynamicCache(), DynamicCache())
@@ -555,19 +538,17 @@ class BartGenDecoder(BartGenPreTrainedModel):
         if past_key_values is not None:
             use_growing_kv_layers(past_key_values)
         past_length = past_key_values.get_seq_length() if past_key_values is not None else 0
+        read = reads_values(past_length, T)  # data-dependent checks: not on decode steps
+        if read:
+            check_input_values(input_ids, inputs_embeds, self.embed_tokens, *names)
+        if inputs_embeds is None:
+            inputs_embeds = self.embed_tokens(input_ids)  # (B, T, C)
         _check_length(past_length + T, self.config.max_position_embeddings, "the decoder sequence (cache + new tokens)")
-        _check_mask_shape(attention_mask, (B, past_length + T), "decoder_attention_mask")
-        if encoder_hidden_states is not None:
-            _check_mask_shape(encoder_attention_mask, encoder_hidden_states.shape[:2], "attention_mask (encoder)")
-
-        self_mask = self._self_attention_mask(attention_mask, T, past_length, inputs_embeds.dtype, inputs_embeds.device)
+        dtype, device = inputs_embeds.dtype, inputs_embeds.device
+        self_mask = self._self_attention_mask(attention_mask, T, past_length, dtype, device, read, B)
         cross_mask = None
         if encoder_hidden_states is not None:
-            padding = _padding_or_none(encoder_attention_mask)
-            if padding is not None:
-                cross_mask = _to_backend_mask(
-                    padding[:, None, None, :], inputs_embeds.dtype, self.config._attn_implementation
-                )  # (B, 1, 1, S): broadcast over the T queries
+            cross_mask = self._cross_attention_mask(encoder_hidden_states, encoder_attention_mask, dtype, read)
 
         hidden_states = inputs_embeds + self.embed_positions(T, past_length)
         hidden_states = self.layernorm_embedding(hidden_states)
@@ -666,27 +647,15 @@ class BartGenModel(BartGenPreTrainedModel):
         if decoder_input_ids is None and decoder_inputs_embeds is None:
             if input_ids is None:
                 raise ValueError("pass decoder_input_ids (or decoder_inputs_embeds), or input_ids to shift right")
-            _check_ids(input_ids, self.config.vocab_size, "input_ids")
+            check_token_ids(input_ids, "input_ids")
+            if not torch.compiler.is_compiling():
+                check_token_range(input_ids, "input_ids", self.shared.num_embeddings)
             decoder_input_ids = shift_tokens_right(
                 input_ids, self.config.pad_token_id, self.config.decoder_start_token_id
             )
-
-        if encoder_outputs is None:
-            encoder_outputs = self.encoder(
-                input_ids=input_ids,
-                attention_mask=attention_mask,
-                inputs_embeds=inputs_embeds,
-                output_attentions=output_attentions,
-                output_hidden_states=output_hidden_states,
-                return_dict=True,
-            )
-        elif not isinstance(encoder_outputs, BaseModelOutput):
-            encoder_outputs = BaseModelOutput(
-                last_hidden_state=encoder_outputs[0],
-                hidden_states=encoder_outputs[1] if len(encoder_outputs) > 1 else None,
-                attentions=encoder_outputs[2] if len(encoder_outputs) > 2 else None,
-            )
-
+        encoder_outputs = self._encode(
+            input_ids, attention_mask, inputs_embeds, encoder_outputs, output_attentions, output_hidden_states
+        )
         decoder_outputs = self.decoder(
             input_ids=decoder_input_ids,
             attention_mask=decoder_attention_mask,
@@ -708,6 +677,32 @@ class BartGenModel(BartGenPreTrainedModel):
             encoder_last_hidden_state=encoder_outputs.last_hidden_state,
             encoder_hidden_states=encoder_outputs.hidden_states,
             encoder_attentions=encoder_outputs.attentions,
+        )
+
+    def _encode(
+        self, input_ids, attention_mask, inputs_embeds, encoder_outputs, output_attentions, output_hidden_states
+    ) -> BaseModelOutput:
+        """The encoder's output: computed, or the precomputed one (a BaseModelOutput or a tuple) as given."""
+        if encoder_outputs is None:
+            return self.encoder(
+                input_ids=input_ids,
+                attention_mask=attention_mask,
+                inputs_embeds=inputs_embeds,
+                output_attentions=output_attentions,
+                output_hidden_states=output_hidden_states,
+                return_dict=True,
+            )
+        if isinstance(encoder_outputs, BaseModelOutput):
+            return encoder_outputs
+        if not isinstance(encoder_outputs, (tuple, list)) or not encoder_outputs:
+            raise TypeError(
+                "encoder_outputs must be a BaseModelOutput or a tuple (last_hidden_state, ...), got "
+                f"{type(encoder_outputs).__name__}"
+            )
+        return BaseModelOutput(
+            last_hidden_state=encoder_outputs[0],
+            hidden_states=encoder_outputs[1] if len(encoder_outputs) > 1 else None,
+            attentions=encoder_outputs[2] if len(encoder_outputs) > 2 else None,
         )
 
 
@@ -754,11 +749,9 @@ class BartGenForConditionalGeneration(BartGenPreTrainedModel, GenerationMixin, C
 
     def generate(self, inputs: torch.Tensor | None = None, *args, **kwargs):
         """`GenerationMixin.generate`, with the source checked first: a clear error for ids that are not an integer
-        [batch, length] tensor, or a padding mask of another shape, instead of one from deep inside generate()."""
-        ids = inputs if inputs is not None else kwargs.get("input_ids")
-        if ids is not None:
-            _check_ids(ids, self.config.vocab_size, "input_ids")
-            _check_mask_shape(kwargs.get("attention_mask"), tuple(ids.shape), "attention_mask")
+        [batch, length] tensor in the vocabulary, a padding mask of another shape, or ids and embeddings both
+        given, instead of one from deep inside generate() or embeddings silently ignored."""
+        check_generate_inputs(inputs, kwargs, self.config.vocab_size, left_padding=False)
         return super().generate(inputs, *args, **kwargs)
 
     def prepare_inputs_for_generation(
@@ -807,7 +800,7 @@ class BartGenForConditionalGeneration(BartGenPreTrainedModel, GenerationMixin, C
         """
         past_key_values = take_cache(past_key_values, kwargs)
         if labels is not None:
-            _check_ids(labels, self.config.vocab_size, "labels", allow_ignore_index=True)
+            check_labels(labels, None, self.config.vocab_size, read_values=not torch.compiler.is_compiling())
             use_cache = False  # training on full target sequences: nothing to cache
             if decoder_input_ids is None and decoder_inputs_embeds is None:
                 decoder_input_ids = shift_tokens_right(

@@ -61,7 +61,18 @@ from transformers.utils import logging
 from .configuration_glm import GLMConfig
 from .fast_decoding import CompiledDecoding, attention_function, fast_cpu_gemv, use_growing_kv_layers
 from .glm_chat import GLMChatMixin
-from .model_checks import CheckedLoading, check_half_overflow
+from .model_checks import (
+    CheckedLoading,
+    check_generate_inputs,
+    check_half_overflow,
+    check_input_values,
+    check_inputs,
+    check_labels,
+    check_prefix_length,
+    check_tensor,
+    padding_mask,
+    reads_values,
+)
 from .transformers_compat import (
     cache_field,
     causal_lm_loss,
@@ -224,27 +235,45 @@ def build_attention_mask(
     return allowed[:, None]
 
 
-def _sep_lengths(attention_mask, batch_size: int, device: torch.device) -> torch.Tensor | None:
-    """GLM's `sep` convention as a [B] tensor of prefix lengths, or None when `attention_mask` is a real mask.
-
-    GLM passes the length of the bidirectional prefix instead of a mask: an int / 1-element tensor for the whole
-    batch, or one length per row (a [B] tensor).
-    """
+def read_attention_mask(
+    attention_mask, batch_size: int, query_length: int, kv_length: int, read: bool
+) -> tuple[str | None, torch.Tensor | None]:
+    """What `attention_mask` means, decided in this one place: (kind, tensor), kind one of
+    - "padding": a 2-D [B, past + S] 0/1 mask, as bool (None: it masks nothing);
+    - "explicit": a 4-D [B, 1, S, past + S] boolean / 0/1 mask (True = attend), as bool;
+    - "sep": GLM's prefix-length convention (an int, a 1-element or a [B] tensor), as lengths [B];
+    - None: no mask.
+    Raises a ValueError / TypeError naming `attention_mask` for anything else. `read`: run the data-dependent
+    checks (0/1 values, negative lengths); off on decode steps (`model_checks.reads_values`)."""
     if attention_mask is None:
-        return None
+        return None, None
     if isinstance(attention_mask, bool) or not isinstance(attention_mask, (int, torch.Tensor)):
         raise ValueError(
             f"attention_mask must be a tensor or GLM's prefix length (an int), got {type(attention_mask).__name__}"
         )
-    if isinstance(attention_mask, torch.Tensor) and attention_mask.dim() > 1:
-        return None
-    sep = torch.as_tensor(attention_mask, device=device).long().reshape(-1)
-    if sep.numel() not in (1, batch_size):
+    if not isinstance(attention_mask, torch.Tensor) or attention_mask.dim() <= 1:
+        return "sep", check_prefix_length(attention_mask, "attention_mask", batch_size, read).expand(batch_size)
+    if attention_mask.dim() == 2 and attention_mask.shape == (batch_size, kv_length):
+        return "padding", padding_mask(attention_mask, "attention_mask", (batch_size, kv_length), read, True)
+    if attention_mask.dim() != 4:
         raise ValueError(
-            f"a 1-D attention_mask is GLM's prefix length per row: expected 1 or batch = {batch_size} values, "
-            f"got {sep.numel()}"
+            f"attention_mask must be a [batch, past + seq] = [{batch_size}, {kv_length}] padding mask, a "
+            f"4-D [batch, 1, seq, past + seq] mask or GLM's prefix length (an int or a [batch] tensor), got "
+            f"{list(attention_mask.shape)}"
         )
-    return sep.expand(batch_size)
+    if attention_mask.shape[0] != batch_size or attention_mask.shape[2:] != (query_length, kv_length):
+        raise ValueError(
+            f"a 4-D attention_mask must have shape [batch, 1, q, past + q] = [{batch_size}, 1, "
+            f"{query_length}, {kv_length}], got {list(attention_mask.shape)}"
+        )
+    if attention_mask.dtype != torch.bool:
+        if read and bool(((attention_mask != 0) & (attention_mask != 1)).any()):
+            raise ValueError(
+                "a 4-D attention_mask must be boolean or hold 0/1 (True / 1 = attend); additive float "
+                "masks are not accepted"
+            )
+        attention_mask = attention_mask.bool()
+    return "explicit", attention_mask
 
 
 def build_sep_mask(sep: torch.Tensor, query_length: int, past_length: int, prefix_length: int = 0) -> torch.Tensor:
@@ -543,35 +572,24 @@ class GLMModel(GLMPreTrainedModel):
         config = self.config
         output_attentions = output_attentions if output_attentions is not None else config.output_attentions
         output_hidden_states = output_hidden_states if output_hidden_states is not None else config.output_hidden_states
-        requested_cache = use_cache  # None: config.use_cache decides (and is turned off below without a warning)
-        use_cache = use_cache if use_cache is not None else config.use_cache
         return_dict = return_dict if return_dict is not None else config.return_dict
-        if self.gradient_checkpointing and self.training and use_cache:
-            if requested_cache:
-                logger.warning_once(
-                    "use_cache=True is incompatible with gradient checkpointing; using use_cache=False."
-                )
-            use_cache = False
-
+        use_cache = self._use_cache(use_cache)
         past_key_values = take_cache(past_key_values, kwargs)
         _refuse_mems(kwargs)
         check_unused_kwargs(kwargs, type(self).__name__)
-        if (input_ids is None) == (inputs_embeds is None):
-            raise ValueError("Pass exactly one of input_ids and inputs_embeds.")
-        if input_ids is not None:
-            _check_token_tensor("input_ids", input_ids)
-            self._check_token_ids(input_ids)
-            inputs_embeds = self.word_embeddings(input_ids)
-        else:
-            _check_embeds("inputs_embeds", inputs_embeds, config.hidden_size)
-        batch_size, query_length = inputs_embeds.shape[:2]
+        batch_size, query_length = check_inputs(input_ids, inputs_embeds, self.word_embeddings)
 
         if use_cache and past_key_values is None:
             past_key_values = DynamicCache(config=config)
         if past_key_values is not None:
             use_growing_kv_layers(past_key_values)
-        past_length, prefix_key_values = self._prepare_prefix(past_key_values, batch_size, inputs_embeds.dtype)
-        prefix_length = config.pre_seq_len or 0
+        embeds_dtype = inputs_embeds.dtype if inputs_embeds is not None else self.word_embeddings.weight.dtype
+        past_length, prefix_key_values = self._prepare_prefix(past_key_values, batch_size, embeds_dtype)
+        read = reads_values(past_length, query_length)  # data-dependent checks: not on decode steps
+        if read:
+            check_input_values(input_ids, inputs_embeds, self.word_embeddings, "input_ids", "inputs_embeds")
+        if input_ids is not None:
+            inputs_embeds = self.word_embeddings(input_ids)
         if past_length + query_length > config.max_sequence_length:
             raise ValueError(
                 f"sequence length {past_length + query_length} (cached {past_length} + new {query_length}) exceeds "
@@ -579,27 +597,12 @@ class GLMModel(GLMPreTrainedModel):
             )
 
         # 2-D positions and the prefix-LM mask, once for all layers.
-        kv_length = past_length + query_length
-        sep = _sep_lengths(attention_mask, batch_size, inputs_embeds.device)  # GLM's prefix-length convention
-        if sep is not None:
-            attention_mask = None
-        elif (
-            attention_mask is not None and attention_mask.dim() != 4 and attention_mask.shape != (batch_size, kv_length)
-        ):
-            raise ValueError(
-                f"attention_mask must be a [batch, past + seq] = [{batch_size}, {kv_length}] padding mask, a "
-                f"4-D [batch, 1, seq, past + seq] mask or GLM's prefix length (an int or a [batch] tensor), got "
-                f"{list(attention_mask.shape)}"
-            )
+        kind, mask = read_attention_mask(attention_mask, batch_size, query_length, past_length + query_length, read)
+        padding = mask if kind == "padding" else None
         position_ids = self._resolve_position_ids(
-            input_ids, attention_mask, position_ids, past_length, batch_size, query_length
+            input_ids, padding, position_ids, past_length, (batch_size, query_length), read
         )
-        if sep is not None:
-            attention_mask = build_sep_mask(sep, query_length, past_length, prefix_length)
-        else:
-            attention_mask = self._resolve_attention_mask(
-                attention_mask, position_ids, past_length, prefix_length, batch_size, query_length
-            )
+        attention_mask = self._prefix_lm_mask(kind, mask, position_ids, past_length, query_length)
         if self.rotary_emb is not None:  # ChatGLM: positions rotate queries and keys in every layer
             position_embeddings = self.rotary_emb(position_ids, inputs_embeds.dtype)
             hidden_states = inputs_embeds
@@ -657,44 +660,31 @@ class GLMModel(GLMPreTrainedModel):
             past_key_values.update(key, value, layer_idx)
         return 0, None
 
-    def _check_token_ids(self, input_ids: torch.Tensor) -> None:
-        if torch.compiler.is_compiling():
-            return  # a data-dependent check would break the compiled graph (torch.compile of the decode step)
-        vocab_size = self.config.vocab_size
-        out_of_range = (input_ids < 0) | (input_ids >= vocab_size)
-        if bool(out_of_range.any()):
-            row, col = (int(i) for i in torch.nonzero(out_of_range)[0])
-            raise ValueError(
-                f"input_ids[{row}, {col}] = {int(input_ids[row, col])} is outside the vocabulary "
-                f"[0, vocab_size={vocab_size}); is the tokenizer the one of this checkpoint?"
-            )
+    def _use_cache(self, use_cache: bool | None) -> bool:
+        """`use_cache`, or config.use_cache when None; off with gradient checkpointing in training (with a warning
+        when it was asked for)."""
+        requested = use_cache
+        use_cache = use_cache if use_cache is not None else self.config.use_cache
+        if self.gradient_checkpointing and self.training and use_cache:
+            if requested:
+                logger.warning_once(
+                    "use_cache=True is incompatible with gradient checkpointing; using use_cache=False."
+                )
+            use_cache = False
+        return use_cache
 
     def _resolve_position_ids(
         self,
         input_ids: torch.Tensor | None,
-        attention_mask: torch.Tensor | None,
+        padding: torch.Tensor | None,
         position_ids: torch.Tensor | None,
         past_length: int,
-        batch_size: int,
-        query_length: int,
+        shape: tuple[int, int],
+        read: bool,
     ) -> torch.Tensor:
+        """The caller's 2-D positions [B, 2, S], checked, or those built from `input_ids` and the padding."""
         if position_ids is not None:
-            if position_ids.is_floating_point():
-                raise TypeError(f"position_ids must be an integer tensor, got dtype {position_ids.dtype}")
-            if position_ids.shape != (batch_size, 2, query_length):
-                raise ValueError(
-                    f"position_ids must have shape [batch, 2, seq] = [{batch_size}, 2, {query_length}] "
-                    f"(position ids, block position ids), got {list(position_ids.shape)}"
-                )
-            # GLM's learned tables have max_sequence_length + 1 rows (a data-dependent check: skipped when compiled)
-            if self.rotary_emb is None and not torch.compiler.is_compiling():
-                bad = (position_ids < 0) | (position_ids > self.config.max_sequence_length)
-                if bool(bad.any()):
-                    raise ValueError(
-                        f"position_ids must lie in [0, max_sequence_length={self.config.max_sequence_length}] "
-                        f"(the rows of the position tables), got {int(position_ids[bad][0])}"
-                    )
-            return position_ids.to(torch.long)
+            return self._check_position_ids(position_ids, shape, read)
         if input_ids is None:
             raise ValueError(
                 "with inputs_embeds, pass position_ids [batch, 2, seq] too (they are built from input_ids)"
@@ -705,47 +695,45 @@ class GLMModel(GLMPreTrainedModel):
                 "model.get_position_ids(full_input_ids, full_attention_mask)[..., -new_length:] "
                 "(generate() does this for you)."
             )
-        padding_mask = attention_mask if attention_mask is not None and attention_mask.dim() == 2 else None
         # GLM rows without <sop> are all context (classification / multiple-choice inputs); ChatGLM needs a span
-        return build_position_ids(input_ids, padding_mask, self.config, require_span=self.rotary_emb is not None)
+        return build_position_ids(input_ids, padding, self.config, require_span=self.rotary_emb is not None)
 
-    def _resolve_attention_mask(
-        self,
-        attention_mask: torch.Tensor | None,
-        position_ids: torch.Tensor,
-        past_length: int,
-        prefix_length: int,
-        batch_size: int,
-        query_length: int,
-    ) -> torch.Tensor | None:
-        kv_length = past_length + query_length
-        if attention_mask is not None and attention_mask.dim() == 4:
-            if attention_mask.shape[0] != batch_size or attention_mask.shape[2:] != (query_length, kv_length):
+    def _check_position_ids(self, position_ids, shape: tuple[int, int], read: bool) -> torch.Tensor:
+        """`position_ids` [B, 2, S] of an integer dtype, within GLM's learned tables (variant "glm")."""
+        check_tensor(position_ids, "position_ids", "integer positions [batch, 2, seq]")
+        if position_ids.is_floating_point() or position_ids.is_complex() or position_ids.dtype == torch.bool:
+            raise TypeError(f"position_ids must be an integer tensor, got dtype {position_ids.dtype}")
+        batch_size, query_length = shape
+        if position_ids.shape != (batch_size, 2, query_length):
+            raise ValueError(
+                f"position_ids must have shape [batch, 2, seq] = [{batch_size}, 2, {query_length}] "
+                f"(position ids, block position ids), got {list(position_ids.shape)}"
+            )
+        # GLM's learned tables have max_sequence_length + 1 rows
+        if self.rotary_emb is None and read:
+            bad = (position_ids < 0) | (position_ids > self.config.max_sequence_length)
+            if bool(bad.any()):
                 raise ValueError(
-                    f"a 4-D attention_mask must have shape [batch, 1, q, past + q] = [{batch_size}, 1, "
-                    f"{query_length}, {kv_length}], got {list(attention_mask.shape)}"
+                    f"position_ids must lie in [0, max_sequence_length={self.config.max_sequence_length}] "
+                    f"(the rows of the position tables), got {int(position_ids[bad][0])}"
                 )
-            if attention_mask.dtype != torch.bool:
-                if bool(((attention_mask != 0) & (attention_mask != 1)).any()):
-                    raise ValueError(
-                        "a 4-D attention_mask must be boolean or hold 0/1 (True / 1 = attend); additive float "
-                        "masks are not accepted"
-                    )
-                attention_mask = attention_mask.bool()
+        return position_ids.to(torch.long)
+
+    def _prefix_lm_mask(
+        self, kind: str | None, mask: torch.Tensor | None, position_ids: torch.Tensor, past_length: int, length: int
+    ) -> torch.Tensor | None:
+        """The boolean mask [B, 1, S, P + past + S] every layer uses (None: every query sees every key), from the
+        `attention_mask` read by `read_attention_mask`; P-tuning keys are visible to every query."""
+        prefix_length = self.config.pre_seq_len or 0
+        if kind == "sep":
+            return build_sep_mask(mask, length, past_length, prefix_length)
+        if kind == "explicit":
             # A query row that may see nothing (a padding row of GLM's right-padded masks) attends everywhere: its
-            # output is meaningless either way (the references average all values there), but sdpa would give NaN,
-            # and NaN values of a padding position poison every query through 0 * NaN.
-            attention_mask = attention_mask | ~attention_mask.any(dim=-1, keepdim=True)
-            if prefix_length:
-                attention_mask = F.pad(attention_mask, (prefix_length, 0), value=True)
-            return attention_mask
-        if attention_mask is not None and not torch.compiler.is_compiling():  # data-dependent: no graph break
-            not_binary, has_padding = _padding_flags(attention_mask)
-            if not_binary:
-                raise ValueError("a 2-D attention_mask must hold 0/1 (1 = real token, 0 = padding), got other values")
-            if not has_padding:
-                attention_mask = None  # no padding: skip the per-key test
-        return build_attention_mask(position_ids[:, 1], attention_mask, past_length, prefix_length)
+            # output is meaningless either way (the references average all values there), but sdpa would give
+            # NaN, and NaN values of a padding position poison every query through 0 * NaN.
+            mask = mask | ~mask.any(dim=-1, keepdim=True)
+            return F.pad(mask, (prefix_length, 0), value=True) if prefix_length else mask
+        return build_attention_mask(position_ids[:, 1], mask, past_length, prefix_length)
 
 
 class GLMForConditionalGeneration(GLMPreTrainedModel, GenerationMixin, CompiledDecoding, GLMChatMixin):
@@ -832,7 +820,8 @@ class GLMForConditionalGeneration(GLMPreTrainedModel, GenerationMixin, CompiledD
 
         loss = None
         if labels is not None:
-            _check_labels(labels, hidden_states.shape[:2], self.config.vocab_size)
+            read = not torch.compiler.is_compiling()
+            check_labels(labels, hidden_states.shape[:2], self.config.vocab_size, "the shape of input_ids", read)
             loss = causal_lm_loss(logits, labels, num_items_in_batch)  # in fp32, like THUDM
 
         output = CausalLMOutputWithPast(
@@ -850,14 +839,11 @@ class GLMForConditionalGeneration(GLMPreTrainedModel, GenerationMixin, CompiledD
     def generate(self, inputs: torch.Tensor | None = None, *args, **kwargs):
         """`GenerationMixin.generate`, with the prompt checked first: a clear error for ids that are not an integer
         [batch, seq] tensor, or a padding mask of another shape, instead of one from deep inside generate()."""
-        ids = inputs if inputs is not None else kwargs.get("input_ids")
-        if ids is not None:
-            _check_token_tensor("input_ids", ids)
-            mask = kwargs.get("attention_mask")
-            if isinstance(mask, torch.Tensor) and mask.dim() == 2 and mask.shape != ids.shape:
-                raise ValueError(
-                    f"attention_mask has shape {list(mask.shape)}, but input_ids has shape {list(ids.shape)}"
-                )
+        # GLM's own generation inputs (3-D position_ids, a 4-D generation_attention_mask) may be right-padded
+        glm_inputs = kwargs.get("generation_attention_mask") is not None or (
+            isinstance(kwargs.get("position_ids"), torch.Tensor) and kwargs["position_ids"].dim() == 3
+        )
+        check_generate_inputs(inputs, kwargs, self.config.vocab_size, left_padding=not glm_inputs)
         return super().generate(inputs, *args, **kwargs)
 
     def prepare_inputs_for_generation(
@@ -1166,53 +1152,6 @@ def _padded_choices(choice_ids, choice_indices, batch_size: int, device: torch.d
         ids[row, : len(i)], index[row, : len(x)] = i, x
     shape = (batch_size, num_choices.pop(), width)
     return ids.view(shape).to(device), index.view(shape).to(device)
-
-
-def _check_token_tensor(name: str, ids) -> None:
-    """TypeError / ValueError naming `name` unless `ids` is a non-empty integer tensor [batch, seq] (static checks,
-    no device sync)."""
-    if not isinstance(ids, torch.Tensor):
-        raise TypeError(f"{name} must be a torch.Tensor of token ids [batch, seq], got {type(ids).__name__}")
-    if ids.is_floating_point() or ids.is_complex() or ids.dtype == torch.bool:
-        raise TypeError(f"{name} must hold integer token ids (torch.long), got dtype {ids.dtype}")
-    if ids.dim() != 2:
-        raise ValueError(f"{name} must have shape [batch, seq], got {list(ids.shape)} (add a batch dimension?)")
-    if ids.numel() == 0:
-        raise ValueError(f"{name} is empty (shape {list(ids.shape)}): every batch needs at least one row and token")
-
-
-def _check_embeds(name: str, embeds, hidden_size: int) -> None:
-    """TypeError / ValueError naming `name` unless `embeds` is a finite float tensor [batch, seq, hidden_size]."""
-    if not isinstance(embeds, torch.Tensor) or not embeds.is_floating_point():
-        kind = embeds.dtype if isinstance(embeds, torch.Tensor) else type(embeds).__name__
-        raise TypeError(f"{name} must be a floating-point tensor [batch, seq, hidden_size], got {kind}")
-    if embeds.dim() != 3 or embeds.shape[-1] != hidden_size or embeds.numel() == 0:
-        raise ValueError(
-            f"{name} must have a non-empty shape [batch, seq, hidden_size={hidden_size}], got {list(embeds.shape)}"
-        )
-    if not torch.compiler.is_compiling() and not bool(torch.isfinite(embeds).all()):
-        raise ValueError(f"{name} holds NaN or inf values")
-
-
-def _check_labels(labels, shape: tuple[int, ...], vocab_size: int) -> None:
-    """TypeError / ValueError naming `labels` unless they are token ids of `shape` in [0, vocab_size) or -100."""
-    if not isinstance(labels, torch.Tensor) or labels.is_floating_point() or labels.dtype == torch.bool:
-        kind = labels.dtype if isinstance(labels, torch.Tensor) else type(labels).__name__
-        raise TypeError(f"labels must be an integer tensor of token ids (-100 = ignored), got {kind}")
-    if tuple(labels.shape) != tuple(shape):
-        raise ValueError(f"labels must have the shape of input_ids {list(shape)}, got {list(labels.shape)}")
-    if torch.compiler.is_compiling():
-        return
-    bad = ((labels < 0) | (labels >= vocab_size)) & (labels != -100)
-    if bool(bad.any()):
-        raise ValueError(f"labels hold {int(labels[bad][0])}, outside the vocabulary [0, {vocab_size}) and not -100")
-
-
-def _padding_flags(attention_mask: torch.Tensor) -> tuple[bool, bool]:
-    """(holds values other than 0/1, has padding) of a 2-D mask, read with one device sync."""
-    flags = torch.stack((((attention_mask != 0) & (attention_mask != 1)).any(), (attention_mask == 0).any()))
-    not_binary, has_padding = flags.tolist()
-    return not_binary, has_padding
 
 
 def _refuse_mems(kwargs: dict) -> None:

@@ -49,7 +49,19 @@ from transformers.utils import can_return_tuple, logging
 
 from .configuration_gpt2_sparse import GPT2SparseConfig
 from .fast_decoding import CompiledDecoding, attention_function, fast_cpu_gemv, use_growing_kv_layers
-from .model_checks import CheckedLoading, check_half_overflow
+from .model_checks import (
+    CheckedLoading,
+    check_generate_inputs,
+    check_half_overflow,
+    check_input_values,
+    check_inputs,
+    check_labels,
+    check_mode_flag,
+    check_positions,
+    check_prefix_length,
+    padding_mask,
+    reads_values,
+)
 from .sparse_attention import SparsePlan, plan_sparse_attention, sparse_window_attention
 from .transformers_compat import (
     cache_field,
@@ -273,26 +285,11 @@ class GPT2SparsePreTrainedModel(CheckedLoading, PreTrainedModel):
             nn.init.zeros_(module.bias)
 
 
-def _check_token_tensor(name: str, ids) -> None:
-    """TypeError / ValueError naming `name` unless `ids` is a non-empty integer tensor [batch, seq] (no device sync)."""
-    if not isinstance(ids, torch.Tensor) or ids.is_floating_point() or ids.is_complex() or ids.dtype == torch.bool:
-        kind = ids.dtype if isinstance(ids, torch.Tensor) else type(ids).__name__
-        raise TypeError(f"{name} must be an integer tensor of token ids [batch, seq], got {kind}")
-    if ids.dim() != 2 or ids.numel() == 0:
-        raise ValueError(f"{name} must have a non-empty shape [batch, seq], got {list(ids.shape)}")
+SPARSE_MODES = {0: "dense", 1: "sparse training", 2: "sparse inference"}
 
 
-def _check_embeds(name: str, embeds, hidden_size: int) -> None:
-    """TypeError / ValueError naming `name` unless `embeds` is a finite float tensor [batch, seq, hidden_size]."""
-    if not isinstance(embeds, torch.Tensor) or not embeds.is_floating_point():
-        kind = embeds.dtype if isinstance(embeds, torch.Tensor) else type(embeds).__name__
-        raise TypeError(f"{name} must be a floating-point tensor [batch, seq, hidden_size], got {kind}")
-    if embeds.dim() != 3 or embeds.shape[-1] != hidden_size or embeds.numel() == 0:
-        raise ValueError(
-            f"{name} must have a non-empty shape [batch, seq, hidden_size={hidden_size}], got {list(embeds.shape)}"
-        )
-    if not torch.compiler.is_compiling() and not bool(torch.isfinite(embeds).all()):
-        raise ValueError(f"{name} holds NaN or inf values")
+def _count(mems) -> str:
+    return str(len(mems)) if isinstance(mems, (list, tuple)) else type(mems).__name__
 
 
 class GPT2SparseModel(GPT2SparsePreTrainedModel):
@@ -357,123 +354,29 @@ class GPT2SparseModel(GPT2SparsePreTrainedModel):
             output_attentions = getattr(config, "output_attentions", False)
         if output_hidden_states is None:
             output_hidden_states = getattr(config, "output_hidden_states", False)
-        if isinstance(is_sparse, bool) or not isinstance(is_sparse, (int, torch.Tensor, type(None))):
-            raise TypeError(
-                f"is_sparse must be an int (0 dense, 1 sparse training, 2 sparse inference), got {is_sparse!r}"
-            )
-        mode = config.is_sparse if is_sparse is None else int(is_sparse)
-        if mode not in (0, 1, 2):
-            raise ValueError(f"is_sparse must be 0 (dense), 1 (sparse training) or 2 (sparse inference), got {mode}")
-        if (input_ids is None) == (inputs_embeds is None):
-            raise ValueError("Pass exactly one of input_ids and inputs_embeds")
-        if input_ids is not None:
-            _check_token_tensor("input_ids", input_ids)
-        else:
-            _check_embeds("inputs_embeds", inputs_embeds, config.hidden_size)
-        check_ranges = not torch.compiler.is_compiling()  # data-dependent checks would break a compiled graph
-        if input_ids is not None:
-            if (
-                check_ranges
-                and input_ids.numel()
-                and (int(input_ids.min()) < 0 or int(input_ids.max()) >= config.vocab_size)
-            ):
-                raise ValueError(
-                    f"input_ids must lie in [0, vocab_size={config.vocab_size}), got values in "
-                    f"[{int(input_ids.min())}, {int(input_ids.max())}]"
-                )
-            inputs_embeds = self.word_embeddings(input_ids)
-        bsz, q_len = inputs_embeds.shape[:2]
-        device = inputs_embeds.device
-
         use_cache = config.use_cache if use_cache is None else use_cache
         if self.gradient_checkpointing and self.training and use_cache:
             use_cache = False  # resolved first: the checkpointed layers warn about a cache they are handed
-        if mems is not None and len(mems) == 0:
-            mems = None
-        if mems is not None:
-            if past_key_values is not None:
-                raise ValueError("Pass either mems (Transformer-XL memory) or past_key_values (a Cache), not both")
-            if mode == 1:
-                raise ValueError("is_sparse=1 (sparse training) does not support mems; use is_sparse=0 or 2")
-            if len(mems) < config.num_layers:
-                raise ValueError(f"mems must hold at least num_layers={config.num_layers} tensors, got {len(mems)}")
-            if any(
-                not isinstance(m, torch.Tensor)
-                or m.dim() != 3
-                or m.shape[0] != bsz
-                or m.shape[-1] != config.hidden_size
-                for m in mems[: config.num_layers]
-            ):
-                raise ValueError(f"every mems tensor must have shape [batch={bsz}, mem_len, {config.hidden_size}]")
-            use_cache = False
-            past_len = mems[0].shape[1]
-        else:
-            if use_cache and past_key_values is None:
-                past_key_values = DynamicCache(config=config)
-            if past_key_values is not None:
-                use_growing_kv_layers(past_key_values)
-            past_len = past_key_values.get_seq_length() if past_key_values is not None else 0
-        k_len = past_len + q_len
-        if mode == 1 and past_len > 0:
-            raise ValueError(
-                "is_sparse=1 (sparse training) needs the whole sequence in one call, without a cache or memory; "
-                "use is_sparse=2 or 0 to decode"
-            )
-
-        if position_ids is None:
-            if k_len > config.max_position_embeddings:
-                raise ValueError(
-                    f"sequence length {k_len} (including {past_len} cached/memory positions) exceeds "
-                    f"max_position_embeddings={config.max_position_embeddings}"
-                )
-            position_ids = torch.arange(past_len, k_len, device=device).unsqueeze(0)
-        elif position_ids.is_floating_point():
-            raise TypeError(f"position_ids must be an integer tensor, got dtype {position_ids.dtype}")
-        elif check_ranges and position_ids.numel():
-            low, high = torch.stack(torch.aminmax(position_ids)).tolist()  # one device sync
-            if low < 0 or high >= config.max_position_embeddings:
-                raise ValueError(
-                    f"position_ids must lie in [0, max_position_embeddings={config.max_position_embeddings}), "
-                    f"got values in [{low}, {high}]"
-                )
-
-        key_mask = None
-        if attention_mask is not None and not check_ranges:
-            key_mask = attention_mask.bool()  # compiled: no data-dependent checks (an all-ones mask masks nothing)
-        elif attention_mask is not None:
-            if attention_mask.dim() != 2 or attention_mask.shape != (bsz, k_len):
-                raise ValueError(
-                    f"attention_mask must be a 2-D [batch, key_length] padding mask of shape ({bsz}, {k_len}) "
-                    f"(cache/memory positions included), got {tuple(attention_mask.shape)}"
-                )
-            is_pad = attention_mask == 0
-            flags = torch.stack(
-                (((attention_mask != 0) & (attention_mask != 1)).any(), is_pad.any(), is_pad.all(-1).any())
-            )
-            not_binary, has_padding, empty_row = flags.tolist()  # one device sync for all three
-            if not_binary:
-                raise ValueError("attention_mask must hold 0/1 (1 = real token, 0 = padding), got other values")
-            if empty_row:
-                raise ValueError("attention_mask has a row of padding only: every row needs at least one real token")
-            if has_padding:
-                key_mask = attention_mask.bool()
-        if sep is not None:
-            sep_values = torch.as_tensor(sep)
-            if sep_values.is_floating_point() or sep_values.dtype == torch.bool:
-                raise TypeError(f"sep must be an int or an integer tensor [batch] of prefix lengths, got {sep!r}")
-            if sep_values.numel() not in (1, bsz) or bool((sep_values < 0).any()):
-                raise ValueError(f"sep must be one prefix length >= 0, or one per row (batch={bsz}), got {sep!r}")
+        mode = check_mode_flag(is_sparse, "is_sparse", SPARSE_MODES, config.is_sparse)
+        bsz, q_len = check_inputs(input_ids, inputs_embeds, self.word_embeddings)
+        mems, past_key_values, use_cache = self._memory_or_cache(mems, past_key_values, use_cache, mode, bsz)
+        past_len = mems[0].shape[1] if mems is not None else 0
+        past_len = past_key_values.get_seq_length() if past_key_values is not None else past_len
+        read = reads_values(past_len, q_len)  # data-dependent checks: not on decode steps
+        position_ids, key_mask, sep = self._check_step(
+            input_ids, inputs_embeds, attention_mask, position_ids, sep, mode, past_len, read
+        )
+        if input_ids is not None:
+            inputs_embeds = self.word_embeddings(input_ids)
+        device = inputs_embeds.device
 
         dense_mask, sparse = None, None
         if mode == 0:
             dense_mask = self._dense_mask(q_len, past_len, key_mask, sep, device)
         else:
-            if sep is not None and bool(torch.as_tensor(sep).ne(0).any()):
-                raise ValueError(f"sep (a bidirectional prefix) is only supported with is_sparse=0, got {mode}")
             sparse = plan_sparse_attention(
                 config, mode, input_ids, bsz, q_len, past_len, key_mask, pivot_idx, image_mask, generator, device
             )
-
         hidden_states = inputs_embeds + self.position_embeddings(position_ids)
         hidden_states = self.embedding_dropout(hidden_states)
 
@@ -509,6 +412,71 @@ class GPT2SparseModel(GPT2SparsePreTrainedModel):
             mems=new_mems,
         )
 
+    def _memory_or_cache(
+        self, mems, past_key_values: Cache | None, use_cache: bool, mode: int, bsz: int
+    ) -> tuple[list[torch.Tensor] | None, Cache | None, bool]:
+        """Transformer-XL memory (checked: one [batch, mem_len, hidden] tensor per layer, all of one length and of
+        the model's dtype) or the KV cache (created when `use_cache`), and whether the cache is used."""
+        config = self.config
+        if mems is None or len(mems) == 0:
+            if use_cache and past_key_values is None:
+                past_key_values = DynamicCache(config=config)
+            if past_key_values is not None:
+                use_growing_kv_layers(past_key_values)
+            return None, past_key_values, use_cache
+        if past_key_values is not None:
+            raise ValueError("Pass either mems (Transformer-XL memory) or past_key_values (a Cache), not both")
+        if mode == 1:
+            raise ValueError("is_sparse=1 (sparse training) does not support mems; use is_sparse=0 or 2")
+        if not isinstance(mems, (list, tuple)) or len(mems) < config.num_layers:
+            raise ValueError(f"mems must hold at least num_layers={config.num_layers} tensors, got {_count(mems)}")
+        mems = mems[: config.num_layers]
+        if any(
+            not isinstance(m, torch.Tensor) or m.dim() != 3 or m.shape[0] != bsz or m.shape[-1] != config.hidden_size
+            for m in mems
+        ):
+            raise ValueError(f"every mems tensor must have shape [batch={bsz}, mem_len, {config.hidden_size}]")
+        if len({m.shape[1] for m in mems}) > 1:
+            raise ValueError(f"mems must have one length for every layer, got {[m.shape[1] for m in mems]}")
+        dtype = self.word_embeddings.weight.dtype
+        if any(m.dtype != dtype for m in mems):
+            raise TypeError(f"mems must have the model's dtype {dtype}, got {sorted({str(m.dtype) for m in mems})}")
+        return mems, None, False
+
+    def _check_step(
+        self, input_ids, inputs_embeds, attention_mask, position_ids, sep, mode: int, past_len: int, read: bool
+    ) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
+        """This call's positions, padding mask (None: no padding) and `sep` lengths, checked. `read`: also run the
+        data-dependent checks (value ranges, NaN, a 0/1 mask); off on decode steps (`model_checks.reads_values`)."""
+        config = self.config
+        tokens = input_ids if input_ids is not None else inputs_embeds
+        bsz, q_len = tokens.shape[:2]
+        k_len = past_len + q_len
+        if mode == 1 and past_len > 0:
+            raise ValueError(
+                "is_sparse=1 (sparse training) needs the whole sequence in one call, without a cache or memory; "
+                "use is_sparse=2 or 0 to decode"
+            )
+        if read:
+            check_input_values(input_ids, inputs_embeds, self.word_embeddings, "input_ids", "inputs_embeds")
+        if position_ids is None:
+            if k_len > config.max_position_embeddings:
+                raise ValueError(
+                    f"sequence length {k_len} (including {past_len} cached/memory positions) exceeds "
+                    f"max_position_embeddings={config.max_position_embeddings}"
+                )
+            position_ids = torch.arange(past_len, k_len, device=tokens.device).unsqueeze(0)
+        else:
+            check_positions(position_ids, "position_ids", (bsz, q_len), config.max_position_embeddings, read)
+        key_mask = None
+        if attention_mask is not None:
+            key_mask = padding_mask(attention_mask, "attention_mask", (bsz, k_len), read)
+        if sep is not None:
+            sep = check_prefix_length(sep, "sep", bsz, read)
+            if mode != 0 and read and bool(sep.ne(0).any()):
+                raise ValueError(f"sep (a bidirectional prefix) is only supported with is_sparse=0, got {mode}")
+        return position_ids, key_mask, sep
+
     def _dense_mask(
         self,
         q_len: int,
@@ -519,7 +487,7 @@ class GPT2SparseModel(GPT2SparsePreTrainedModel):
     ) -> torch.Tensor | None:
         """Bool mask [B|1, 1, Q, K] (True = attend): causal, plus the first `sep` tokens of this call visible to all
         of its queries (CogView's prefix), minus padding. None when sdpa's own causal path is exact."""
-        has_sep = sep is not None and bool(torch.as_tensor(sep).ne(0).any())
+        has_sep = sep is not None
         if (
             key_mask is None
             and not has_sep
@@ -578,26 +546,17 @@ class GPT2SparseLMHeadModel(GPT2SparsePreTrainedModel, GenerationMixin, Compiled
         self.lm_head = new_embeddings
 
     def generate(self, inputs: torch.Tensor | None = None, *args, **kwargs):
-        """`GenerationMixin.generate`, with the prompt checked first: a clear error for ids that are not an integer
-        [batch, seq] tensor, or a padding mask of another shape, instead of one from deep inside generate()."""
-        ids = inputs if inputs is not None else kwargs.get("input_ids")
-        if ids is not None:
-            _check_token_tensor("input_ids", ids)
-            mask = kwargs.get("attention_mask")
-            if isinstance(mask, torch.Tensor) and mask.shape != ids.shape:
-                raise ValueError(f"attention_mask has shape {list(mask.shape)}, but input_ids has {list(ids.shape)}")
+        """`GenerationMixin.generate`, with the prompt checked once first (`model_checks.check_generate_inputs`):
+        a clear error for ids that are not an integer [batch, seq] tensor in the vocabulary, a padding mask of
+        another shape or right-padded, or ids and embeddings both given, instead of one from deep inside
+        generate() or a silently wrong continuation."""
+        check_generate_inputs(inputs, kwargs, self.config.vocab_size)
         return super().generate(inputs, *args, **kwargs)
 
     def prepare_inputs_for_generation(
         self, input_ids: torch.LongTensor, past_key_values: Cache | None = None, **kwargs
     ) -> dict:
         past = generation_cache(self.config, past_key_values, kwargs)
-        mask = kwargs.get("attention_mask")
-        if mask is not None and (past is None or past.get_seq_length() == 0) and not bool(mask[:, -1].all()):
-            # the next token would be predicted from a padding position: a silently wrong continuation
-            raise ValueError(
-                "the batch is right-padded (attention_mask has 0 in the last column); generation needs left padding"
-            )
         model_inputs = super().prepare_inputs_for_generation(input_ids, **generation_cache_kwarg(past), **kwargs)
         mode = model_inputs.get("is_sparse")
         mode = self.config.is_sparse if mode is None else mode
@@ -670,16 +629,8 @@ class GPT2SparseLMHeadModel(GPT2SparsePreTrainedModel, GenerationMixin, Compiled
 
         loss = None
         if labels is not None:
-            if labels.is_floating_point() or labels.shape != hidden_states.shape[:2]:
-                raise ValueError(
-                    f"labels must be integer token ids of the input's shape {list(hidden_states.shape[:2])}, got "
-                    f"{labels.dtype} {list(labels.shape)}"
-                )
-            bad = ((labels < 0) | (labels >= self.config.vocab_size)) & (labels != -100)
-            if not torch.compiler.is_compiling() and bool(bad.any()):
-                raise ValueError(
-                    f"labels hold {int(labels[bad][0])}, outside [0, vocab_size={self.config.vocab_size}) and not -100"
-                )
+            read = not torch.compiler.is_compiling()
+            check_labels(labels, hidden_states.shape[:2], self.config.vocab_size, "the input's shape", read)
             loss = causal_lm_loss(logits, labels, num_items_in_batch)
 
         return GPT2SparseCausalLMOutput(
