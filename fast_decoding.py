@@ -5,7 +5,10 @@ Three measured speed-ups of the per-token step, none of which changes a result b
 
 - `GrowingKVLayer`: transformers' `DynamicLayer` appends each step's keys and values with `torch.cat`, copying the
   whole layer cache every step (O(length) per token and per layer). This layer writes into a buffer with spare
-  room instead. `use_growing_kv_layers` installs it into the caches generate() creates.
+  room instead, and gathers a beam search's reorder into a second buffer (one copy per step, not two).
+  `use_growing_kv_layers` installs it into the caches generate() creates.
+- `BeamSharedKVLayer` (an encoder-decoder's cross-attention cache): skips the beam reorders that cannot change
+  it, the rows of a beam group being identical copies of the encoder output.
 - `fast_cpu_gemv`: on CPU, torch sends bf16 matmuls to oneDNN, whose matrix-vector product (one row: batch-1
   decoding) moves about half the bytes per second of torch's own kernel. A batch-1 step switches oneDNN off.
 - `one_token_attention`: torch's CPU sdpa kernel (flash attention) is slow in bf16/fp16 for a single query
@@ -36,29 +39,131 @@ class GrowingKVLayer(DynamicLayer):
     one position instead of copying the whole layer cache.
 
     `keys`/`values` are always the filled part, `buffer[:, :, :length]`: everything that reads them
-    (`get_seq_length`, attention) sees exactly what a `DynamicLayer` holds. Whatever replaces them (beam
-    reordering, cropping, batch selection, offloading, `reset`) leaves plain tensors behind; the next `update`
-    notices that `keys` is no longer its view and moves them into a fresh buffer. Growth is by a quarter (at least
-    256 positions), so the spare room costs at most 25% more cache memory.
+    (`get_seq_length`, attention) sees exactly what a `DynamicLayer` holds. Growth is by a quarter (at least 256
+    positions), so the spare room costs at most 25% more cache memory.
+
+    The operations generate() applies to a cache keep the buffer, so each costs at most one copy of the cache:
+    beam search's `reorder_cache` gathers the rows into a second buffer of the same size and swaps the two (a
+    `DynamicLayer` copies the cache twice per beam step: the gather, then `torch.cat`; the second buffer exists
+    only once beam search has reordered, so greedy decoding never holds it); `crop` (assisted decoding) only
+    shortens the view; `batch_select_indices` and `batch_repeat_interleave` gather into a new buffer with spare
+    room. Because the buffers are reused, a `keys`/`values` tensor taken out of the layer before a reorder or a
+    crop may see its contents overwritten by the steps after it (generate() keeps none). Whatever else replaces
+    them (offloading, `reset`, a user's assignment) leaves plain tensors behind; the next `update` notices that
+    `keys` is no longer its view and moves them into a fresh buffer.
     """
 
     _key_view: torch.Tensor | None = None
+    _value_view: torch.Tensor | None = None
+    _spare_keys: torch.Tensor | None = None  # the second buffer for beam search's reorders
+    _spare_values: torch.Tensor | None = None
+
+    def _owns_views(self) -> bool:
+        """Whether `keys`/`values` are still the views of this layer's buffers (nothing replaced them)."""
+        return self._key_view is not None and self.keys is self._key_view and self.values is self._value_view
+
+    def _set_length(self, length: int) -> None:
+        self.keys = self._key_view = self._key_buffer[:, :, :length]
+        self.values = self._value_view = self._value_buffer[:, :, :length]
 
     def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args, **kwargs):
         if torch.compiler.is_compiling():  # in-place writes to a buffer held by a Python object: keep it simple
             return super().update(key_states, value_states, *args, **kwargs)
         length = self.get_seq_length()
         new_length = length + key_states.shape[-2]
-        if self._key_view is None or self.keys is not self._key_view or new_length > self._key_buffer.shape[-2]:
+        if not self._owns_views() or new_length > self._key_buffer.shape[-2]:
             capacity = new_length + max(new_length // 4, 256)
             self._key_buffer = _allocate(self.keys if length else None, key_states, capacity)
             self._value_buffer = _allocate(self.values if length else None, value_states, capacity)
+            self._spare_keys = self._spare_values = None
             self.dtype, self.device, self.is_initialized = key_states.dtype, key_states.device, True
         self._key_buffer[:, :, length:new_length] = key_states
         self._value_buffer[:, :, length:new_length] = value_states
-        self.keys = self._key_view = self._key_buffer[:, :, :new_length]
-        self.values = self._value_buffer[:, :, :new_length]
+        self._set_length(new_length)
         return self.keys, self.values
+
+    def reorder_cache(self, beam_idx: torch.LongTensor) -> None:
+        length = self.get_seq_length()
+        if not length or not self._owns_views() or torch.compiler.is_compiling():
+            return super().reorder_cache(beam_idx)
+        if self._spare_keys is None:
+            self._spare_keys = torch.empty_like(self._key_buffer)
+            self._spare_values = torch.empty_like(self._value_buffer)
+        beam_idx = beam_idx.to(self._key_buffer.device)
+        torch.index_select(self.keys, 0, beam_idx, out=self._spare_keys[:, :, :length])
+        torch.index_select(self.values, 0, beam_idx, out=self._spare_values[:, :, :length])
+        self._key_buffer, self._spare_keys = self._spare_keys, self._key_buffer
+        self._value_buffer, self._spare_values = self._spare_values, self._value_buffer
+        self._set_length(length)
+
+    def crop(self, *args, **kwargs) -> None:
+        super().crop(*args, **kwargs)  # 4.57 and 5.x read the argument differently; both leave a shorter view
+        if self._key_view is not None and self.is_initialized and self.keys._base is self._key_buffer:
+            self._set_length(self.keys.shape[-2])  # still the buffer: keep writing into it
+
+    def batch_select_indices(self, indices: torch.Tensor) -> None:
+        if self.get_seq_length() and self._owns_views():
+            rows = torch.arange(self.keys.shape[0], device=self.keys.device)[indices]  # what keys[indices] keeps
+            return self._gather_rows(rows)
+        return super().batch_select_indices(indices)
+
+    def batch_repeat_interleave(self, repeats: int) -> None:
+        if self.get_seq_length() and self._owns_views():
+            rows = torch.arange(self.keys.shape[0], device=self.keys.device).repeat_interleave(repeats)
+            return self._gather_rows(rows)
+        return super().batch_repeat_interleave(repeats)
+
+    def _gather_rows(self, rows: torch.Tensor) -> None:
+        """Keep the batch rows `rows` (a new batch size) in new buffers with the current spare room: one copy."""
+        length = self.get_seq_length()
+        for name in ("_key_buffer", "_value_buffer"):
+            old = getattr(self, name)
+            new = old.new_empty(len(rows), *old.shape[1:])
+            torch.index_select(old[:, :, :length], 0, rows, out=new[:, :, :length])
+            setattr(self, name, new)
+        self._spare_keys = self._spare_values = None
+        self._set_length(length)
+
+
+class BeamSharedKVLayer(DynamicLayer):
+    """A `DynamicLayer` that skips a beam reorder which would leave it unchanged, bit for bit.
+
+    Meant for an encoder-decoder's cross-attention cache: its keys and values come from the encoder output, which
+    generate() repeats for every beam of a sequence, so the rows of one beam group are identical, and beam search
+    only ever picks beams of the same group. transformers still gathers the whole cross-attention cache at every
+    step (`EncoderDecoderCache.reorder_cache`), a copy as large as the self-attention cache after 128 steps of a
+    128-token source. This layer labels its rows once (equal labels: bitwise equal keys and values) and skips a
+    reorder that maps every row onto a row with its own label; any other reorder is done as `DynamicLayer` does it.
+    """
+
+    _labels: torch.Tensor | None = None
+    _labelled: tuple[torch.Tensor, torch.Tensor] | None = None  # the keys and values that `_labels` describe
+
+    def reorder_cache(self, beam_idx: torch.LongTensor) -> None:
+        labels = self._row_labels() if self.get_seq_length() and not torch.compiler.is_compiling() else None
+        if labels is None:
+            return super().reorder_cache(beam_idx)
+        beam_idx = beam_idx.to(labels.device)
+        if torch.equal(labels[beam_idx], labels):
+            return
+        super().reorder_cache(beam_idx)
+        self._labels, self._labelled = labels[beam_idx], (self.keys, self.values)
+
+    def _row_labels(self) -> torch.Tensor | None:
+        """A label per batch row, equal exactly where two rows hold the same bits; None for an unusual dtype."""
+        if self._labelled is not None and self._labelled[0] is self.keys and self._labelled[1] is self.values:
+            return self._labels
+        bits = _INTEGER_OF_SIZE.get(self.keys.element_size())
+        if bits is None or self.keys.dtype != self.values.dtype:
+            return None
+        rows = torch.cat((self.keys.flatten(1).view(bits), self.values.flatten(1).view(bits)), dim=1)
+        self._labels = torch.unique(rows, dim=0, return_inverse=True)[1]
+        self._labelled = (self.keys, self.values)
+        return self._labels
+
+
+# integer dtypes to compare floating-point values bit for bit (-0.0 is not 0.0, a NaN equals its own bits)
+_INTEGER_OF_SIZE = {1: torch.uint8, 2: torch.int16, 4: torch.int32, 8: torch.int64}
 
 
 def _allocate(filled: torch.Tensor | None, new: torch.Tensor, capacity: int) -> torch.Tensor:
@@ -71,18 +176,24 @@ def _allocate(filled: torch.Tensor | None, new: torch.Tensor, capacity: int) -> 
 
 def use_growing_kv_layers(cache: Cache) -> None:
     """Swap the plain, still empty `DynamicLayer`s of a `DynamicCache` (what generate() creates; for an
-    `EncoderDecoderCache`, its self-attention half) for `GrowingKVLayer`s. Anything else (a static or quantised
-    cache, a filled cache, a transformers version whose caches are built differently) is left as it is: this is a
-    speed-up, never a requirement."""
+    `EncoderDecoderCache`, its self-attention half) for `GrowingKVLayer`s, and those of an `EncoderDecoderCache`'s
+    cross-attention half for `BeamSharedKVLayer`s. Anything else (a static or quantised cache, a filled cache, a
+    transformers version whose caches are built differently) is left as it is: this is a speed-up, never a
+    requirement."""
     if type(cache) is EncoderDecoderCache:
+        _replace_fresh_layers(cache.cross_attention_cache, BeamSharedKVLayer)
         cache = cache.self_attention_cache
+    _replace_fresh_layers(cache, GrowingKVLayer)
+
+
+def _replace_fresh_layers(cache: Cache, layer_class: type[DynamicLayer]) -> None:
     layers = getattr(cache, "layers", None)
     if type(cache) is not DynamicCache or not isinstance(layers, list):
         return
     if all(type(layer) is DynamicLayer and not layer.is_initialized for layer in layers):
-        cache.layers = [GrowingKVLayer() for _ in layers]
+        cache.layers = [layer_class() for _ in layers]
     if getattr(cache, "layer_class_to_replicate", None) is DynamicLayer:  # DynamicCache() without a config
-        cache.layer_class_to_replicate = GrowingKVLayer
+        cache.layer_class_to_replicate = layer_class
 
 
 def fast_cpu_gemv(

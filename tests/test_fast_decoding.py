@@ -2,7 +2,10 @@
 
 - `GrowingKVLayer` (keys/values in a buffer with spare room, written in place) holds exactly what transformers'
   `DynamicLayer` (torch.cat per step) holds, through random sequences of the operations generate() and users apply
-  to a cache: updates of any length, beam reordering, cropping, batch repetition and selection, reset.
+  to a cache: updates of any length, beam reordering, cropping, batch repetition and selection, reset; beam
+  reorders gather into a second buffer (one copy a step), crops keep the buffer; `BeamSharedKVLayer` (BART's
+  cross-attention cache) skips exactly the reorders that leave its bits unchanged, and beam search with both
+  gives the plain layers' ids and scores.
 - `use_growing_kv_layers` swaps only a fresh `DynamicCache`, and the model really decodes with the growing layers.
 - `fast_cpu_gemv` switches oneDNN off exactly for batch-1 single-token bf16 steps on the CPU, restores the flag
   (also when the step raises), and gives the same logits and greedy ids as the oneDNN path.
@@ -49,16 +52,18 @@ def _same(growing, plain, msg: str) -> None:
     if plain.get_seq_length():
         assert torch.equal(growing.keys, plain.keys), msg
         assert torch.equal(growing.values, plain.values), msg
+        assert torch.equal(growing.keys.signbit(), plain.keys.signbit()), msg  # -0.0 is not 0.0 here
 
 
+@pytest.mark.parametrize("layer_class", ["GrowingKVLayer", "BeamSharedKVLayer"])
 @pytest.mark.parametrize("seed", range(6))
-def test_growing_layer_holds_what_dynamic_layer_holds(seed):
+def test_growing_layer_holds_what_dynamic_layer_holds(seed, layer_class):
     generator = torch.Generator().manual_seed(seed)
-    growing, plain = fast_decoding().GrowingKVLayer(), DynamicLayer()
+    growing, plain = getattr(fast_decoding(), layer_class)(), DynamicLayer()
     batch, heads, dim = 3, 2, 4
     history = []
-    for step in range(60):
-        op = ["update"] * 6 + ["reorder", "crop", "select", "repeat", "reset"]
+    for step in range(80):
+        op = ["update"] * 6 + ["reorder"] * 3 + ["crop", "select", "select-mask", "repeat", "reset"]
         op = op[int(torch.randint(len(op), (1,), generator=generator))] if step else "update"
         length = plain.get_seq_length()
         if op == "update":
@@ -74,6 +79,10 @@ def test_growing_layer_holds_what_dynamic_layer_holds(seed):
             growing.crop(remove), plain.crop(remove)
         elif op == "select" and length and batch > 1:
             keep = torch.arange(batch - 1)
+            growing.batch_select_indices(keep), plain.batch_select_indices(keep)
+            batch -= 1
+        elif op == "select-mask" and length and batch > 1:  # a bool mask, as a user may pass
+            keep = torch.arange(batch) != int(torch.randint(batch, (1,), generator=generator))
             growing.batch_select_indices(keep), plain.batch_select_indices(keep)
             batch -= 1
         elif op == "repeat" and length and batch < 4:
@@ -96,6 +105,83 @@ def test_growing_layer_writes_in_place_until_the_spare_room_is_used():
     assert layer.keys.untyped_storage().data_ptr() == storage
     layer.update(torch.randn(1, 2, 2, 4), torch.randn(1, 2, 2, 4))
     assert layer.keys.untyped_storage().data_ptr() != storage and layer.get_seq_length() == 357
+
+
+def test_beam_reorders_gather_into_a_second_buffer_once_per_step():
+    """Beam search: reorder then write one position, step after step. The layer keeps two buffers and alternates
+    between them (one copy per step, spare room kept), and holds what a `DynamicLayer` holds."""
+    layer, plain = fast_decoding().GrowingKVLayer(), DynamicLayer()
+    generator = torch.Generator().manual_seed(0)
+    k, v = torch.randn(2, 4, 2, 10, 8, generator=generator)
+    layer.update(k, v), plain.update(k, v)
+    storages = set()
+    for _ in range(20):
+        beam_idx = torch.randint(4, (4,), generator=generator)
+        layer.reorder_cache(beam_idx), plain.reorder_cache(beam_idx)
+        k, v = torch.randn(2, 4, 2, 1, 8, generator=generator)
+        layer.update(k, v), plain.update(k, v)
+        storages.add(layer.keys.untyped_storage().data_ptr())
+        _same(layer, plain, "beam step")
+    assert len(storages) == 2
+
+
+def test_crop_keeps_writing_into_the_buffer():
+    layer, plain = fast_decoding().GrowingKVLayer(), DynamicLayer()
+    k, v = torch.randn(2, 1, 2, 20, 4)
+    layer.update(k, v), plain.update(k, v)
+    storage = layer.keys.untyped_storage().data_ptr()
+    layer.crop(-5), plain.crop(-5)
+    k, v = torch.randn(2, 1, 2, 3, 4)
+    layer.update(k, v), plain.update(k, v)
+    _same(layer, plain, "crop then update")
+    assert layer.keys.untyped_storage().data_ptr() == storage
+
+
+def test_beam_shared_layer_skips_exactly_the_reorders_that_change_nothing():
+    """Rows repeated per beam group (as generate() repeats the encoder output): a reorder within the groups keeps
+    the very tensors; one across groups gathers, and the layer still holds what a `DynamicLayer` holds."""
+    layer, plain = fast_decoding().BeamSharedKVLayer(), DynamicLayer()
+    generator = torch.Generator().manual_seed(1)
+    k, v = torch.randn(2, 2, 3, 7, 4, generator=generator).repeat_interleave(3, dim=1)  # 2 groups of 3 beams
+    k[3:, 0, 0, 0] = 0.0
+    k[5, 0, 0, 0] = -0.0  # equal to 0.0 but not the same bits: beam 5 is not shared with beams 3 and 4
+    layer.update(k, v), plain.update(k, v)
+    keys = layer.keys
+    for beam_idx in ([0, 0, 2, 3, 3, 5], [1, 2, 0, 4, 3, 5], [2, 2, 2, 4, 4, 5]):
+        layer.reorder_cache(torch.tensor(beam_idx)), plain.reorder_cache(torch.tensor(beam_idx))
+        assert layer.keys is keys, beam_idx
+        _same(layer, plain, f"within groups {beam_idx}")
+    for beam_idx in ([0, 1, 2, 3, 5, 5], [3, 3, 3, 0, 0, 0], [0, 1, 2, 3, 4, 4]):
+        layer.reorder_cache(torch.tensor(beam_idx)), plain.reorder_cache(torch.tensor(beam_idx))
+        _same(layer, plain, f"across groups {beam_idx}")
+
+
+@pytest.mark.parametrize("family", ["bart", "sparse"])
+def test_beam_search_with_the_fast_layers_gives_the_plain_layers_ids(family, monkeypatch):
+    """Beam search (4 beams, batch 2, a padded row) with growing and beam-shared layers returns the ids and scores
+    of plain `DynamicLayer` caches; BART's cross-attention cache is never gathered."""
+    model = _other_family(family)
+    module = _fast_decoding_of(model)
+    ids = torch.randint(5, 60, (2, 7), generator=torch.Generator().manual_seed(7))
+    mask = torch.ones_like(ids)
+    mask[1, :2] = 0
+    kwargs = dict(attention_mask=mask, max_new_tokens=9, min_new_tokens=9, num_beams=4, num_return_sequences=2,
+                  do_sample=False, output_scores=True, return_dict_in_generate=True)  # fmt: skip
+    cross_gathers = []
+    original = DynamicLayer.reorder_cache
+
+    def counting(layer, beam_idx):
+        cross_gathers.append(type(layer).__name__)
+        return original(layer, beam_idx)
+
+    monkeypatch.setattr(DynamicLayer, "reorder_cache", counting)
+    with torch.no_grad():
+        fast = model.generate(ids, **kwargs)
+        assert "BeamSharedKVLayer" not in cross_gathers and "GrowingKVLayer" not in cross_gathers
+        monkeypatch.setattr(module, "use_growing_kv_layers", lambda cache: None)
+        plain = model.generate(ids, **kwargs)
+    assert torch.equal(fast.sequences, plain.sequences)
+    assert torch.equal(fast.sequences_scores, plain.sequences_scores)
 
 
 def test_only_fresh_dynamic_caches_get_growing_layers():

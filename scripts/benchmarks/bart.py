@@ -8,7 +8,7 @@ sdpa attention, fp32 and bf16. Cases, each with a 128-token source (every other 
 quarter):
 - `greedy b=N` / `beam4 b=N`: per-token decode time with the KV cache, 128 new tokens forced (`min_new_tokens`),
   measured per round as (time of 1 + N new tokens - time of 1 new token) / N, so the encoder pass and the
-  first step are excluded; batch 1, 4 and 16 (beam search at batch 1 and 4);
+  first step are excluded; batch 1, 4 and 16 (beam search, 4 beams, at batch 1 and 8);
 - `encode+prefill`: generating one token, ms per call.
 Ours and native alternate within every round; medians and the interquartile spread are reported, with `ratio`
 = ours / native, and `same_ids` says the two produced identical sequences.
@@ -63,14 +63,16 @@ def generator_for(model, inputs: dict, num_beams: int):
     return make
 
 
-def run(quick: bool = False, device: str | None = None) -> list[dict]:
+def run(quick: bool = False, device: str | None = None, beam_only: bool = False) -> list[dict]:
+    """`beam_only`: only the fp32 beam-search cases (what `--beam-only` runs)."""
     import torch
 
     device = device or default_device()
     sizes = QUICK if quick else FULL
     new_tokens, repeats = (8, 3) if quick else (128, 5)
-    dtypes = {"fp32": torch.float32} if quick else {"fp32": torch.float32, "bf16": torch.bfloat16}
-    cases = [(1, 1), (1, 4), (4, 1)] if quick else [(1, 1), (1, 4), (1, 16), (4, 1), (4, 4)]
+    dtypes = {"fp32": torch.float32} if quick or beam_only else {"fp32": torch.float32, "bf16": torch.bfloat16}
+    cases = [(1, 1), (1, 4), (4, 1)] if quick else [(1, 1), (1, 4), (1, 16), (4, 1), (4, 8)]
+    cases = [case for case in cases if case[0] > 1] if beam_only else cases
     rows = []
     with torch.no_grad():
         for dtype_name, dtype in dtypes.items():
@@ -89,6 +91,8 @@ def run(quick: bool = False, device: str | None = None) -> list[dict]:
                     ratio_row("bart", f"{name} b={batch}", ms["ours"], ms["native"], unit="ms/token", same_ids=same,
                               **common)
                 )  # fmt: skip
+            if beam_only:
+                continue
             inputs = source(1, sizes["vocab_size"], device)
             times = alternate(
                 {"ours": generator_for(ours, inputs, 1)(1), "native": generator_for(native, inputs, 1)(1)},
@@ -105,8 +109,9 @@ def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--quick", action="store_true")
     parser.add_argument("--device", choices=["cpu", "cuda"], default=None)
+    parser.add_argument("--beam-only", action="store_true", help="only the fp32 beam-search cases")
     args = parser.parse_args(argv)
-    for row in run(quick=args.quick, device=args.device):
+    for row in run(quick=args.quick, device=args.device, beam_only=args.beam_only):
         print(json.dumps(row))
 
 

@@ -7,7 +7,8 @@ The native model (GPT-2 small shape: hidden 768, 12 layers, 12 heads, vocab 5025
 parameters) is built with random weights, saved, and converted with this repository's `--arch gpt2`
 converter, so both hold identical weights; sdpa attention, fp32 and bf16. Cases: `decode b=N` (per-token time of
 greedy generate() with the KV cache after a 128-token prompt, 128 new tokens forced, prefill excluded as
-(time of 1 + N tokens - time of 1 token) / N), batch 1, 4 and 16; `prefill N` (one forward, batch 1). Ours and
+(time of 1 + N tokens - time of 1 token) / N), batch 1, 4 and 16; `beam4 b=N`, the same with beam search (4
+beams, `early_stopping=False`), batch 1 and 8; `prefill N` (one forward, batch 1). Ours and
 native alternate within every round; medians and interquartile spreads, `ratio` = ours / native.
 (The sparse modes' scaling on long sequences is `gpt2_sparse`.)
 """
@@ -56,43 +57,49 @@ def prompt(batch: int, length: int, vocab: int, device: str):
     return torch.randint(0, vocab - 1, (batch, length), generator=generator).to(device)
 
 
-def generator_for(model, ids):
+def generator_for(model, ids, num_beams: int = 1):
     import torch
 
     def make(n: int):
-        kwargs = dict(do_sample=False, max_new_tokens=n, min_new_tokens=n, pad_token_id=0)
+        kwargs = dict(do_sample=False, max_new_tokens=n, min_new_tokens=n, pad_token_id=0, num_beams=num_beams)
+        if num_beams > 1:
+            kwargs["early_stopping"] = False
         return lambda: model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), **kwargs)
 
     return make
 
 
-def run(quick: bool = False, device: str | None = None) -> list[dict]:
+def run(quick: bool = False, device: str | None = None, beam_only: bool = False) -> list[dict]:
+    """`beam_only`: only the fp32 beam-search cases (what `--beam-only` runs)."""
     import torch
 
     device = device or default_device()
     sizes = QUICK if quick else FULL
     new_tokens, repeats = (8, 3) if quick else (128, 5)
-    batches = (1, 4) if quick else (1, 4, 16)
-    dtypes = {"fp32": torch.float32} if quick else {"fp32": torch.float32, "bf16": torch.bfloat16}
+    cases = [(1, 1), (1, 4), (4, 1)] if quick else [(1, 1), (1, 4), (1, 16), (4, 1), (4, 8)]  # (beams, batch)
+    cases = [case for case in cases if case[0] > 1] if beam_only else cases
+    dtypes = {"fp32": torch.float32} if quick or beam_only else {"fp32": torch.float32, "bf16": torch.bfloat16}
     rows = []
     with torch.no_grad():
         for dtype_name, dtype in dtypes.items():
             ours, native = build_models(sizes, dtype, device)
             common = dict(dtype=dtype_name, device=device, params=sum(p.numel() for p in ours.parameters()))
-            for batch in batches:
+            for beams, batch in cases:
                 ids = prompt(batch, PROMPT, sizes["vocab_size"], device)
                 ms = decode_ms_per_token(
-                    {"ours": generator_for(ours, ids), "native": generator_for(native, ids)},
+                    {"ours": generator_for(ours, ids, beams), "native": generator_for(native, ids, beams)},
                     new_tokens,
                     repeats,
                     device,
                 )
-                same = torch.equal(generator_for(ours, ids)(new_tokens)(), generator_for(native, ids)(new_tokens)())
+                same = torch.equal(generator_for(ours, ids, beams)(new_tokens)(),
+                                   generator_for(native, ids, beams)(new_tokens)())  # fmt: skip
+                name = "decode" if beams == 1 else f"beam{beams}"
                 rows.append(
-                    ratio_row("gpt2_decode", f"decode b={batch}", ms["ours"], ms["native"], unit="ms/token",
+                    ratio_row("gpt2_decode", f"{name} b={batch}", ms["ours"], ms["native"], unit="ms/token",
                               same_ids=same, **common)
                 )  # fmt: skip
-            for length in (512,) if quick else (512, 2048):
+            for length in () if beam_only else (512,) if quick else (512, 2048):
                 ids = prompt(1, length, sizes["vocab_size"], device)
                 times = alternate({"ours": partial(ours, ids), "native": partial(native, ids)}, repeats, device)
                 rows.append(
@@ -106,8 +113,9 @@ def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--quick", action="store_true")
     parser.add_argument("--device", choices=["cpu", "cuda"], default=None)
+    parser.add_argument("--beam-only", action="store_true", help="only the fp32 beam-search cases")
     args = parser.parse_args(argv)
-    for row in run(quick=args.quick, device=args.device):
+    for row in run(quick=args.quick, device=args.device, beam_only=args.beam_only):
         print(json.dumps(row))
 
 
