@@ -134,13 +134,16 @@ class BeamSharedKVLayer(DynamicLayer):
     step (`EncoderDecoderCache.reorder_cache`), a copy as large as the self-attention cache after 128 steps of a
     128-token source. This layer labels its rows once (equal labels: bitwise equal keys and values) and skips a
     reorder that maps every row onto a row with its own label; any other reorder is done as `DynamicLayer` does it.
+    On the CPU only: on a GPU the per-step comparison would cost a host synchronisation.
     """
 
     _labels: torch.Tensor | None = None
     _labelled: tuple[torch.Tensor, torch.Tensor] | None = None  # the keys and values that `_labels` describe
 
     def reorder_cache(self, beam_idx: torch.LongTensor) -> None:
-        labels = self._row_labels() if self.get_seq_length() and not torch.compiler.is_compiling() else None
+        # on a GPU the comparison below would wait for the device at every step; the gather is cheaper there
+        on_cpu = self.is_initialized and self.keys.device.type == "cpu"
+        labels = self._row_labels() if on_cpu and self.get_seq_length() and not torch.compiler.is_compiling() else None
         if labels is None:
             return super().reorder_cache(beam_idx)
         beam_idx = beam_idx.to(labels.device)
