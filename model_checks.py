@@ -1,5 +1,5 @@
-"""Checks every model family of this repository (GLM, sparse GPT-2, BART-gen) runs, so that broken weights or
-numerics fail loudly instead of producing fluent-looking garbage.
+"""Checks every model family of this repository (GLM, sparse GPT-2, BART-gen) runs, so that broken weights,
+numerics or inputs fail loudly instead of producing fluent-looking garbage.
 
 - At load: transformers loads a checkpoint that lacks weights of the model with only a warning, leaving those
   weights randomly initialised, and loads NaN or inf values without a word. `CheckedLoading` refuses both with a
@@ -7,6 +7,10 @@ numerics fail loudly instead of producing fluent-looking garbage.
 - At run time: a checkpoint whose activations exceed float16's range gives inf/NaN logits in fp16, which greedy
   search silently turns into token 0. `check_half_overflow` raises a `FloatingPointError` naming the fix
   (tests/test_robustness_numerics.py).
+- On input: one set of checks for every family's `forward` and `generate` (tensor-ness, dtypes, shapes, value
+  ranges, padding masks), each error naming the argument; the checks that read tensor values run only where data
+  enters (`reads_values`), never on generate()'s decode steps (tests/test_robustness_inputs.py,
+  tests/test_host_syncs.py).
 
 A sibling module of the model files: transformers' remote-code loader fetches and copies it with them.
 """
