@@ -13,7 +13,15 @@ import json
 
 import pytest
 import torch
-from fixtures.hub_folders import FAMILIES, LORA_TARGETS, folder, load, run_fresh_here, training_examples
+from fixtures.hub_folders import (
+    FAMILIES,
+    LORA_TARGETS,
+    cpu_training_args,
+    folder,
+    load,
+    run_fresh_here,
+    training_examples,
+)
 from helpers import assert_close
 from safetensors.torch import load_file, save_file
 from transformers import Trainer, TrainingArguments
@@ -34,18 +42,12 @@ def evaluate(model, batch: dict[str, torch.Tensor]) -> tuple[float, torch.Tensor
 
 def train(name: str, gradient_checkpointing: bool, output_dir) -> tuple[Trainer, list[float]]:
     model, tokenizer = load(name)
-    args = TrainingArguments(
-        output_dir=str(output_dir),
+    args = cpu_training_args(
+        output_dir,
         max_steps=STEPS,
         per_device_train_batch_size=2,
         learning_rate=3e-3,
         logging_steps=1,
-        save_strategy="no",
-        report_to=[],
-        use_cpu=True,
-        disable_tqdm=True,
-        dataloader_num_workers=0,
-        seed=0,
         gradient_checkpointing=gradient_checkpointing,
     )
     trainer = Trainer(model=model, args=args, train_dataset=training_examples(name, tokenizer))

@@ -25,10 +25,10 @@ import pytest
 import torch
 import transformers
 from fixtures import repo_module
-from fixtures.hub_folders import FAMILIES, load, training_examples
+from fixtures.hub_folders import FAMILIES, cpu_training_args, load, training_examples
 from helpers import REPO_ROOT, assert_close
 from packaging.version import Version
-from transformers import GenerationMixin, Trainer, TrainingArguments
+from transformers import GenerationMixin, Trainer
 from transformers.cache_utils import DynamicCache, EncoderDecoderCache
 
 compat = repo_module("transformers_compat")
@@ -93,36 +93,35 @@ def test_cached_generation_equals_uncached(name):
 # ---------------------------------------------------------------------------------------------------------------
 # A future rename fails loudly
 # ---------------------------------------------------------------------------------------------------------------
-@pytest.mark.parametrize("name", FAMILIES)
-def test_cache_under_an_unknown_name_is_refused(name, monkeypatch):
-    """Simulates a transformers release that hands the cache to the model under a new name."""
-    model, _, inputs = prompt_batch(name)
-    prepare = model.prepare_inputs_for_generation
+def rename_cache(kwargs: dict) -> None:
+    """A release that hands the cache to the model under a new name."""
+    for old in compat.CACHE_NAMES:
+        if old in kwargs:
+            kwargs["kv_state"] = kwargs.pop(old)
 
-    def renamed(*args, **kwargs):
-        for old in compat.CACHE_NAMES:
-            if old in kwargs:
-                kwargs["kv_state"] = kwargs.pop(old)
-        return prepare(*args, **kwargs)
 
-    monkeypatch.setattr(model, "prepare_inputs_for_generation", renamed)
-    with refused(rf"transformers {transformers.__version__}.*kv_state"):
-        model.generate(**inputs, max_new_tokens=4, do_sample=False)
+def drop_cache(kwargs: dict) -> None:
+    """A release whose generate() stops passing the cache at all while use_cache=True."""
+    for old in compat.CACHE_NAMES:
+        kwargs.pop(old, None)
 
 
 @pytest.mark.parametrize("name", FAMILIES)
-def test_generation_without_a_cache_is_refused(name, monkeypatch):
-    """Simulates a release whose generate() stops passing the cache at all while use_cache=True."""
+@pytest.mark.parametrize(
+    "change,message",
+    [(rename_cache, rf"transformers {transformers.__version__}.*kv_state"), (drop_cache, "no KV cache")],
+    ids=["renamed", "dropped"],
+)
+def test_a_future_change_of_the_cache_argument_is_refused(name, change, message, monkeypatch):
     model, _, inputs = prompt_batch(name)
     prepare = model.prepare_inputs_for_generation
 
-    def dropped(*args, **kwargs):
-        for old in compat.CACHE_NAMES:
-            kwargs.pop(old, None)
+    def changed(*args, **kwargs):
+        change(kwargs)
         return prepare(*args, **kwargs)
 
-    monkeypatch.setattr(model, "prepare_inputs_for_generation", dropped)
-    with refused("no KV cache"):
+    monkeypatch.setattr(model, "prepare_inputs_for_generation", changed)
+    with refused(message):
         model.generate(**inputs, max_new_tokens=4, do_sample=False)
 
 
@@ -237,8 +236,8 @@ def uneven_examples(name: str, tokenizer) -> list[dict[str, torch.Tensor]]:
 
 def one_update(name: str, batch_size: int, accumulation: int, output_dir) -> dict[str, torch.Tensor]:
     model, tokenizer = load(name, **DROPOUTS[name.split("-")[0]])
-    args = TrainingArguments(
-        output_dir=str(output_dir),
+    args = cpu_training_args(
+        output_dir,
         max_steps=1,
         per_device_train_batch_size=batch_size,
         gradient_accumulation_steps=accumulation,
@@ -246,12 +245,6 @@ def one_update(name: str, batch_size: int, accumulation: int, output_dir) -> dic
         optim="sgd",
         lr_scheduler_type="constant",
         max_grad_norm=0.0,
-        save_strategy="no",
-        report_to=[],
-        use_cpu=True,
-        disable_tqdm=True,
-        dataloader_num_workers=0,
-        seed=0,
     )
     before = {k: v.detach().clone() for k, v in model.named_parameters()}
     Trainer(model=model, args=args, train_dataset=uneven_examples(name, tokenizer)).train()
