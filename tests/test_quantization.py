@@ -131,6 +131,10 @@ def test_int8_greedy_and_beam_generation(results, family):
 @pytest.mark.parametrize("family", FAMILIES)
 def test_int8_save_and_reload(results, family):
     out = results[family]
+    if "not serializable" in out.get("reload_error", ""):
+        # transformers 4.x writes a torchao model only as a pickle (safe_serialization=False), which this project
+        # never loads (weights_only, safetensors); 5.x writes safetensors
+        pytest.xfail(f"transformers 4.x: torchao models are not serialised as safetensors ({out['reload_error']})")
     if family == "bart_gen" and "reload_error" in out:
         pytest.xfail(f"{BART_RELOAD}: {out['reload_error']}")
     assert out.get("reload_equal") is True, out.get("reload_error")
@@ -177,3 +181,40 @@ def test_gpu_quantizers(family, scheme):
     greedy = model.generate(**inputs, max_new_tokens=5, do_sample=False)
     beam = model.generate(**inputs, max_new_tokens=5, do_sample=False, num_beams=3)
     assert greedy.shape[1] > inputs["input_ids"].shape[1] and beam.shape[0] == 1
+
+
+ACCURACY_SCRIPT = """
+import json, sys, torch
+root, scripts = sys.argv[1], sys.argv[2]
+sys.path.insert(0, scripts)
+from transformers import AutoModelForCausalLM, AutoTokenizer, TorchAoConfig
+from torchao.quantization import Int8WeightOnlyConfig
+import make_corpus
+from demo import heldout_accuracy, select_items
+
+tok = AutoTokenizer.from_pretrained(root, trust_remote_code=True)
+items = make_corpus.build_corpus(0)["heldout"]
+items = select_items([i for i in items if i.kind == "fact"], 80) + select_items([i for i in items if i.kind == "arith"], 80)
+out = {}
+for name, kwargs in (("fp32", {}), ("int8", {"quantization_config": TorchAoConfig(Int8WeightOnlyConfig())})):
+    model = AutoModelForCausalLM.from_pretrained(root, trust_remote_code=True, dtype=torch.float32, **kwargs).eval()
+    result = heldout_accuracy(model, tok, items, progress=False)
+    out[name] = [result["fact"], result["arith"]]
+print(json.dumps(out))
+"""
+
+
+def test_default_model_int8_accuracy_within_one_point_of_fp32():
+    """The embedded default model on a sample of the held-out split (80 facts + 80 sums, as
+    tests/test_default_model.py): int8 weight-only exact-match accuracy within 1 point of float32."""
+    from helpers import REPO_ROOT, run_fresh
+
+    if not (REPO_ROOT / "model.safetensors").is_file():
+        pytest.skip("no embedded default model (model.safetensors)")
+    out = json.loads(run_fresh(ACCURACY_SCRIPT, REPO_ROOT, REPO_ROOT / "scripts", timeout=600).strip().splitlines()[-1])
+
+    def accuracy(runs):
+        return 100 * sum(ok for ok, _ in runs) / sum(n for _, n in runs)
+
+    assert sum(n for _, n in out["int8"]) == 160
+    assert abs(accuracy(out["int8"]) - accuracy(out["fp32"])) <= 1.0, out
