@@ -73,7 +73,7 @@ class GLMConfig(PretrainedConfig):
         pre_seq_len: length of the P-tuning v2 prefix (`None`: no prefix encoder).
         prefix_projection: P-tuning v2 with a two-layer MLP reparameterisation of the prefix.
         prefix_dropout: dropout on the prefix keys and values (THUDM: 0.1).
-        quantization_bit: THUDM's int4/int8 quantisation; only 0 (not quantised) is supported.
+        quantization_bit: THUDM's int4/int8 quantisation; only 0 (not quantised) loads (convert quantised checkpoints).
         embedding_dropout_prob, attention_dropout_prob, output_dropout_prob: GLM's dropout on the summed
             embeddings, on the attention probabilities and on each attention / MLP output (GLM checkpoints
             were trained with 0.1; THUDM's ChatGLM-6B code has none, hence the default 0.0).
@@ -203,8 +203,8 @@ class GLMConfig(PretrainedConfig):
         if self.quantization_bit not in (0, None):
             raise ValueError(
                 f"GLMConfig.quantization_bit={self.quantization_bit!r}: THUDM's int4/int8 quantised checkpoints "
-                "(QuantizedLinear with weight_scale) are not supported. Load the float16 checkpoint "
-                "(THUDM/chatglm-6b) instead, optionally with a transformers quantization_config (bitsandbytes)."
+                "(QuantizedLinear with weight_scale) do not load directly: convert them with "
+                "`scripts/convert_checkpoint.py --arch chatglm-6b` (README: Quantized models)."
             )
         if not (isinstance(self.residual_alpha, (int, float)) and self.residual_alpha > 0):
             raise ValueError(f"GLMConfig.residual_alpha must be a positive number, got {self.residual_alpha!r}")

@@ -59,6 +59,8 @@ def check_loaded_weights(model: nn.Module, missing_keys, trained_after_loading: 
     for name, param in model.named_parameters():
         if not param.is_floating_point() or param.device.type == "meta":
             continue
+        if type(param.detach()) is not torch.Tensor:  # a quantized tensor subclass (torchao): stored as integers
+            continue
         total = param.detach().sum(dtype=torch.float32 if param.element_size() < 4 else None)  # no large temporary
         if not bool(torch.isfinite(total)) and not bool(torch.isfinite(param).all()):
             damaged.append(name)

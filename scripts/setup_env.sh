@@ -23,9 +23,10 @@ pip_flags=(install --quiet --disable-pip-version-check)
 # The dependencies (+ test extras) of pyproject.toml, torch excluded (it is installed first, see above).
 project_deps() {
   "$1" - "$root/pyproject.toml" <<'PY'
-import sys, tomllib
+import re, sys, tomllib
 p = tomllib.load(open(sys.argv[1], "rb"))["project"]
-print("\n".join(d for d in p["dependencies"] + p["optional-dependencies"]["test"] if not d.startswith("torch")))
+# the torch requirement only (torchao and other torch* packages are ordinary dependencies)
+print("\n".join(d for d in p["dependencies"] + p["optional-dependencies"]["test"] if re.match(r"[\w.-]+", d)[0] != "torch"))
 PY
 }
 

@@ -8,8 +8,13 @@ Our state-dict keys are THUDM's, so tensors are copied, not renamed; what the co
 - config.json: THUDM's fields are kept (our GLMConfig accepts them unchanged), `model_type` becomes
   "glm_infill" with our `auto_map`, `smask_token_id` is added (`gmask_token_id + 1` in ChatGLM's layout),
   `tie_word_embeddings` and THUDM's residual scale are written out; the config validates itself, so a
-  quantised (`quantization_bit` > 0) or 1-D rotary (`position_encoding_2d` false) checkpoint is refused
-  with a message naming the field;
+  1-D rotary (`position_encoding_2d` false) checkpoint is refused with a message naming the field;
+- THUDM's int4/int8 checkpoints (THUDM/chatglm-6b-int4, -int8: config `quantization_bit` 4 or 8) are
+  dequantized: see `dequantize_thudm` for their storage format. The output is an ordinary float checkpoint
+  (bfloat16 unless `--dtype` says otherwise; `--dtype float32` holds int * scale exactly, `float16` equals
+  the half-precision product THUDM's CUDA kernel computes). With `--keep-quantized` the dequantized model
+  is re-quantized by torchao (int8 weight-only, through transformers' TorchAoConfig) and saved that way,
+  so loading it needs torchao but little memory (README "Quantized models");
 - weights: every tensor's name and shape is checked against the model; the per-layer rotary `inv_freq`
   buffers are dropped (recomputed on load), `lm_head.weight` is dropped because THUDM's code ties it to the
   word embeddings on load (a differing copy is reported); anything else that has no place is an error;
@@ -119,6 +124,37 @@ GLM_VOCAB_SIZES = {50304: "GLMGPT2Tokenizer", 50048: "GLMChineseTokenizer"}  # g
 GLM_HEAD_KEYS = ("dense.weight", "dense.bias", "out_proj.weight", "out_proj.bias")
 
 
+# THUDM's quantised checkpoints (chatglm-6b-int4 / -int8, quantization.py there): the four linear layers of every
+# block are QuantizedLinear modules; embeddings, LayerNorms and biases stay float16.
+THUDM_QUANTIZED_LINEARS = ("attention.query_key_value", "attention.dense", "mlp.dense_h_to_4h", "mlp.dense_4h_to_h")
+
+
+def dequantize_thudm(name: str, weight: torch.Tensor, scale: torch.Tensor, bits: int, in_features: int) -> torch.Tensor:
+    """The float32 weight [out, in] of one THUDM QuantizedLinear: `weight * weight_scale[:, None]`, exact in fp32.
+
+    THUDM's storage (quantization.py and its CPU kernel quantization_kernels.c in THUDM/chatglm-6b-int4):
+    - `weight_scale` [out]: float16, one per output row, absmax(row) / (2**(bits - 1) - 1);
+    - 8 bit: `weight` [out, in] int8, round(w / scale);
+    - 4 bit: `weight` [out, in / 2] int8, two signed (two's complement) 4-bit values per byte along the input
+      dimension: byte j of a row holds input column 2j in its high nibble and column 2j + 1 in its low nibble.
+    """
+    out_features = scale.shape[0] if scale.dim() == 1 else -1
+    packed_in = in_features if bits == 8 else in_features // 2
+    if weight.dtype != torch.int8 or tuple(weight.shape) != (out_features, packed_in):
+        raise ConversionError(
+            f"{name}: a {bits}-bit THUDM weight must be int8 of shape [{out_features}, {packed_in}] (weight_scale has "
+            f"shape {list(scale.shape)}), got {weight.dtype} {list(weight.shape)}"
+        )
+    if bits == 8:
+        values = weight.to(torch.int32)
+    else:
+        byte = weight.to(torch.int32) & 0xFF  # the raw byte, 0..255
+        high, low = byte >> 4, byte & 0x0F  # unsigned nibbles, 0..15
+        nibbles = torch.stack([high, low], dim=-1).reshape(out_features, in_features)  # column 2j, then 2j + 1
+        values = torch.where(nibbles >= 8, nibbles - 16, nibbles)  # two's complement: 8..15 -> -8..-1
+    return values.to(torch.float32) * scale.to(torch.float32)[:, None]
+
+
 def _load_config_class():
     """GLMConfig from the repository root (configuration_glm.py has no relative imports)."""
     name = "configuration_glm"
@@ -133,9 +169,28 @@ def _load_config_class():
     return sys.modules[name].GLMConfig
 
 
-def chatglm_config(src: Path, dtype: torch.dtype | None):
-    """Our GLMConfig for THUDM's config.json in `src`; a ConversionError names any field we cannot honour."""
+def quantization_bits(src: Path) -> int:
+    """THUDM's `quantization_bit` of the checkpoint in `src`: 0 (float16), 4 or 8."""
     thudm = read_json(src / "config.json")
+    bits = thudm.get("quantization_bit") or 0
+    if bits not in (0, 4, 8):
+        raise ConversionError(
+            f"{src / 'config.json'}: quantization_bit must be 0, 4 or 8 (THUDM's checkpoints), got {bits!r}"
+        )
+    if thudm.get("quantization_embeddings"):
+        raise ConversionError(
+            f"{src / 'config.json'}: quantization_embeddings=true (THUDM's int4-qe checkpoint, quantized word "
+            "embeddings) is not supported; convert THUDM/chatglm-6b-int4 or -int8"
+        )
+    return bits
+
+
+def chatglm_config(src: Path, dtype: torch.dtype | None):
+    """Our GLMConfig for THUDM's config.json in `src`; a ConversionError names any field we cannot honour.
+    A quantised checkpoint's `quantization_bit` is dropped: the converted weights are floating point."""
+    thudm = read_json(src / "config.json")
+    if quantization_bits(src):
+        thudm = {k: v for k, v in thudm.items() if k not in ("quantization_bit", "quantization_embeddings")}
     if thudm.get("model_type") != "chatglm":
         raise ConversionError(
             f"{src / 'config.json'} has model_type {thudm.get('model_type')!r}; --arch chatglm-6b expects THUDM's "
@@ -195,19 +250,56 @@ def _thudm_name(name: str) -> str:
     return name
 
 
-def convert_chatglm_weights(src: Path, out: Path, config, dtype: torch.dtype | None) -> None:
+def _is_quantized_linear(name: str) -> bool:
+    return (
+        name.startswith("transformer.layers.")
+        and name.removesuffix(".weight").removesuffix(".weight_scale").split(".", 3)[-1] in THUDM_QUANTIZED_LINEARS
+    )
+
+
+def _thudm_tensors(src: Path, shapes: dict, bits: int):
+    """(name, raw_name, tensor) of a THUDM checkpoint with every quantized linear weight already dequantized to float32:
+    a weight waits for its `weight_scale` (they may sit in different shards)."""
+    pending: dict[str, dict[str, tuple[str, torch.Tensor]]] = {}
+    for raw_name, tensor in iter_tensors(src):
+        name = _thudm_name(raw_name)
+        quantized_part = name.endswith(".weight_scale") or (tensor.dtype == torch.int8 and name.endswith(".weight"))
+        if quantized_part and not bits:
+            raise ConversionError(
+                f"{raw_name}: quantised weights (THUDM's int4/int8 QuantizedLinear), but config.json has no "
+                "quantization_bit (4 or 8); is this a THUDM/chatglm-6b-int4 or -int8 folder with its own config.json?"
+            )
+        if not bits or not _is_quantized_linear(name):
+            yield name, raw_name, tensor
+            continue
+        module = name.removesuffix("_scale").removesuffix(".weight")
+        part = "scale" if name.endswith(".weight_scale") else "weight"
+        if part in pending.setdefault(module, {}):
+            raise ConversionError(f"{raw_name} appears twice in {src}")
+        pending[module][part] = (raw_name, tensor)
+        if len(pending[module]) == 2:
+            parts = pending.pop(module)
+            (weight_name, weight), (_, scale) = parts["weight"], parts["scale"]
+            in_features = shapes.get(module + ".weight", (0, 0))[1]
+            if not in_features:
+                yield module + ".weight", weight_name, weight  # no place in the model: reported by the caller
+                continue
+            yield module + ".weight", weight_name, dequantize_thudm(weight_name, weight, scale, bits, in_features)
+    for module, parts in pending.items():
+        missing = "weight_scale" if "weight" in parts else "weight"
+        raise ConversionError(
+            f"{module}.{missing} is missing from {src}: with quantization_bit={bits} in config.json, THUDM stores "
+            "every quantized linear layer as weight (int8) + weight_scale"
+        )
+
+
+def convert_chatglm_weights(src: Path, out: Path, config, dtype: torch.dtype | None, bits: int = 0) -> None:
     shapes = expected_shapes(config)
     writer = SafetensorsWriter(out, dtype)
     unplaced, lm_head, embeddings = [], None, None
-    for raw_name, tensor in iter_tensors(src):
-        name = _thudm_name(raw_name)
+    for name, raw_name, tensor in _thudm_tensors(src, shapes, bits):
         if name.endswith(".rotary_emb.inv_freq"):
             continue  # a buffer THUDM saved by accident; ours is recomputed (fp16-rounded) on load
-        if name.endswith(".weight_scale") or (tensor.dtype == torch.int8 and name.endswith(".weight")):
-            raise ConversionError(
-                f"{raw_name}: quantised weights (THUDM's int4/int8 QuantizedLinear) are not supported; convert the "
-                "float16 checkpoint (THUDM/chatglm-6b) instead"
-            )
         if name == "lm_head.weight":
             lm_head = tensor
             continue
@@ -256,8 +348,11 @@ def convert_chatglm_tokenizer(src: Path, out: Path) -> list[str]:
 
 def convert_chatglm(src: Path, out: Path, dtype: torch.dtype | None, args: argparse.Namespace) -> None:
     src, out = Path(src), Path(out)
+    bits = quantization_bits(src)
+    if bits and dtype is None:
+        dtype = torch.bfloat16  # the dequantized weights are written in bfloat16 unless --dtype says otherwise
     config = chatglm_config(src, dtype)
-    convert_chatglm_weights(src, out, config, dtype)
+    convert_chatglm_weights(src, out, config, dtype, bits)
     config.save_pretrained(str(out))
     write_json(
         out / "generation_config.json",
