@@ -68,6 +68,11 @@ def take_cache(past_key_values: Cache | None, kwargs: dict) -> Cache | None:
     if past_key_values is not None and cache is not None and past_key_values is not cache:
         raise ValueError("pass the KV cache once, as `cache` or as `past_key_values`, not two different ones")
     cache = past_key_values if past_key_values is not None else cache
+    if getattr(cache, "is_compileable", False):  # StaticCache and its kin: masks here are sized to a growing cache
+        raise ValueError(
+            f"{type(cache).__name__} (cache_implementation='static' and other fixed-size caches) is not supported by "
+            "this model yet: use the default dynamic cache; model.compile_decode_step() compiles the decoding step"
+        )
     if cache is not None and not isinstance(cache, Cache):
         raise ValueError(
             f"past_key_values must be a transformers Cache (e.g. DynamicCache), got {type(cache).__name__}; tuple "
