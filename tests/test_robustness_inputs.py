@@ -48,6 +48,7 @@ from fixtures import (
     SPARSE_VOCAB,
     bart_config,
     bart_model,
+    glm_class,
     glm_config,
     glm_model,
     sparse_config,
@@ -720,6 +721,78 @@ SPARSE_MORE_ROWS: list[Row] = [
     ),
 ]
 
+
+# Config fields set after the config's __init__ (what `from_pretrained(folder, **overrides)` does) are checked again
+# when the model is built (`CheckedLoading.__init__` calls `config.check_fields()`).
+def changed(config, **fields):
+    for name, value in fields.items():
+        setattr(config, name, value)
+    return config
+
+
+def reloaded(model, tmp: Path, **overrides):
+    """`from_pretrained` of `model` saved to `tmp`, with config `overrides`."""
+    model.save_pretrained(tmp / "saved")
+    return type(model).from_pretrained(tmp / "saved", **overrides)
+
+
+CONFIG_OVERRIDE_ROWS: list[Row] = [
+    (
+        "glm.from_pretrained heads do not divide",
+        lambda tmp: reloaded(glm_model(), tmp, num_attention_heads=5),
+        ValueError,
+        r"GLMConfig.hidden_size \(32\) .*num_attention_heads \(5\)",
+    ),
+    (
+        "glm.model variant changed after __init__",  # not via from_pretrained: its `variant` names a weights file
+        lambda tmp: glm_class()(changed(glm_config(), variant="glm4")),
+        ValueError,
+        r"GLMConfig.variant must be one of",
+    ),
+    (
+        "glm.model config changed after __init__",
+        lambda tmp: glm_class()(changed(glm_config(), layernorm_epsilon=0.0)),
+        ValueError,
+        r"GLMConfig.layernorm_epsilon must be a positive",
+    ),
+    (
+        "sparse.from_pretrained zero window",
+        lambda tmp: reloaded(sparse_model(), tmp, query_window=0),
+        ValueError,
+        r"GPT2SparseConfig.query_window must be a positive integer, got 0",
+    ),
+    (
+        "sparse.from_pretrained heads do not divide",
+        lambda tmp: reloaded(sparse_model(), tmp, num_attention_heads=5),
+        ValueError,
+        r"GPT2SparseConfig.hidden_size \(32\) must be divisible by num_attention_heads \(5\)",
+    ),
+    (
+        "sparse.model config changed after __init__",
+        lambda tmp: type(sparse_model())(changed(sparse_config(), is_sparse=7)),
+        ValueError,
+        r"GPT2SparseConfig.is_sparse must be 0",
+    ),
+    (
+        "bart.from_pretrained heads do not divide",
+        lambda tmp: reloaded(bart_model(), tmp, decoder_attention_heads=5),
+        ValueError,
+        r"d_model \(32\) must be divisible .*decoder_attention_heads \(5\)",
+    ),
+    (
+        "bart.from_pretrained dropout 1.5",
+        lambda tmp: reloaded(bart_model(), tmp, dropout=1.5),
+        ValueError,
+        r"dropout must be a probability in \[0, 1\), got 1.5",
+    ),
+    (
+        "bart.model config changed after __init__",
+        lambda tmp: type(bart_model())(changed(bart_config(), activation_function="swishy")),
+        ValueError,
+        r"activation_function='swishy'",
+    ),
+]
+
 BAD_CASES: list[Row] = [
     *[row for variant in GLM_VARIANTS for row in glm_rows(variant)],
     *CHATGLM_ROWS,
@@ -731,6 +804,7 @@ BAD_CASES: list[Row] = [
     *[row for variant in GLM_VARIANTS for row in glm_more_rows(variant)],
     *BART_MORE_ROWS,
     *SPARSE_MORE_ROWS,
+    *CONFIG_OVERRIDE_ROWS,
 ]
 
 
