@@ -793,6 +793,51 @@ CONFIG_OVERRIDE_ROWS: list[Row] = [
     ),
 ]
 
+
+def convert_with_config(arch: str, config_text: str, *extra: str):
+    """The convert command on a folder whose config.json is `config_text` (valid JSON, not an object)."""
+    return lambda tmp: convert_command(
+        "--arch", arch, "--src", folder(tmp, "s", {"config.json": config_text}), "--dst", tmp / "o", *extra
+    )
+
+
+# one line on stderr (no traceback: an uncaught exception would escape convert_command with its own type)
+NOT_AN_OBJECT = (
+    r"^exit status 2: convert_checkpoint\.py: error: [^\n]*config\.json must hold a JSON object[^\n]*got {}\Z"
+)
+CONVERT_JSON_ROWS: list[Row] = [
+    (
+        "convert gpt2 config.json a JSON array",
+        convert_with_config("gpt2", "[1, 2]"),
+        ValueError,
+        NOT_AN_OBJECT.format("an array"),
+    ),
+    (
+        "convert bart config.json a JSON array",
+        convert_with_config("bart", "[]"),
+        ValueError,
+        NOT_AN_OBJECT.format("an array"),
+    ),
+    (
+        "convert glm config.json a JSON array",
+        convert_with_config("glm", "[{}]"),
+        ValueError,
+        NOT_AN_OBJECT.format("an array"),
+    ),
+    (
+        "convert chatglm-6b config.json a JSON string",
+        convert_with_config("chatglm-6b", '"glm"'),
+        ValueError,
+        NOT_AN_OBJECT.format("a string"),
+    ),
+    (
+        "convert gpt2 config.json a number",
+        convert_with_config("gpt2", "3"),
+        ValueError,
+        NOT_AN_OBJECT.format("a number"),
+    ),
+]
+
 BAD_CASES: list[Row] = [
     *[row for variant in GLM_VARIANTS for row in glm_rows(variant)],
     *CHATGLM_ROWS,
@@ -805,6 +850,7 @@ BAD_CASES: list[Row] = [
     *BART_MORE_ROWS,
     *SPARSE_MORE_ROWS,
     *CONFIG_OVERRIDE_ROWS,
+    *CONVERT_JSON_ROWS,
 ]
 
 
