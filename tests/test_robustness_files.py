@@ -6,7 +6,11 @@ anything). Where transformers already fails clearly, the test pins that error; w
 our classes' `from_pretrained` now refuses:
 - weights of the model body missing from the checkpoint (transformers only warns and initialises them randomly:
   ChatGLM-6B#1159's NaN) -> ValueError naming the keys; new heads and the P-tuning prefix encoder may be missing;
-- parameters holding NaN / inf (a corrupted file) -> ValueError naming them.
+- parameters or stored buffers (BART's `final_logits_bias`) holding NaN / inf (a corrupted file) -> ValueError
+  naming them;
+- a weight file safetensors cannot read (truncated, empty, corrupted header, a pickle under the safetensors name)
+  or a tensor of another shape than the model's (4.57 names neither tensor nor file) -> ValueError naming the file
+  and, for a shape, the tensor and both shapes.
 What remains undetectable: corruption of the tensor bytes that still decodes to finite numbers (safetensors has no
 checksum; hub downloads are verified by their sha256, local copies are not).
 
