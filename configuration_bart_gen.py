@@ -123,26 +123,6 @@ class BartGenConfig(PretrainedConfig):
         tie_word_embeddings: bool = True,  # LM head shares the `shared` token embedding (the seed's bug if not)
         **kwargs,
     ):
-        sizes = {
-            "vocab_size": vocab_size,
-            "max_position_embeddings": max_position_embeddings,
-            "d_model": d_model,
-            "encoder_layers": encoder_layers,
-            "decoder_layers": decoder_layers,
-            "encoder_attention_heads": encoder_attention_heads,
-            "decoder_attention_heads": decoder_attention_heads,
-            "encoder_ffn_dim": encoder_ffn_dim,
-            "decoder_ffn_dim": decoder_ffn_dim,
-        }
-        for name, value in sizes.items():
-            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-                raise ValueError(f"{name} must be a positive integer, got {value!r}")
-        if d_model % encoder_attention_heads != 0 or d_model % decoder_attention_heads != 0:
-            raise ValueError(
-                f"d_model ({d_model}) must be divisible by encoder_attention_heads ({encoder_attention_heads}) "
-                f"and decoder_attention_heads ({decoder_attention_heads})"
-            )
-        _validate_options(locals())
 
         # Old BART configs carry generation defaults; they belong to generation_config.json.
         moved = {key: kwargs.pop(key) for key in GENERATION_PARAMETERS if key in kwargs}
@@ -196,6 +176,35 @@ class BartGenConfig(PretrainedConfig):
         self.decoder_start_token_id = decoder_start_token_id
         self.is_encoder_decoder = is_encoder_decoder
         self.tie_word_embeddings = tie_word_embeddings
+        self.check_fields()
+
+    def check_fields(self) -> None:
+        """ValueError naming the first invalid field. Run by __init__ and again by every model's __init__
+        (`model_checks.CheckedLoading`), so fields set after __init__ (`from_pretrained(..., **overrides)`) are
+        checked too."""
+        sizes = (
+            "vocab_size",
+            "max_position_embeddings",
+            "d_model",
+            "encoder_layers",
+            "decoder_layers",
+            "encoder_attention_heads",
+            "decoder_attention_heads",
+            "encoder_ffn_dim",
+            "decoder_ffn_dim",
+        )
+        for name in sizes:
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise ValueError(f"{name} must be a positive integer, got {value!r}")
+        if self.d_model % self.encoder_attention_heads != 0 or self.d_model % self.decoder_attention_heads != 0:
+            raise ValueError(
+                f"d_model ({self.d_model}) must be divisible by encoder_attention_heads "
+                f"({self.encoder_attention_heads}) and decoder_attention_heads ({self.decoder_attention_heads})"
+            )
+        names = ("dropout", "attention_dropout", "activation_dropout", "encoder_layerdrop", "decoder_layerdrop")
+        names += ("activation_function", "vocab_size", "pad_token_id", "bos_token_id", "eos_token_id")
+        _validate_options({name: getattr(self, name) for name in names + ("decoder_start_token_id",)})
 
     def to_diff_dict(self) -> dict:
         # 4.57 leaves out values equal to the defaults; this one must be in config.json whatever reads it

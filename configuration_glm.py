@@ -163,9 +163,12 @@ class GLMConfig(PretrainedConfig):
         )
         self.tie_word_embeddings = tie_word_embeddings
         self.bos_token_id, self.eos_token_id, self.pad_token_id = bos_token_id, eos_token_id, pad_token_id
-        self._validate()
+        self.check_fields()
 
-    def _validate(self) -> None:
+    def check_fields(self) -> None:
+        """ValueError naming the first invalid field. Run by __init__ and again by every model's __init__
+        (`model_checks.CheckedLoading`), so fields set after __init__ (`from_pretrained(..., **overrides)`) are
+        checked too."""
         """Raise a ValueError naming the field for any inconsistent setting."""
 
         def positive_int(name: str) -> None:

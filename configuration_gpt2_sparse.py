@@ -103,7 +103,7 @@ class GPT2SparseConfig(PretrainedConfig):
         self.num_image_tokens = num_image_tokens
         self.max_memory_length = max_memory_length
         self.use_cache = use_cache
-        self._validate_sizes()
+        self.check_fields()
         # Every saved config names all the Auto classes, whichever class was saved (transformers itself
         # writes only the saved class's entry), so `AutoModel*.from_pretrained(dir, trust_remote_code=True)`
         # works on any folder this code writes.
@@ -120,7 +120,10 @@ class GPT2SparseConfig(PretrainedConfig):
     def head_dim(self) -> int:
         return self.hidden_size // self.num_attention_heads
 
-    def _validate_sizes(self) -> None:
+    def check_fields(self) -> None:
+        """ValueError naming the first invalid field. Run by __init__ and again by every model's __init__
+        (`model_checks.CheckedLoading`), so fields set after __init__ (`from_pretrained(..., **overrides)`) are
+        checked too."""
         positive = {
             "vocab_size": self.vocab_size,
             "hidden_size": self.hidden_size,
@@ -133,7 +136,7 @@ class GPT2SparseConfig(PretrainedConfig):
             "num_pivot": self.num_pivot,
         }
         for name, value in positive.items():
-            if not isinstance(value, int) or value <= 0:
+            if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
                 raise ValueError(f"GPT2SparseConfig.{name} must be a positive integer, got {value!r}")
         if self.hidden_size % self.num_attention_heads != 0:
             raise ValueError(

@@ -213,7 +213,7 @@ def fast_cpu_gemv(
     and with sparse GPT-2's `mems` the memory rows go through the projections too, so neither switches.
     """
     switch = (
-        tokens is not None
+        isinstance(tokens, torch.Tensor)  # anything else is refused by name by the model's input checks
         and tokens.shape[:2].numel() == 1
         and mems is None
         and cache is not None

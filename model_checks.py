@@ -17,6 +17,8 @@ A sibling module of the model files: transformers' remote-code loader fetches an
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import torch
 from torch import nn
 
@@ -24,24 +26,104 @@ from .transformers_compat import retie_lm_head
 
 
 class CheckedLoading:
-    """Mixin of the `PreTrainedModel` classes (listed before `PreTrainedModel`): `from_pretrained` refuses a
-    half-loaded or damaged checkpoint. `_trained_after_loading`: name parts of weights a checkpoint may lack
-    because they are meant to be trained (new heads are always allowed: only the model body is required)."""
+    """Mixin of the `PreTrainedModel` classes (listed before `PreTrainedModel`): the config is checked again when
+    a model is built (`config.check_fields()`: `from_pretrained(..., **overrides)` sets fields after the config's
+    __init__ checked them), and `from_pretrained` refuses a half-loaded or damaged checkpoint, naming the file
+    (and tensor) where transformers' own error names neither. `_trained_after_loading`: name parts of weights a
+    checkpoint may lack because they are meant to be trained (new heads are always allowed: only the model body is
+    required)."""
 
     _trained_after_loading: tuple[str, ...] = ()
+
+    def __init__(self, config, *args, **kwargs):
+        check_fields = getattr(config, "check_fields", None)
+        if callable(check_fields):
+            check_fields()
+        super().__init__(config, *args, **kwargs)
 
     @classmethod
     def from_pretrained(cls, *args, **kwargs):
         want_info = kwargs.pop("output_loading_info", False)
-        model, info = super().from_pretrained(*args, output_loading_info=True, **kwargs)
+        try:
+            model, info = super().from_pretrained(*args, output_loading_info=True, **kwargs)
+        except Exception as err:
+            problem = describe_weight_file_error(
+                cls, args[0] if args else kwargs.get("pretrained_model_name_or_path"), kwargs, err
+            )
+            if problem is None:
+                raise
+            raise ValueError(problem) from err
         retie_lm_head(model)
         check_loaded_weights(model, info.get("missing_keys", []), cls._trained_after_loading)
         return (model, info) if want_info else model
 
 
+def _weight_files(source, kwargs: dict) -> list[Path]:
+    """The safetensors files of a local model folder, or of a hub repository's cached snapshot (error path only)."""
+    if source is None:
+        return []
+    folder = Path(str(source)) / (kwargs.get("subfolder") or "")
+    if folder.is_dir():
+        return sorted(folder.glob("*.safetensors"))
+    try:
+        from huggingface_hub import try_to_load_from_cache
+
+        cached = try_to_load_from_cache(
+            str(source), "model.safetensors", revision=kwargs.get("revision"), cache_dir=kwargs.get("cache_dir")
+        )
+    except Exception:  # not a repository name: nothing to inspect
+        return []
+    return sorted(Path(cached).parent.glob("*.safetensors")) if isinstance(cached, str) else []
+
+
+def describe_weight_file_error(cls, source, kwargs: dict, err: Exception) -> str | None:
+    """What is wrong with the weight files behind a failed `from_pretrained`, naming the file and the tensor (None:
+    not a weight-file problem; transformers' error stands). A file safetensors cannot read (truncated, empty, a
+    corrupted header) and a tensor whose shape differs from the model's are described here: transformers' own
+    errors name neither (4.57: "size mismatch for weight" of some Linear; safetensors: "header too small")."""
+    if "mismatch" not in str(err) and type(err).__name__ != "SafetensorError":
+        return None
+    from safetensors import safe_open
+
+    shapes: dict[str, tuple[Path, list[int]]] = {}
+    for file in _weight_files(source, kwargs):
+        try:
+            with safe_open(str(file), framework="pt") as reader:
+                for key in reader.keys():
+                    shapes[key] = (file, list(reader.get_slice(key).get_shape()))
+        except Exception as bad:
+            size = file.stat().st_size
+            return (
+                f"the weight file {file} cannot be read ({size} bytes: {bad}); it is truncated or damaged "
+                "(re-download or re-convert it)"
+            )
+    if "mismatch" not in str(err) or not shapes:
+        return None
+    try:
+        config = kwargs.get("config")
+        if not isinstance(config, cls.config_class):
+            config = cls.config_class.from_pretrained(source, subfolder=kwargs.get("subfolder") or "")
+            for key, value in kwargs.items():
+                if hasattr(config, key):
+                    setattr(config, key, value)
+        with torch.device("meta"):
+            expected = {key: list(value.shape) for key, value in cls(config).state_dict().items()}
+    except Exception:
+        return None
+    prefix = f"{cls.base_model_prefix}."
+    for key, (file, shape) in shapes.items():
+        own = key if key in expected else prefix + key if prefix + key in expected else key.removeprefix(prefix)
+        if own in expected and expected[own] != shape:
+            return (
+                f"the weight file {file} holds {key} of shape {shape}, but the model (config.json's sizes) expects "
+                f"{expected[own]}: the checkpoint is of another size or architecture, or config.json is wrong"
+            )
+    return None
+
+
 def check_loaded_weights(model: nn.Module, missing_keys, trained_after_loading: tuple[str, ...] = ()) -> None:
     """Raise if weights of the model body are missing from the checkpoint (they would run randomly initialised) or
-    if a parameter holds NaN / inf (a corrupted file)."""
+    if a parameter or a stored buffer (BART's `final_logits_bias`) holds NaN / inf (a corrupted file)."""
     prefix = model.base_model_prefix
     has_body = hasattr(model, prefix)  # a head model: its body lives under `prefix.`
     body = sorted(
@@ -56,7 +138,9 @@ def check_loaded_weights(model: nn.Module, missing_keys, trained_after_loading: 
             "architecture (check config.json's sizes and architecture); refusing to run with randomly initialised weights."
         )
     damaged = []
-    for name, param in model.named_parameters():
+    stored = model.state_dict(keep_vars=True).keys()  # parameters and persistent buffers: what the file held
+    tensors = [*model.named_parameters(), *((n, b) for n, b in model.named_buffers() if n in stored)]
+    for name, param in tensors:
         if not param.is_floating_point() or param.device.type == "meta":
             continue
         if type(param.detach()) is not torch.Tensor:  # a quantized tensor subclass (torchao): stored as integers

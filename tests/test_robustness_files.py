@@ -6,7 +6,11 @@ anything). Where transformers already fails clearly, the test pins that error; w
 our classes' `from_pretrained` now refuses:
 - weights of the model body missing from the checkpoint (transformers only warns and initialises them randomly:
   ChatGLM-6B#1159's NaN) -> ValueError naming the keys; new heads and the P-tuning prefix encoder may be missing;
-- parameters holding NaN / inf (a corrupted file) -> ValueError naming them.
+- parameters or stored buffers (BART's `final_logits_bias`) holding NaN / inf (a corrupted file) -> ValueError
+  naming them;
+- a weight file safetensors cannot read (truncated, empty, corrupted header, a pickle under the safetensors name)
+  or a tensor of another shape than the model's (4.57 names neither tensor nor file) -> ValueError naming the file
+  and, for a shape, the tensor and both shapes.
 What remains undetectable: corruption of the tensor bytes that still decodes to finite numbers (safetensors has no
 checksum; hub downloads are verified by their sha256, local copies are not).
 
@@ -101,6 +105,15 @@ def _drop(key: str):
     return damage
 
 
+def _narrow(key: str):
+    def damage(folder: Path) -> None:
+        tensors = _weights(folder)
+        tensors[key] = tensors[key][:, : tensors[key].shape[1] // 2].contiguous()
+        _rewrite(folder, tensors)
+
+    return damage
+
+
 def _truncate(folder: Path) -> None:
     data = (folder / "model.safetensors").read_bytes()
     (folder / "model.safetensors").write_bytes(data[: len(data) // 2])
@@ -151,16 +164,17 @@ def _tokenizer_folder(root: Path, name: str, vocab_bytes: bytes) -> Path:
     return folder
 
 
-SAFETENSORS_DAMAGE = r"(?i)safetensor|deserializ"
+# a file safetensors cannot read: our ValueError names it, its size and safetensors' own reason
+SAFETENSORS_DAMAGE = r"the weight file \S+model\.safetensors cannot be read \(\d+ bytes: .*(?i:deserializ)"
 # case -> (Auto class, from_pretrained kwargs, expected: ("error", exception type names, regex) or ("loads", class))
 EXPECTED = {
-    "glm truncated safetensors": ("AutoModelForCausalLM", {}, ("error", ("SafetensorError",), SAFETENSORS_DAMAGE)),
-    "glm corrupted header": ("AutoModelForCausalLM", {}, ("error", ("SafetensorError",), SAFETENSORS_DAMAGE)),
-    "glm empty weights file": ("AutoModelForCausalLM", {}, ("error", ("SafetensorError",), SAFETENSORS_DAMAGE)),
+    "glm truncated safetensors": ("AutoModelForCausalLM", {}, ("error", ("ValueError",), SAFETENSORS_DAMAGE)),
+    "glm corrupted header": ("AutoModelForCausalLM", {}, ("error", ("ValueError",), SAFETENSORS_DAMAGE)),
+    "glm empty weights file": ("AutoModelForCausalLM", {}, ("error", ("ValueError",), SAFETENSORS_DAMAGE)),
     "glm pickle named model.safetensors": (
         "AutoModelForCausalLM",
         {},
-        ("error", ("SafetensorError",), SAFETENSORS_DAMAGE),
+        ("error", ("ValueError",), SAFETENSORS_DAMAGE),
     ),
     "glm NaN in a weight": (
         "AutoModelForCausalLM",
@@ -177,7 +191,16 @@ EXPECTED = {
         {},
         ("error", ("FileNotFoundError", "OSError"), r"model-00002-of-00002\.safetensors"),
     ),
-    "glm shape mismatch": ("AutoModelForCausalLM", {}, ("error", ("RuntimeError",), r"(?i)mismatch")),
+    "glm shape mismatch": (
+        "AutoModelForCausalLM",
+        {},
+        (
+            "error",
+            ("ValueError",),
+            r"weight file \S+model\.safetensors holds transformer\.layers\.0\.mlp\.dense_h_to_4h\.weight of shape "
+            r"\[64, 16\], but the model .* expects \[64, 32\]",
+        ),
+    ),
     "glm auto_map names a missing class": (
         "AutoModelForCausalLM",
         {},
@@ -209,11 +232,23 @@ EXPECTED = {
         {"pre_seq_len": 4},
         ("loads", "GLMForConditionalGeneration"),
     ),
-    "bart truncated safetensors": ("AutoModelForSeq2SeqLM", {}, ("error", ("SafetensorError",), SAFETENSORS_DAMAGE)),
+    "bart truncated safetensors": ("AutoModelForSeq2SeqLM", {}, ("error", ("ValueError",), SAFETENSORS_DAMAGE)),
     "bart body weight missing": (
         "AutoModelForSeq2SeqLM",
         {},
         ("error", ("ValueError",), r"lacks 1 weight.*model\.encoder\.layers\.0\.fc1\.weight"),
+    ),
+    "bart empty weights file": ("AutoModelForSeq2SeqLM", {}, ("error", ("ValueError",), SAFETENSORS_DAMAGE)),
+    "bart NaN in final_logits_bias (a buffer)": (
+        "AutoModelForSeq2SeqLM",
+        {},
+        ("error", ("ValueError",), r"NaN or inf values in final_logits_bias"),
+    ),
+    "sparse truncated safetensors": ("AutoModelForCausalLM", {}, ("error", ("ValueError",), SAFETENSORS_DAMAGE)),
+    "sparse shape mismatch": (
+        "AutoModelForCausalLM",
+        {},
+        ("error", ("ValueError",), r"holds model\.layers\.1\.attention\.dense\.weight of shape \[32, 16\]"),
     ),
     "bart NaN in a weight": (
         "AutoModelForSeq2SeqLM",
@@ -294,6 +329,10 @@ def build_damaged_folders(root: Path, marker: Path) -> dict[str, Path]:
         "bart truncated safetensors": (bart, _truncate),
         "bart body weight missing": (bart, _drop("model.encoder.layers.0.fc1.weight")),
         "bart NaN in a weight": (bart, _nan("model.decoder.layers.1.fc2.weight")),
+        "bart empty weights file": (bart, lambda f: (f / "model.safetensors").write_bytes(b"")),
+        "bart NaN in final_logits_bias (a buffer)": (bart, _nan("final_logits_bias")),
+        "sparse truncated safetensors": (sparse, _truncate),
+        "sparse shape mismatch": (sparse, _narrow("model.layers.1.attention.dense.weight")),
         "sparse body weight missing": (sparse, _drop("model.layers.0.mlp.dense_h_to_4h.weight")),
         "sparse NaN in a weight": (sparse, _nan("model.layers.1.attention.dense.weight")),
     }

@@ -48,6 +48,7 @@ from fixtures import (
     SPARSE_VOCAB,
     bart_config,
     bart_model,
+    glm_class,
     glm_config,
     glm_model,
     sparse_config,
@@ -502,6 +503,341 @@ CONVERT_ROWS: list[Row] = [
     ),
 ]
 
+# -------------------------------------------------------------- issue 23, second round: kinds refused by model_checks
+# Every family that takes the input gets a row: ids of another integer width or a float/bool dtype, Python lists
+# where tensors are expected, embeddings (or BART's encoder output) in another dtype than the model, both ids and
+# embeddings given to generate(), GLM's negative `sep`, GLM's [B, 2, L] positions given to sparse GPT-2, a
+# multi-element `is_sparse` and per-layer `mems` that disagree.
+BF16 = torch.bfloat16
+
+
+def glm_more_rows(variant: str) -> list[Row]:
+    def fwd(**kwargs):
+        return lambda tmp: glm_model(variant)(**kwargs)
+
+    def gen(*args, **kwargs):
+        return lambda tmp: glm_model(variant).generate(*args, **kwargs, **GREEDY)
+
+    p = f"glm[{variant}]"
+    ids = glm_ids()
+    return [
+        (f"{p}.forward negative sep", fwd(input_ids=ids, attention_mask=-1), ValueError, r"attention_mask must be one"),
+        (
+            f"{p}.forward negative sep per row",
+            fwd(input_ids=glm_ids(GLM_PROMPT, GLM_PROMPT), attention_mask=torch.tensor([2, -1])),
+            ValueError,
+            r"attention_mask must be one prefix length >= 0",
+        ),
+        (f"{p}.forward int16 ids", fwd(input_ids=ids.short()), TypeError, r"input_ids .*got dtype torch.int16"),
+        (f"{p}.forward bool ids", fwd(input_ids=ids.bool()), TypeError, r"input_ids .*got dtype torch.bool"),
+        (f"{p}.forward list ids", fwd(input_ids=[GLM_PROMPT]), TypeError, r"input_ids must be a torch.Tensor"),
+        (
+            f"{p}.forward bf16 inputs_embeds",
+            fwd(inputs_embeds=torch.zeros(1, 5, 32, dtype=BF16), position_ids=torch.zeros(1, 2, 5).long()),
+            TypeError,
+            r"inputs_embeds has dtype torch.bfloat16 but the model runs in torch.float32",
+        ),
+        (
+            f"{p}.forward list position_ids",
+            fwd(input_ids=ids, position_ids=[[[0] * 5, [0] * 5]]),
+            TypeError,
+            r"position_ids must be a torch.Tensor",
+        ),
+        (
+            f"{p}.forward list attention_mask",
+            fwd(input_ids=ids, attention_mask=[[1] * 5]),
+            ValueError,
+            r"attention_mask must be a tensor or GLM's prefix length",
+        ),
+        (f"{p}.forward list labels", fwd(input_ids=ids, labels=[[1] * 5]), TypeError, r"labels must be a torch.Tensor"),
+        (f"{p}.forward int16 labels", fwd(input_ids=ids, labels=ids.short()), TypeError, r"labels must be an integer"),
+        (f"{p}.generate int16 ids", gen(ids.short()), TypeError, r"input_ids .*got dtype torch.int16"),
+        (f"{p}.generate list ids", gen([GLM_PROMPT]), TypeError, r"input_ids must be a torch.Tensor"),
+        (
+            f"{p}.generate ids and inputs_embeds",
+            gen(ids, inputs_embeds=torch.zeros(1, 5, 32)),
+            ValueError,
+            r"pass input_ids or inputs_embeds to generate\(\), not both",
+        ),
+        (
+            f"{p}.generate list attention_mask",
+            gen(ids, attention_mask=[[1] * 5]),
+            TypeError,
+            r"attention_mask must be a torch.Tensor",
+        ),
+    ]
+
+
+BART_MORE_ROWS: list[Row] = [
+    ("bart.forward int16 ids", bart_fwd(input_ids=BART_IDS.short()), TypeError, r"input_ids .*got dtype torch.int16"),
+    ("bart.forward list ids", bart_fwd(input_ids=BART_IDS.tolist()), TypeError, r"input_ids must be a torch.Tensor"),
+    (
+        "bart.forward bf16 inputs_embeds",
+        bart_fwd(inputs_embeds=torch.zeros(1, 4, 32, dtype=BF16), decoder_input_ids=BART_IDS),
+        TypeError,
+        r"inputs_embeds has dtype torch.bfloat16",
+    ),
+    (
+        "bart.forward bf16 encoder_outputs",
+        bart_fwd(encoder_outputs=(torch.zeros(1, 4, 32, dtype=BF16),), decoder_input_ids=BART_IDS),
+        TypeError,
+        r"encoder_outputs has dtype torch.bfloat16",
+    ),
+    (
+        "bart.forward list encoder_outputs",
+        bart_fwd(encoder_outputs=([[0.0] * 32] * 4,), decoder_input_ids=BART_IDS),
+        TypeError,
+        r"encoder_outputs must be a torch.Tensor",
+    ),
+    (
+        "bart.forward int16 decoder_input_ids",
+        bart_fwd(input_ids=BART_IDS, decoder_input_ids=BART_IDS.short()),
+        TypeError,
+        r"decoder_input_ids .*got dtype torch.int16",
+    ),
+    (
+        "bart.forward list decoder_input_ids",
+        bart_fwd(input_ids=BART_IDS, decoder_input_ids=BART_IDS.tolist()),
+        TypeError,
+        r"decoder_input_ids must be a torch.Tensor",
+    ),
+    (
+        "bart.forward bf16 decoder_inputs_embeds",
+        bart_fwd(input_ids=BART_IDS, decoder_inputs_embeds=torch.zeros(1, 4, 32, dtype=BF16)),
+        TypeError,
+        r"decoder_inputs_embeds has dtype torch.bfloat16",
+    ),
+    (
+        "bart.forward list attention_mask",
+        bart_fwd(input_ids=BART_IDS, attention_mask=[[1] * 4]),
+        TypeError,
+        r"attention_mask must be a torch.Tensor",
+    ),
+    (
+        "bart.forward ids and inputs_embeds",
+        bart_fwd(input_ids=BART_IDS, inputs_embeds=torch.zeros(1, 4, 32), decoder_input_ids=BART_IDS),
+        ValueError,
+        r"exactly one of input_ids and inputs_embeds",
+    ),
+    ("bart.forward list labels", bart_fwd(input_ids=BART_IDS, labels=[[5, 6]]), TypeError, r"labels must be a torch"),
+    ("bart.generate int16 ids", bart_gen(BART_IDS.short()), TypeError, r"input_ids .*got dtype torch.int16"),
+    ("bart.generate list ids", bart_gen(BART_IDS.tolist()), TypeError, r"input_ids must be a torch.Tensor"),
+    (
+        "bart.generate ids and inputs_embeds",
+        bart_gen(BART_IDS, inputs_embeds=torch.zeros(1, 4, 32)),
+        ValueError,
+        r"pass input_ids or inputs_embeds to generate\(\), not both",
+    ),
+]
+
+
+def sparse_gen(*args, **kwargs):
+    return lambda tmp: sparse_model().generate(*args, **kwargs, **GREEDY)
+
+
+def sparse_mems(*shapes_and_dtypes) -> list[torch.Tensor]:
+    return [torch.zeros(1, length, 32, dtype=dtype) for length, dtype in shapes_and_dtypes]
+
+
+SPARSE_MORE_ROWS: list[Row] = [
+    ("sparse.forward int16 ids", sparse_fwd(input_ids=SPARSE_IDS.short()), TypeError, r"input_ids .*torch.int16"),
+    ("sparse.forward bool ids", sparse_fwd(input_ids=SPARSE_IDS.bool()), TypeError, r"input_ids .*torch.bool"),
+    ("sparse.forward list ids", sparse_fwd(input_ids=SPARSE_IDS.tolist()), TypeError, r"input_ids must be a torch"),
+    (
+        "sparse.forward bf16 inputs_embeds",
+        sparse_fwd(inputs_embeds=torch.zeros(1, 8, 32, dtype=BF16)),
+        TypeError,
+        r"inputs_embeds has dtype torch.bfloat16 but the model runs in torch.float32",
+    ),
+    (
+        "sparse.forward GLM's [B, 2, L] position_ids",
+        sparse_fwd(input_ids=SPARSE_IDS, position_ids=torch.zeros(1, 2, 8, dtype=torch.long)),
+        ValueError,
+        r"position_ids must have shape \[batch, seq\] = \[1, 8\], got \[1, 2, 8\]",
+    ),
+    (
+        "sparse.forward list position_ids",
+        sparse_fwd(input_ids=SPARSE_IDS, position_ids=[list(range(8))]),
+        TypeError,
+        r"position_ids must be a torch.Tensor",
+    ),
+    (
+        "sparse.forward float position_ids",
+        sparse_fwd(input_ids=SPARSE_IDS, position_ids=torch.zeros(1, 8)),
+        TypeError,
+        r"position_ids must be an integer tensor",
+    ),
+    (
+        "sparse.forward multi-element is_sparse",
+        sparse_fwd(input_ids=SPARSE_IDS, is_sparse=torch.tensor([0, 1])),
+        TypeError,
+        r"is_sparse must be an int.*shape \[2\]",
+    ),
+    (
+        "sparse.forward mems of different lengths",
+        sparse_fwd(input_ids=SPARSE_IDS, mems=sparse_mems((3, torch.float32), (4, torch.float32))),
+        ValueError,
+        r"mems must have one length for every layer, got \[3, 4\]",
+    ),
+    (
+        "sparse.forward mems of different dtypes",
+        sparse_fwd(input_ids=SPARSE_IDS, mems=sparse_mems((3, torch.float32), (3, BF16))),
+        TypeError,
+        r"mems must have the model's dtype torch.float32",
+    ),
+    (
+        "sparse.forward too few mems",
+        sparse_fwd(input_ids=SPARSE_IDS, mems=sparse_mems((3, torch.float32))),
+        ValueError,
+        r"mems must hold at least num_layers=2 tensors, got 1",
+    ),
+    (
+        "sparse.forward negative sep per row",
+        sparse_fwd(input_ids=SPARSE_IDS, sep=torch.tensor([-2])),
+        ValueError,
+        r"sep must be one prefix length >= 0",
+    ),
+    ("sparse.forward float sep", sparse_fwd(input_ids=SPARSE_IDS, sep=2.5), TypeError, r"sep must be an int"),
+    (
+        "sparse.forward list attention_mask",
+        sparse_fwd(input_ids=SPARSE_IDS, attention_mask=[[1] * 8]),
+        TypeError,
+        r"attention_mask must be a torch.Tensor",
+    ),
+    ("sparse.forward list labels", sparse_fwd(input_ids=SPARSE_IDS, labels=[[1] * 8]), TypeError, r"labels must be"),
+    ("sparse.generate int16 ids", sparse_gen(SPARSE_IDS.short()), TypeError, r"input_ids .*torch.int16"),
+    ("sparse.generate list ids", sparse_gen(SPARSE_IDS.tolist()), TypeError, r"input_ids must be a torch.Tensor"),
+    (
+        "sparse.generate ids and inputs_embeds",
+        sparse_gen(SPARSE_IDS, inputs_embeds=torch.zeros(1, 8, 32)),
+        ValueError,
+        r"pass input_ids or inputs_embeds to generate\(\), not both",
+    ),
+    (
+        "sparse.generate list attention_mask",
+        sparse_gen(SPARSE_IDS, attention_mask=[[1] * 8]),
+        TypeError,
+        r"attention_mask must be a torch.Tensor",
+    ),
+]
+
+
+# Config fields set after the config's __init__ (what `from_pretrained(folder, **overrides)` does) are checked again
+# when the model is built (`CheckedLoading.__init__` calls `config.check_fields()`).
+def changed(config, **fields):
+    for name, value in fields.items():
+        setattr(config, name, value)
+    return config
+
+
+def reloaded(model, tmp: Path, **overrides):
+    """`from_pretrained` of `model` saved to `tmp`, with config `overrides`."""
+    model.save_pretrained(tmp / "saved")
+    return type(model).from_pretrained(tmp / "saved", **overrides)
+
+
+CONFIG_OVERRIDE_ROWS: list[Row] = [
+    (
+        "glm.from_pretrained heads do not divide",
+        lambda tmp: reloaded(glm_model(), tmp, num_attention_heads=5),
+        ValueError,
+        r"GLMConfig.hidden_size \(32\) .*num_attention_heads \(5\)",
+    ),
+    (
+        "glm.model variant changed after __init__",  # not via from_pretrained: its `variant` names a weights file
+        lambda tmp: glm_class()(changed(glm_config(), variant="glm4")),
+        ValueError,
+        r"GLMConfig.variant must be one of",
+    ),
+    (
+        "glm.model config changed after __init__",
+        lambda tmp: glm_class()(changed(glm_config(), layernorm_epsilon=0.0)),
+        ValueError,
+        r"GLMConfig.layernorm_epsilon must be a positive",
+    ),
+    (
+        "sparse.from_pretrained zero window",
+        lambda tmp: reloaded(sparse_model(), tmp, query_window=0),
+        ValueError,
+        r"GPT2SparseConfig.query_window must be a positive integer, got 0",
+    ),
+    (
+        "sparse.from_pretrained heads do not divide",
+        lambda tmp: reloaded(sparse_model(), tmp, num_attention_heads=5),
+        ValueError,
+        r"GPT2SparseConfig.hidden_size \(32\) must be divisible by num_attention_heads \(5\)",
+    ),
+    (
+        "sparse.model config changed after __init__",
+        lambda tmp: type(sparse_model())(changed(sparse_config(), is_sparse=7)),
+        ValueError,
+        r"GPT2SparseConfig.is_sparse must be 0",
+    ),
+    (
+        "bart.from_pretrained heads do not divide",
+        lambda tmp: reloaded(bart_model(), tmp, decoder_attention_heads=5),
+        ValueError,
+        r"d_model \(32\) must be divisible .*decoder_attention_heads \(5\)",
+    ),
+    (
+        "bart.from_pretrained dropout 1.5",
+        lambda tmp: reloaded(bart_model(), tmp, dropout=1.5),
+        ValueError,
+        r"dropout must be a probability in \[0, 1\), got 1.5",
+    ),
+    (
+        "bart.model config changed after __init__",
+        lambda tmp: type(bart_model())(changed(bart_config(), activation_function="swishy")),
+        ValueError,
+        r"activation_function='swishy'",
+    ),
+]
+
+
+def convert_with_config(arch: str, config_text: str, *extra: str):
+    """The convert command on a folder whose config.json is `config_text` (valid JSON, not an object)."""
+    return lambda tmp: convert_command(
+        "--arch", arch, "--src", folder(tmp, "s", {"config.json": config_text}), "--dst", tmp / "o", *extra
+    )
+
+
+# one line on stderr (no traceback: an uncaught exception would escape convert_command with its own type)
+NOT_AN_OBJECT = (
+    r"^exit status 2: convert_checkpoint\.py: error: [^\n]*config\.json must hold a JSON object[^\n]*got {}\Z"
+)
+CONVERT_JSON_ROWS: list[Row] = [
+    (
+        "convert gpt2 config.json a JSON array",
+        convert_with_config("gpt2", "[1, 2]"),
+        ValueError,
+        NOT_AN_OBJECT.format("an array"),
+    ),
+    (
+        "convert bart config.json a JSON array",
+        convert_with_config("bart", "[]"),
+        ValueError,
+        NOT_AN_OBJECT.format("an array"),
+    ),
+    (
+        "convert glm config.json a JSON array",
+        convert_with_config("glm", "[{}]"),
+        ValueError,
+        NOT_AN_OBJECT.format("an array"),
+    ),
+    (
+        "convert chatglm-6b config.json a JSON string",
+        convert_with_config("chatglm-6b", '"glm"'),
+        ValueError,
+        NOT_AN_OBJECT.format("a string"),
+    ),
+    (
+        "convert gpt2 config.json a number",
+        convert_with_config("gpt2", "3"),
+        ValueError,
+        NOT_AN_OBJECT.format("a number"),
+    ),
+]
+
 BAD_CASES: list[Row] = [
     *[row for variant in GLM_VARIANTS for row in glm_rows(variant)],
     *CHATGLM_ROWS,
@@ -510,6 +846,11 @@ BAD_CASES: list[Row] = [
     *BART_ROWS,
     *SPARSE_ROWS,
     *CONVERT_ROWS,
+    *[row for variant in GLM_VARIANTS for row in glm_more_rows(variant)],
+    *BART_MORE_ROWS,
+    *SPARSE_MORE_ROWS,
+    *CONFIG_OVERRIDE_ROWS,
+    *CONVERT_JSON_ROWS,
 ]
 
 

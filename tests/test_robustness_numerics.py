@@ -114,3 +114,38 @@ def test_a_checkpoint_that_overflows_in_fp16_fails_clearly(family):
             half(ids)
         with pytest.raises(FloatingPointError, match=r"float16 overflow"):
             half.generate(ids, max_new_tokens=2, do_sample=False)
+
+
+# --------------------------------------------------------------------------------- every label ignored (-100)
+def _fresh(family: str, variant: str = "chatglm"):
+    """A new tiny model in train mode (not the shared fixture: backward() writes .grad)."""
+    torch.manual_seed(0)
+    if family == "glm":
+        from fixtures import glm_class
+
+        return glm_class()(glm_config(variant=variant, hidden_dropout_prob=0.0)).train()
+    if family == "sparse":
+        return repo_module("modeling_gpt2_sparse").GPT2SparseLMHeadModel(sparse_config()).train()
+    return repo_module("modeling_bart_gen").BartGenForConditionalGeneration(bart_config()).train()
+
+
+@pytest.mark.parametrize(
+    "family,variant", [("glm", "chatglm"), ("glm", "glm"), ("sparse", None), ("bart", None)], ids=str
+)
+def test_a_batch_whose_labels_are_all_ignored_gives_loss_0_and_zero_gradients(family, variant):
+    """A batch with every label -100 (e.g. a prompt-only row after masking) has nothing to learn from: the loss is
+    exactly 0 (not NaN from 0/0, which would poison the weights through the optimizer) and every gradient is 0."""
+    model = _fresh(family, variant or "chatglm")
+    if family == "glm":
+        ids = torch.tensor([GLM_PROMPT, GLM_PROMPT])
+        batch = dict(input_ids=ids, labels=torch.full_like(ids, -100))
+    elif family == "sparse":
+        batch = dict(input_ids=SPARSE_IDS, labels=torch.full_like(SPARSE_IDS, -100))
+    else:
+        batch = dict(input_ids=BART_IDS, decoder_input_ids=BART_IDS, labels=torch.full_like(BART_IDS, -100))
+    loss = model(**batch).loss
+    assert loss is not None and bool(torch.isfinite(loss)) and loss.item() == 0.0, loss
+    loss.backward()
+    grads = [p.grad for p in model.parameters() if p.requires_grad]
+    assert grads and all(g is None or not bool(g.any()) for g in grads), "an all-ignored batch moved the weights"
+    assert any(g is not None for g in grads), "the loss is not connected to the model (the test would prove nothing)"

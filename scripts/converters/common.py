@@ -60,9 +60,13 @@ def read_json(path: str | os.PathLike) -> dict:
     if not path.is_file():
         raise ConversionError(f"expected {path.name} in {path.parent}, but it does not exist")
     try:
-        return json.loads(path.read_text(encoding="utf-8"))
+        data = json.loads(path.read_text(encoding="utf-8"))
     except json.JSONDecodeError as err:
         raise ConversionError(f"{path} is not valid JSON: {err}") from err
+    if not isinstance(data, dict):  # every file read here is a JSON object of named fields
+        kind = {list: "an array", str: "a string", type(None): "null", bool: "a boolean"}.get(type(data), "a number")
+        raise ConversionError(f"{path} must hold a JSON object {{...}} of named fields, got {kind}")
+    return data
 
 
 def write_json(path: str | os.PathLike, obj) -> None:
