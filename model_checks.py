@@ -59,21 +59,12 @@ class CheckedLoading:
 
 
 def _weight_files(source, kwargs: dict) -> list[Path]:
-    """The safetensors files of a local model folder, or of a hub repository's cached snapshot (error path only)."""
+    """The safetensors files of a local model folder (error path only; a hub repository's files are not looked up:
+    this module makes no hub calls, and transformers' own error stands there)."""
     if source is None:
         return []
     folder = Path(str(source)) / (kwargs.get("subfolder") or "")
-    if folder.is_dir():
-        return sorted(folder.glob("*.safetensors"))
-    try:
-        from huggingface_hub import try_to_load_from_cache
-
-        cached = try_to_load_from_cache(
-            str(source), "model.safetensors", revision=kwargs.get("revision"), cache_dir=kwargs.get("cache_dir")
-        )
-    except Exception:  # not a repository name: nothing to inspect
-        return []
-    return sorted(Path(cached).parent.glob("*.safetensors")) if isinstance(cached, str) else []
+    return sorted(folder.glob("*.safetensors")) if folder.is_dir() else []
 
 
 def describe_weight_file_error(cls, source, kwargs: dict, err: Exception) -> str | None:
