@@ -134,14 +134,18 @@ def _carries_state(value) -> bool:
 def generation_cache(config, past_key_values: Cache | None, kwargs: dict) -> Cache | None:
     """The cache generate() hands to `prepare_inputs_for_generation`, under either name (popped from `kwargs`).
 
-    With `use_cache=True` generate() always creates one (4.57 and every 5.x so far); a step without it means
-    transformers now passes it under a name this code does not know, and decoding on would see one token and no
-    history. That is refused, naming the version."""
+    With `use_cache=True` every step after the prompt brings one (4.57 and later 5.x create it before the prompt
+    step; early 5.x let the forward create it there); a later step without it means transformers now passes it
+    under a name this code does not know, and decoding on would see one token and no history. That is refused,
+    naming the version."""
     cache = take_cache(past_key_values, kwargs)
     use_cache = kwargs.get("use_cache")
     use_cache = getattr(config, "use_cache", True) if use_cache is None else use_cache
     strays = sorted(name for name, value in kwargs.items() if isinstance(value, Cache))
-    if strays or (use_cache and cache is None):
+    # 5.0-5.x generate() creates no cache before the prompt step (`is_first_iteration`): the forward creates it and
+    # generate() carries the returned one on; from then on every step must bring it back.
+    first_step = kwargs.get("is_first_iteration") is True
+    if strays or (use_cache and cache is None and not first_step):
         found = f"; found a cache under {', '.join(strays)}" if strays else ""
         raise TransformersCompatibilityError(
             f"generate() of transformers {TRANSFORMERS_VERSION} passed no KV cache under the names this model "

@@ -77,7 +77,8 @@ def test_decode_steps_get_one_token_and_the_filled_cache(name, num_beams):
     new = 5
     model.generate(**inputs, max_new_tokens=new, min_new_tokens=new, num_beams=num_beams, do_sample=False)
     first = 1 if model.config.is_encoder_decoder else inputs["input_ids"].shape[1]
-    assert steps[0] == (first, 0), f"first step: {steps[0]}"
+    # the prompt step: an empty cache (early 5.x: none yet, the forward creates it), then one token per step
+    assert steps[0][0] == first and steps[0][1] in (0, -1), f"first step: {steps[0]}"
     expected = [(1, first + i) for i in range(new - 1)]
     assert steps[1:] == expected, f"transformers {transformers.__version__}: steps {steps}"
 
