@@ -192,11 +192,15 @@ def causal_lm_loss(
 
 def retie_lm_head(model: nn.Module) -> None:
     """Tie the output embeddings to the input embeddings again where the config ties them but the loader left two
-    equal copies (transformers 5.0.0 with checkpoints that store both). Differing copies stay as loaded."""
+    equal copies (transformers 5.0.0 with checkpoints that store both) or a head never loaded, still on the meta
+    device (5.3.0). Differing copies stay as loaded."""
     if not getattr(model.config, "tie_word_embeddings", False):
         return
     head, embeddings = model.get_output_embeddings(), model.get_input_embeddings()
     if head is None or embeddings is None or head.weight is embeddings.weight:
         return
-    if head.weight.shape == embeddings.weight.shape and torch.equal(head.weight, embeddings.weight):
+    if head.weight.shape != embeddings.weight.shape or embeddings.weight.device.type == "meta":
+        return
+    # transformers 5.3.0 leaves the tied head on the meta device (never loaded): it can only be the embeddings
+    if head.weight.device.type == "meta" or torch.equal(head.weight, embeddings.weight):
         head.weight = embeddings.weight

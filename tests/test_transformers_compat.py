@@ -286,11 +286,14 @@ def test_a_transformers_below_the_floor_is_refused_by_name():
     assert re.search(r"ImportError: .*transformers>=4\.57,<6; found 4\.56\.2", run.stderr), run.stderr[-2000:]
 
 
-def test_an_equal_untied_head_is_tied_again_and_a_different_one_kept():
+def test_an_equal_or_unloaded_untied_head_is_tied_again_and_a_different_one_kept():
     model, _ = load(FAMILIES[0])
     embeddings = model.get_input_embeddings().weight
     head = model.get_output_embeddings()
     head.weight = torch.nn.Parameter(embeddings.detach().clone())
+    compat.retie_lm_head(model)
+    assert head.weight is embeddings
+    head.weight = torch.nn.Parameter(torch.empty_like(embeddings, device="meta"))  # never loaded (5.3.0)
     compat.retie_lm_head(model)
     assert head.weight is embeddings
     head.weight = torch.nn.Parameter(embeddings.detach() + 1)
