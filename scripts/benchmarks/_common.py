@@ -6,7 +6,9 @@ Not a benchmark itself (the leading underscore keeps it out of `scripts/benchmar
 
 from __future__ import annotations
 
+import argparse
 import importlib
+import json
 import statistics
 import sys
 import time
@@ -97,3 +99,15 @@ def ratio_row(family: str, case: str, ours: tuple[float, float], theirs: tuple[f
         "spread_native": round(theirs[1], 3),
         **extra,
     }
+
+
+def cli(run: Callable[..., list[dict]], doc: str, argv: list[str] | None = None, *flags: tuple[str, dict]) -> None:
+    """The command line of a benchmark module: `--quick`, `--device` and the module's own `flags` (name, argparse
+    keywords), passed to `run` by name; prints its rows as JSON lines."""
+    parser = argparse.ArgumentParser(description=doc.split("\n\n")[0])
+    parser.add_argument("--quick", action="store_true")
+    parser.add_argument("--device", choices=["cpu", "cuda"], default=None)
+    for name, options in flags:
+        parser.add_argument(name, **options)
+    for row in run(**vars(parser.parse_args(argv))):
+        print(json.dumps(row))

@@ -23,12 +23,10 @@ measured copy bandwidth (target: >= 0.6 for bf16). Each model is timed two ways:
 
 from __future__ import annotations
 
-import argparse
 import copy
-import json
 import statistics
 
-from _common import decode_ms_per_token, default_device, timed_ms
+from _common import cli, decode_ms_per_token, default_device, timed_ms
 from glm import PROMPT, build_native, build_ours, generator_for, prompt
 
 COPY_BYTES = 1 << 30
@@ -134,12 +132,7 @@ def run(quick: bool = False, device: str | None = None) -> list[dict]:
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--quick", action="store_true")
-    parser.add_argument("--device", choices=["cpu", "cuda"], default=None)
-    args = parser.parse_args(argv)
-    for row in run(quick=args.quick, device=args.device):
-        print(json.dumps(row))
+    cli(run, __doc__, argv)
 
 
 if __name__ == "__main__":

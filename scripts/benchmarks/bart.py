@@ -16,10 +16,7 @@ Ours and native alternate within every round; medians and the interquartile spre
 
 from __future__ import annotations
 
-import argparse
-import json
-
-from _common import alternate, decode_ms_per_token, default_device, ratio_row, repo_module, summary
+from _common import alternate, cli, decode_ms_per_token, default_device, ratio_row, repo_module, summary
 
 FULL = dict(d_model=768, encoder_layers=6, decoder_layers=6, encoder_attention_heads=12, decoder_attention_heads=12,
             encoder_ffn_dim=3072, decoder_ffn_dim=3072, vocab_size=32000)  # fmt: skip
@@ -106,13 +103,7 @@ def run(quick: bool = False, device: str | None = None, beam_only: bool = False)
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--quick", action="store_true")
-    parser.add_argument("--device", choices=["cpu", "cuda"], default=None)
-    parser.add_argument("--beam-only", action="store_true", help="only the fp32 beam-search cases")
-    args = parser.parse_args(argv)
-    for row in run(quick=args.quick, device=args.device, beam_only=args.beam_only):
-        print(json.dumps(row))
+    cli(run, __doc__, argv, ("--beam-only", dict(action="store_true", help="only the fp32 beam-search cases")))
 
 
 if __name__ == "__main__":

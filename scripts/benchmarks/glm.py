@@ -21,11 +21,9 @@ the native model gets the same ids.
 
 from __future__ import annotations
 
-import argparse
-import json
 from functools import partial
 
-from _common import alternate, decode_ms_per_token, default_device, ratio_row, repo_module, summary
+from _common import alternate, cli, decode_ms_per_token, default_device, ratio_row, repo_module, summary
 
 SIZES = dict(vocab_size=32000, hidden_size=768, num_layers=12, num_attention_heads=12, inner_hidden_size=3072)
 MASK, GMASK, SMASK, SOP, EOP, PAD = 31000, 31001, 31002, 31004, 31005, 3
@@ -161,12 +159,7 @@ def run(quick: bool = False, device: str | None = None) -> list[dict]:
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--quick", action="store_true")
-    parser.add_argument("--device", choices=["cpu", "cuda"], default=None)
-    args = parser.parse_args(argv)
-    for row in run(quick=args.quick, device=args.device):
-        print(json.dumps(row))
+    cli(run, __doc__, argv)
 
 
 if __name__ == "__main__":

@@ -16,13 +16,12 @@ native alternate within every round; medians and interquartile spreads, `ratio` 
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 import tempfile
 from functools import partial
 from pathlib import Path
 
-from _common import REPO_ROOT, alternate, decode_ms_per_token, default_device, ratio_row, repo_module, summary
+from _common import REPO_ROOT, alternate, cli, decode_ms_per_token, default_device, ratio_row, repo_module, summary
 
 FULL = dict(n_embd=768, n_layer=12, n_head=12, vocab_size=50257, n_positions=2048)
 QUICK = dict(n_embd=128, n_layer=2, n_head=4, vocab_size=4000, n_positions=1024)
@@ -110,13 +109,7 @@ def run(quick: bool = False, device: str | None = None, beam_only: bool = False)
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--quick", action="store_true")
-    parser.add_argument("--device", choices=["cpu", "cuda"], default=None)
-    parser.add_argument("--beam-only", action="store_true", help="only the fp32 beam-search cases")
-    args = parser.parse_args(argv)
-    for row in run(quick=args.quick, device=args.device, beam_only=args.beam_only):
-        print(json.dumps(row))
+    cli(run, __doc__, argv, ("--beam-only", dict(action="store_true", help="only the fp32 beam-search cases")))
 
 
 if __name__ == "__main__":

@@ -19,10 +19,7 @@ prints the top N operators by self time, for profiling.
 
 from __future__ import annotations
 
-import argparse
-import json
-
-from _common import decode_ms_per_token, default_device
+from _common import cli, decode_ms_per_token, default_device
 from glm import PROMPT, SIZES, build_native, build_ours, generator_for, prompt
 
 MATMUL_OPS = ("aten::mm", "aten::addmm", "aten::bmm", "aten::baddbmm", "aten::_scaled_dot_product", "aten::_flash")
@@ -91,13 +88,7 @@ def run(quick: bool = False, device: str | None = None, sort: int = 0) -> list[d
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--quick", action="store_true")
-    parser.add_argument("--device", choices=["cpu", "cuda"], default=None)
-    parser.add_argument("--sort", type=int, default=0, help="print the top N operators by self time")
-    args = parser.parse_args(argv)
-    for row in run(quick=args.quick, device=args.device, sort=args.sort):
-        print(json.dumps(row))
+    cli(run, __doc__, argv, ("--sort", dict(type=int, default=0, help="print the top N operators by self time")))
 
 
 if __name__ == "__main__":

@@ -13,11 +13,9 @@ Also the weight bytes of each. Skipped (one row saying so) when torchao is not i
 
 from __future__ import annotations
 
-import argparse
 import copy
-import json
 
-from _common import decode_ms_per_token, default_device
+from _common import cli, decode_ms_per_token, default_device
 from bandwidth import stepper_for
 from glm import PROMPT, build_ours, generator_for, prompt
 
@@ -75,12 +73,7 @@ def run(quick: bool = False, device: str | None = None) -> list[dict]:
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--quick", action="store_true")
-    parser.add_argument("--device", choices=["cpu", "cuda"], default=None)
-    args = parser.parse_args(argv)
-    for row in run(quick=args.quick, device=args.device):
-        print(json.dumps(row))
+    cli(run, __doc__, argv)
 
 
 if __name__ == "__main__":
