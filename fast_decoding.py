@@ -31,7 +31,7 @@ import torch
 from torch import nn
 from transformers.cache_utils import Cache, DynamicCache, DynamicLayer, EncoderDecoderCache
 
-from .transformers_compat import registered_attention
+from .transformers_compat import CACHE_NAMES, registered_attention
 
 
 class GrowingKVLayer(DynamicLayer):
@@ -310,7 +310,7 @@ class CompiledDecoding:
             ids = kwargs.get("decoder_input_ids", kwargs.get("input_ids"))
             if ids is None or ids.shape[1] != 1:
                 return eager(*args, **kwargs)
-            cache = kwargs.get("past_key_values", kwargs.get("cache"))
+            cache = next((kwargs[name] for name in CACHE_NAMES if kwargs.get(name) is not None), None)
             with fast_cpu_gemv(ids, cache, weight, kwargs.get("mems")):
                 return compiled(*args, **kwargs)
 

@@ -879,12 +879,7 @@ class GLMForConditionalGeneration(GLMPreTrainedModel, GenerationMixin, CompiledD
             step_position_ids, step_mask = self._glm_generation_step(
                 input_ids, past_length, glm_positions, generation_attention_mask, attention_mask
             )
-        else:
-            if past_length == 0 and attention_mask is not None and not bool(attention_mask[:, -1].all()):
-                raise ValueError(
-                    "the batch is right-padded (attention_mask has 0 in the last column); generation needs left "
-                    "padding: set tokenizer.padding_side = 'left'"
-                )
+        else:  # (right padding was refused by generate() itself, once)
             position_ids = build_position_ids(input_ids, attention_mask, self.config, validate=past_length == 0)
             step_position_ids, step_mask = position_ids[..., past_length:], attention_mask
         model_inputs = {
