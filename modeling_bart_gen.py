@@ -63,7 +63,6 @@ from .transformers_compat import (
     causal_lm_loss,
     check_unused_kwargs,
     generation_cache,
-    generation_cache_kwarg,
     output_cache,
     take_cache,
 )
@@ -760,7 +759,7 @@ class BartGenForConditionalGeneration(BartGenPreTrainedModel, GenerationMixin, C
         """transformers' own, with the cache taken under either name and refused when missing (see
         `transformers_compat.generation_cache`)."""
         cache = generation_cache(self.config, past_key_values, kwargs)
-        return super().prepare_inputs_for_generation(decoder_input_ids, **generation_cache_kwarg(cache), **kwargs)
+        return super().prepare_inputs_for_generation(decoder_input_ids, **cache_field(cache), **kwargs)
 
     @can_return_tuple
     def forward(

@@ -68,7 +68,6 @@ from .transformers_compat import (
     causal_lm_loss,
     check_unused_kwargs,
     generation_cache,
-    generation_cache_kwarg,
     output_cache,
     take_cache,
 )
@@ -557,7 +556,7 @@ class GPT2SparseLMHeadModel(GPT2SparsePreTrainedModel, GenerationMixin, Compiled
         self, input_ids: torch.LongTensor, past_key_values: Cache | None = None, **kwargs
     ) -> dict:
         past = generation_cache(self.config, past_key_values, kwargs)
-        model_inputs = super().prepare_inputs_for_generation(input_ids, **generation_cache_kwarg(past), **kwargs)
+        model_inputs = super().prepare_inputs_for_generation(input_ids, **cache_field(past), **kwargs)
         mode = model_inputs.get("is_sparse")
         mode = self.config.is_sparse if mode is None else mode
         if mode == 2 and model_inputs.get("image_mask") is None and model_inputs.get("pivot_idx") is None:

@@ -82,19 +82,15 @@ def take_cache(past_key_values: Cache | None, kwargs: dict) -> Cache | None:
 
 
 def cache_field(cache: Cache | None) -> dict:
-    """`{CACHE_NAME: cache}`, to be splatted into a model output: `CausalLMOutputWithPast(logits=x,
-    **cache_field(cache))` (tests/test_transformers_compat.py checks every output class used has that field)."""
+    """`{CACHE_NAME: cache}`, to be splatted into a model output, `CausalLMOutputWithPast(logits=x,
+    **cache_field(cache))`, or into transformers' own `prepare_inputs_for_generation`, which takes the cache under
+    the same name (tests/test_transformers_compat.py checks both on every version)."""
     return {CACHE_NAME: cache}
 
 
 def output_cache(output) -> Cache | None:
     """The cache of a model output, read without the deprecation warning of the old name's alias."""
     return getattr(output, CACHE_NAME)
-
-
-def generation_cache_kwarg(cache: Cache | None) -> dict:
-    """`{CACHE_NAME: cache}` for transformers' own `GenerationMixin.prepare_inputs_for_generation`."""
-    return {CACHE_NAME: cache}
 
 
 # ---------------------------------------------------------------------------------------------------------------
