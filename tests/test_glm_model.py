@@ -20,7 +20,7 @@ from fixtures import glm_config as tiny_config
 from fixtures import glm_modeling as modeling_module
 from fixtures import spread_glm as tiny_model
 from helpers import assert_close
-from hypothesis import given, settings
+from hypothesis import example, given, settings
 from hypothesis import strategies as st
 
 PROPERTY = settings(max_examples=10, deadline=None)
@@ -157,18 +157,21 @@ def test_left_padded_batch_equals_rows_alone(variant, lengths, span, seed):
 @pytest.mark.parametrize("variant", VARIANTS)
 @PROPERTY
 @given(lengths=st.lists(st.integers(1, 8), min_size=1, max_size=3), span=st.integers(0, 3), seed=st.integers(0, 999))
+@example(lengths=[5], span=1, seed=39)
 def test_eager_equals_sdpa(variant, lengths, span, seed):
     eager = tiny_model(attn_implementation="eager", variant=variant)
     sdpa = tiny_model(attn_implementation="sdpa", variant=variant)
     g = torch.Generator().manual_seed(seed)
     rows = [random_prompt(g, n) + torch.randint(5, 100, (span,), generator=g).tolist() for n in lengths]
     ids, mask = left_pad(rows)
-    # rtol covers fp32 rounding of the O(10) logits the spread weights produce
+    # rtol covers fp32 rounding of the O(10) logits the spread weights produce: the two kernels sum in different
+    # orders, up to ~1.1e-5 apart at |logit| ~ 10 (the example below, found by hypothesis; the same on the code
+    # before the 2026-12 refactor)
     assert_close(
         eager(ids, attention_mask=mask).logits,
         sdpa(ids, attention_mask=mask).logits,
         atol=1e-5,
-        rtol=1e-6,
+        rtol=2e-6,
         msg="eager vs sdpa",
     )
 
