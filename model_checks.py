@@ -21,8 +21,11 @@ from pathlib import Path
 
 import torch
 from torch import nn
+from transformers.utils import logging
 
 from .transformers_compat import retie_lm_head
+
+logger = logging.get_logger(__name__)
 
 
 class CheckedLoading:
@@ -392,3 +395,15 @@ def check_generate_inputs(
         )
     if left_padding:
         refuse_right_padding(mask)
+
+
+def resolve_use_cache(model, use_cache: bool | None) -> bool:
+    """`use_cache`, or `model.config.use_cache` when None; off with gradient checkpointing in training, with a
+    warning when it was asked for explicitly."""
+    requested = use_cache
+    use_cache = use_cache if use_cache is not None else model.config.use_cache
+    if model.gradient_checkpointing and model.training and use_cache:
+        if requested:
+            logger.warning_once("use_cache=True is incompatible with gradient checkpointing; using use_cache=False.")
+        use_cache = False
+    return use_cache

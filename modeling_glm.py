@@ -60,24 +60,28 @@ from transformers.utils import logging
 
 from .configuration_glm import GLMConfig
 from .fast_decoding import CompiledDecoding, attention_function, fast_cpu_gemv, use_growing_kv_layers
-from .glm_chat import GLMChatMixin
+from .glm_generation import GLMGenerationMixin
+from .glm_inputs import (
+    build_position_ids,
+    first_index,
+    flatten_choices,
+    padded_choices,
+    positions_and_mask,
+    refuse_mems,
+)
 from .model_checks import (
     CheckedLoading,
-    check_generate_inputs,
     check_half_overflow,
     check_input_values,
     check_inputs,
     check_labels,
-    check_prefix_length,
-    check_tensor,
-    padding_mask,
     reads_values,
+    resolve_use_cache,
 )
 from .transformers_compat import (
     cache_field,
     causal_lm_loss,
     check_unused_kwargs,
-    generation_cache,
     output_cache,
     take_cache,
 )
@@ -127,164 +131,6 @@ def rotate_half_2d(x: torch.Tensor) -> torch.Tensor:
 def apply_rotary_pos_emb(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
     """x * cos + rotate_half_2d(x) * sin, for the queries and keys of a step at once (x: [B, S, H, 2, D])."""
     return x * cos + rotate_half_2d(x) * sin
-
-
-# ----------------------------------------------------------------------------------------------------------------
-# Blank-infilling inputs: 2-D position ids and the prefix-LM mask
-# ----------------------------------------------------------------------------------------------------------------
-def _first_index(hits: torch.Tensor) -> torch.Tensor:
-    """Index of the first True along the last dim (0 where there is none)."""
-    return hits.to(torch.int32).argmax(dim=-1)
-
-
-def build_position_ids(
-    input_ids: torch.Tensor,
-    attention_mask: torch.Tensor | None,
-    config: GLMConfig,
-    validate: bool = True,
-    require_span: bool = True,
-) -> torch.Tensor:
-    """2-D position ids [B, 2, S] for GLM blank infilling, without a loop over the batch.
-
-    Row b reads: the context (everything before the first `<sop>`) has positions 0, 1, ... counted from the first
-    real token (so left padding does not shift them) and block position 0; the span from `<sop>` on has the
-    position of the blank and block positions 1, 2, ... The blank is, for ChatGLM, the first `[gMASK]`, else the
-    first `[MASK]`/`[sMASK]` (THUDM's model); for GLM the first blank of any kind (GLM's tokenizer). Padding gets
-    position 0. A row without `<sop>` is all context. `validate` raises a ValueError naming the rows without a
-    `<sop>` (when `require_span`) or with a `<sop>` but no blank.
-    """
-    batch_size, seq_len = input_ids.shape
-    is_gmask = input_ids == config.gmask_token_id
-    is_short_blank = torch.zeros_like(is_gmask)
-    for token_id in (config.mask_token_id, config.smask_token_id):
-        if token_id is not None:
-            is_short_blank |= input_ids == token_id
-    if attention_mask is not None:  # a blank or <sop> id inside the padding is padding, not a blank / span start
-        real = attention_mask.bool()
-        is_gmask, is_short_blank = is_gmask & real, is_short_blank & real
-    has_gmask = is_gmask.any(dim=-1)
-    if config.variant == "chatglm":  # THUDM's ChatGLM model: [gMASK] wins over [MASK] wherever it is
-        blank_index = torch.where(has_gmask, _first_index(is_gmask), _first_index(is_short_blank))  # [B]
-    else:  # GLM's tokenizer: the first blank of any kind
-        blank_index = _first_index(is_gmask | is_short_blank)  # [B]
-    is_sop = input_ids == config.bos_token_id
-    if attention_mask is not None:
-        is_sop = is_sop & real
-    has_sop = is_sop.any(dim=-1)
-    sop_index = torch.where(has_sop, _first_index(is_sop), seq_len)  # [B]; seq_len: no span
-    if validate:
-        if require_span:
-            _check_rows(
-                has_sop,
-                f"no <sop> token (bos_token_id {config.bos_token_id}) opening the span "
-                "to generate; the tokenizer appends it (chatglm: `[gMASK] <sop>` at the end of every prompt; "
-                "glm: tokenizer.build_inputs_for_generation)",
-            )
-        _check_rows(
-            has_gmask | is_short_blank.any(dim=-1) | ~has_sop,
-            "no blank token ([gMASK], [MASK] or [sMASK], ids "
-            f"{config.gmask_token_id}, {config.mask_token_id}, {config.smask_token_id})",
-        )
-
-    if attention_mask is None:
-        positions = torch.arange(seq_len, device=input_ids.device).expand(batch_size, seq_len)
-    else:
-        positions = (attention_mask.long().cumsum(dim=-1) - 1).clamp(min=0)  # counted from the first real token
-    token_index = torch.arange(seq_len, device=input_ids.device)
-    in_span = token_index >= sop_index[:, None]  # [B, S]
-    blank_position = positions.gather(1, blank_index[:, None])  # [B, 1]
-    position_ids = torch.where(in_span, blank_position, positions)
-    block_position_ids = (token_index - sop_index[:, None] + 1).clamp(min=0)
-    return torch.stack((position_ids, block_position_ids), dim=1)
-
-
-def _check_rows(row_ok: torch.Tensor, problem: str) -> None:
-    if not bool(row_ok.all()):
-        rows = torch.nonzero(~row_ok).flatten().tolist()  # error path only
-        raise ValueError(f"input_ids row(s) {rows}: {problem}.")
-
-
-def build_attention_mask(
-    block_position_ids: torch.Tensor,
-    padding_mask: torch.Tensor | None,
-    past_length: int,
-    prefix_length: int = 0,
-) -> torch.Tensor | None:
-    """Boolean prefix-LM mask [B, 1, q, kv] (True = attend), or None when every query may see every key.
-
-    Query i may see key j if j <= i (causal) or if j is a context token (block position 0): the context is
-    bidirectional, the span causal. Cached keys are all earlier than the queries, so only the current chunk's
-    block positions matter. `padding_mask` [B, past + q] hides padding; `prefix_length` P-tuning keys are
-    visible to everyone.
-    """
-    batch_size, query_length = block_position_ids.shape
-    if query_length == 1 and padding_mask is None:
-        return None  # one new token at the end of the sequence sees everything
-    device = block_position_ids.device
-    kv_index = torch.arange(past_length + query_length, device=device)  # [kv]
-    q_index = past_length + torch.arange(query_length, device=device)  # [q]
-    allowed = (kv_index[None, :] <= q_index[:, None])[None]  # causal: [1, q, kv]
-    if query_length > 1:
-        is_context_key = F.pad(block_position_ids == 0, (past_length, 0))  # [B, kv]
-        allowed = allowed | is_context_key[:, None, :]
-    if padding_mask is not None:
-        allowed = allowed & padding_mask.bool()[:, None, :]
-    allowed = allowed.expand(batch_size, query_length, -1)
-    if prefix_length:
-        allowed = F.pad(allowed, (prefix_length, 0), value=True)
-    return allowed[:, None]
-
-
-def read_attention_mask(
-    attention_mask, batch_size: int, query_length: int, kv_length: int, read: bool
-) -> tuple[str | None, torch.Tensor | None]:
-    """What `attention_mask` means, decided in this one place: (kind, tensor), kind one of
-    - "padding": a 2-D [B, past + S] 0/1 mask, as bool (None: it masks nothing);
-    - "explicit": a 4-D [B, 1, S, past + S] boolean / 0/1 mask (True = attend), as bool;
-    - "sep": GLM's prefix-length convention (an int, a 1-element or a [B] tensor), as lengths [B];
-    - None: no mask.
-    Raises a ValueError / TypeError naming `attention_mask` for anything else. `read`: run the data-dependent
-    checks (0/1 values, negative lengths); off on decode steps (`model_checks.reads_values`)."""
-    if attention_mask is None:
-        return None, None
-    if isinstance(attention_mask, bool) or not isinstance(attention_mask, (int, torch.Tensor)):
-        raise ValueError(
-            f"attention_mask must be a tensor or GLM's prefix length (an int), got {type(attention_mask).__name__}"
-        )
-    if not isinstance(attention_mask, torch.Tensor) or attention_mask.dim() <= 1:
-        return "sep", check_prefix_length(attention_mask, "attention_mask", batch_size, read).expand(batch_size)
-    if attention_mask.dim() == 2 and attention_mask.shape == (batch_size, kv_length):
-        return "padding", padding_mask(attention_mask, "attention_mask", (batch_size, kv_length), read, True)
-    if attention_mask.dim() != 4:
-        raise ValueError(
-            f"attention_mask must be a [batch, past + seq] = [{batch_size}, {kv_length}] padding mask, a "
-            f"4-D [batch, 1, seq, past + seq] mask or GLM's prefix length (an int or a [batch] tensor), got "
-            f"{list(attention_mask.shape)}"
-        )
-    if attention_mask.shape[0] != batch_size or attention_mask.shape[2:] != (query_length, kv_length):
-        raise ValueError(
-            f"a 4-D attention_mask must have shape [batch, 1, q, past + q] = [{batch_size}, 1, "
-            f"{query_length}, {kv_length}], got {list(attention_mask.shape)}"
-        )
-    if attention_mask.dtype != torch.bool:
-        if read and bool(((attention_mask != 0) & (attention_mask != 1)).any()):
-            raise ValueError(
-                "a 4-D attention_mask must be boolean or hold 0/1 (True / 1 = attend); additive float "
-                "masks are not accepted"
-            )
-        attention_mask = attention_mask.bool()
-    return "explicit", attention_mask
-
-
-def build_sep_mask(sep: torch.Tensor, query_length: int, past_length: int, prefix_length: int = 0) -> torch.Tensor:
-    """Boolean mask [B, 1, q, kv] for GLM's `sep` convention: keys before `sep[b]` are seen by every query, the
-    rest causally (GLM's `build_mask_matrix`; cached keys come first and are always visible)."""
-    kv_index = torch.arange(past_length + query_length, device=sep.device)  # [kv]
-    q_index = past_length + torch.arange(query_length, device=sep.device)  # [q]
-    allowed = (kv_index[None, None, :] <= q_index[None, :, None]) | (kv_index[None, None, :] < sep[:, None, None])
-    if prefix_length:
-        allowed = F.pad(allowed, (prefix_length, 0), value=True)
-    return allowed[:, None]
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -556,16 +402,13 @@ class GLMModel(GLMPreTrainedModel):
         **kwargs,
     ) -> BaseModelOutputWithPast | tuple:
         r"""
-        input_ids: [B, S] token ids. Without explicit `position_ids`, every row needs a blank (`[gMASK]`,
-            `[MASK]` or `[sMASK]`) and a `<sop>`: the context before `<sop>` is read bidirectionally, the rest
-            causally. (Variant "glm": a row without `<sop>` is all context, e.g. a classification input.)
-        attention_mask: one of
-            - [B, past + S] padding mask (1 = real token; pad on the left for generation); the prefix-LM mask
-              is built from the tokens;
-            - an explicit boolean / 0-1 mask [B, 1, S, past + S] (True / 1 = attend), used as given (a row
-              with nothing to attend to, a padding row, attends everywhere instead of producing NaN);
-            - GLM's `sep` convention: an int, a 1-element tensor or a [B] tensor giving the number of leading
-              tokens (counted from the start of the sequence) that every token sees; the rest is causal.
+        input_ids: [B, S] token ids. Without `position_ids`, every row needs a blank (`[gMASK]`, `[MASK]` or
+            `[sMASK]`) and a `<sop>`: the context before `<sop>` is read bidirectionally, the rest causally.
+            (Variant "glm": a row without `<sop>` is all context, e.g. a classification input.)
+        attention_mask: a [B, past + S] padding mask (1 = real token; pad on the left for generation), the
+            prefix-LM mask being built from the tokens; or an explicit boolean / 0-1 mask [B, 1, S, past + S]
+            (True / 1 = attend; a row that may see nothing attends everywhere instead of giving NaN); or GLM's
+            `sep`: an int, 1-element or [B] tensor, the number of leading tokens every token sees (the rest causal).
         position_ids: [B, 2, S] (position, block position). Built from `input_ids` when omitted; needed when
             continuing a non-empty cache by hand (`model.get_position_ids(full_ids, mask)[..., -S:]`).
         """
@@ -573,58 +416,35 @@ class GLMModel(GLMPreTrainedModel):
         output_attentions = output_attentions if output_attentions is not None else config.output_attentions
         output_hidden_states = output_hidden_states if output_hidden_states is not None else config.output_hidden_states
         return_dict = return_dict if return_dict is not None else config.return_dict
-        use_cache = self._use_cache(use_cache)
         past_key_values = take_cache(past_key_values, kwargs)
-        _refuse_mems(kwargs)
+        refuse_mems(kwargs)
         check_unused_kwargs(kwargs, type(self).__name__)
         batch_size, query_length = check_inputs(input_ids, inputs_embeds, self.word_embeddings)
-
-        if use_cache and past_key_values is None:
-            past_key_values = DynamicCache(config=config)
-        if past_key_values is not None:
-            use_growing_kv_layers(past_key_values)
-        embeds_dtype = inputs_embeds.dtype if inputs_embeds is not None else self.word_embeddings.weight.dtype
-        past_length, prefix_key_values = self._prepare_prefix(past_key_values, batch_size, embeds_dtype)
+        use_cache = resolve_use_cache(self, use_cache)
+        past_key_values, past_length, prefix_key_values = self._prepare_cache(
+            past_key_values, use_cache, batch_size, query_length, inputs_embeds
+        )
         read = reads_values(past_length, query_length)  # data-dependent checks: not on decode steps
         if read:
             check_input_values(input_ids, inputs_embeds, self.word_embeddings, "input_ids", "inputs_embeds")
         if input_ids is not None:
             inputs_embeds = self.word_embeddings(input_ids)
-        if past_length + query_length > config.max_sequence_length:
-            raise ValueError(
-                f"sequence length {past_length + query_length} (cached {past_length} + new {query_length}) exceeds "
-                f"max_sequence_length={config.max_sequence_length}"
-            )
 
         # 2-D positions and the prefix-LM mask, once for all layers.
-        kind, mask = read_attention_mask(attention_mask, batch_size, query_length, past_length + query_length, read)
-        padding = mask if kind == "padding" else None
-        position_ids = self._resolve_position_ids(
-            input_ids, padding, position_ids, past_length, (batch_size, query_length), read
+        position_ids, attention_mask = positions_and_mask(
+            config, input_ids, attention_mask, position_ids, past_length, (batch_size, query_length), read
         )
-        attention_mask = self._prefix_lm_mask(kind, mask, position_ids, past_length, query_length)
-        if self.rotary_emb is not None:  # ChatGLM: positions rotate queries and keys in every layer
-            position_embeddings = self.rotary_emb(position_ids, inputs_embeds.dtype)
-            hidden_states = inputs_embeds
-        else:  # GLM: learned positions added to the input, in GLM's order
-            position_embeddings = None
-            hidden_states = inputs_embeds + self.position_embeddings(position_ids[:, 0])
-            hidden_states = hidden_states + self.block_position_embeddings(position_ids[:, 1])
-        hidden_states = self.embedding_dropout(hidden_states)
+        hidden_states, position_embeddings = self._embed_positions(inputs_embeds, position_ids)
 
         all_hidden_states = () if output_hidden_states else None
         all_attentions = () if output_attentions else None
-        for layer_idx, layer in enumerate(self.layers):
+        for layer, prefix_key_value in zip(self.layers, prefix_key_values or [None] * len(self.layers)):
             if output_hidden_states:
                 all_hidden_states += (hidden_states,)
             hidden_states, weights = layer(
-                hidden_states,
-                attention_mask=attention_mask,
-                position_embeddings=position_embeddings,
-                past_key_values=past_key_values,
-                prefix_key_value=prefix_key_values[layer_idx] if prefix_key_values is not None else None,
+                hidden_states, attention_mask, position_embeddings, past_key_values, prefix_key_value,
                 output_attentions=output_attentions,
-            )
+            )  # fmt: skip
             if output_attentions:
                 all_attentions += (weights,)
         hidden_states = self.final_layernorm(hidden_states)
@@ -639,104 +459,50 @@ class GLMModel(GLMPreTrainedModel):
         )
         return output if return_dict else output.to_tuple()
 
-    def _prepare_prefix(
-        self, past_key_values: Cache | None, batch_size: int, dtype: torch.dtype
-    ) -> tuple[int, list[tuple[torch.Tensor, torch.Tensor]] | None]:
-        """Number of tokens already in the cache, and the P-tuning keys/values when they must ride along.
+    def _prepare_cache(
+        self, past_key_values: Cache | None, use_cache: bool, batch_size: int, query_length: int, inputs_embeds
+    ) -> tuple[Cache | None, int, list[tuple[torch.Tensor, torch.Tensor]] | None]:
+        """The cache this call extends (a new `DynamicCache` when `use_cache` and none was given), the number of
+        tokens already in it, and the P-tuning keys/values when they must ride along.
 
-        The P-tuning prefix goes first into an empty cache, once; without a cache (training) it is returned
-        to be concatenated in every layer.
+        The P-tuning prefix goes first into an empty cache, once; without a cache (training) it is returned to be
+        concatenated in every layer.
         """
+        if use_cache and past_key_values is None:
+            past_key_values = DynamicCache(config=self.config)
+        if past_key_values is not None:
+            use_growing_kv_layers(past_key_values)
         cache_length = past_key_values.get_seq_length() if past_key_values is not None else 0
         prefix_length = self.config.pre_seq_len or 0
-        if not prefix_length:
-            return cache_length, None
-        if cache_length:
-            return cache_length - prefix_length, None
+        past_length = cache_length - prefix_length if cache_length else 0
+        if past_length + query_length > self.config.max_sequence_length:
+            raise ValueError(
+                f"sequence length {past_length + query_length} (cached {past_length} + new {query_length}) exceeds "
+                f"max_sequence_length={self.config.max_sequence_length}"
+            )
+        if not prefix_length or cache_length:
+            return past_key_values, past_length, None
+        dtype = inputs_embeds.dtype if inputs_embeds is not None else self.word_embeddings.weight.dtype
         prefix_key_values = self.get_prompt(batch_size, dtype)
         if past_key_values is None:
-            return 0, prefix_key_values
+            return None, 0, prefix_key_values
         for layer_idx, (key, value) in enumerate(prefix_key_values):
             past_key_values.update(key, value, layer_idx)
-        return 0, None
+        return past_key_values, 0, None
 
-    def _use_cache(self, use_cache: bool | None) -> bool:
-        """`use_cache`, or config.use_cache when None; off with gradient checkpointing in training (with a warning
-        when it was asked for)."""
-        requested = use_cache
-        use_cache = use_cache if use_cache is not None else self.config.use_cache
-        if self.gradient_checkpointing and self.training and use_cache:
-            if requested:
-                logger.warning_once(
-                    "use_cache=True is incompatible with gradient checkpointing; using use_cache=False."
-                )
-            use_cache = False
-        return use_cache
-
-    def _resolve_position_ids(
-        self,
-        input_ids: torch.Tensor | None,
-        padding: torch.Tensor | None,
-        position_ids: torch.Tensor | None,
-        past_length: int,
-        shape: tuple[int, int],
-        read: bool,
-    ) -> torch.Tensor:
-        """The caller's 2-D positions [B, 2, S], checked, or those built from `input_ids` and the padding."""
-        if position_ids is not None:
-            return self._check_position_ids(position_ids, shape, read)
-        if input_ids is None:
-            raise ValueError(
-                "with inputs_embeds, pass position_ids [batch, 2, seq] too (they are built from input_ids)"
-            )
-        if past_length > 0:
-            raise ValueError(
-                f"position_ids are needed to continue a cache holding {past_length} tokens: pass "
-                "model.get_position_ids(full_input_ids, full_attention_mask)[..., -new_length:] "
-                "(generate() does this for you)."
-            )
-        # GLM rows without <sop> are all context (classification / multiple-choice inputs); ChatGLM needs a span
-        return build_position_ids(input_ids, padding, self.config, require_span=self.rotary_emb is not None)
-
-    def _check_position_ids(self, position_ids, shape: tuple[int, int], read: bool) -> torch.Tensor:
-        """`position_ids` [B, 2, S] of an integer dtype, within GLM's learned tables (variant "glm")."""
-        check_tensor(position_ids, "position_ids", "integer positions [batch, 2, seq]")
-        if position_ids.is_floating_point() or position_ids.is_complex() or position_ids.dtype == torch.bool:
-            raise TypeError(f"position_ids must be an integer tensor, got dtype {position_ids.dtype}")
-        batch_size, query_length = shape
-        if position_ids.shape != (batch_size, 2, query_length):
-            raise ValueError(
-                f"position_ids must have shape [batch, 2, seq] = [{batch_size}, 2, {query_length}] "
-                f"(position ids, block position ids), got {list(position_ids.shape)}"
-            )
-        # GLM's learned tables have max_sequence_length + 1 rows
-        if self.rotary_emb is None and read:
-            bad = (position_ids < 0) | (position_ids > self.config.max_sequence_length)
-            if bool(bad.any()):
-                raise ValueError(
-                    f"position_ids must lie in [0, max_sequence_length={self.config.max_sequence_length}] "
-                    f"(the rows of the position tables), got {int(position_ids[bad][0])}"
-                )
-        return position_ids.to(torch.long)
-
-    def _prefix_lm_mask(
-        self, kind: str | None, mask: torch.Tensor | None, position_ids: torch.Tensor, past_length: int, length: int
-    ) -> torch.Tensor | None:
-        """The boolean mask [B, 1, S, P + past + S] every layer uses (None: every query sees every key), from the
-        `attention_mask` read by `read_attention_mask`; P-tuning keys are visible to every query."""
-        prefix_length = self.config.pre_seq_len or 0
-        if kind == "sep":
-            return build_sep_mask(mask, length, past_length, prefix_length)
-        if kind == "explicit":
-            # A query row that may see nothing (a padding row of GLM's right-padded masks) attends everywhere: its
-            # output is meaningless either way (the references average all values there), but sdpa would give
-            # NaN, and NaN values of a padding position poison every query through 0 * NaN.
-            mask = mask | ~mask.any(dim=-1, keepdim=True)
-            return F.pad(mask, (prefix_length, 0), value=True) if prefix_length else mask
-        return build_attention_mask(position_ids[:, 1], mask, past_length, prefix_length)
+    def _embed_positions(
+        self, inputs_embeds: torch.Tensor, position_ids: torch.Tensor
+    ) -> tuple[torch.Tensor, tuple[torch.Tensor, torch.Tensor] | None]:
+        """The first layer's input and the rotary cos/sin: ChatGLM rotates queries and keys in every layer by the
+        positions, GLM adds learned position and block-position embeddings to the input (in GLM's order)."""
+        if self.rotary_emb is not None:
+            return self.embedding_dropout(inputs_embeds), self.rotary_emb(position_ids, inputs_embeds.dtype)
+        hidden_states = inputs_embeds + self.position_embeddings(position_ids[:, 0])
+        hidden_states = hidden_states + self.block_position_embeddings(position_ids[:, 1])
+        return self.embedding_dropout(hidden_states), None
 
 
-class GLMForConditionalGeneration(GLMPreTrainedModel, GenerationMixin, CompiledDecoding, GLMChatMixin):
+class GLMForConditionalGeneration(GLMPreTrainedModel, GLMGenerationMixin, GenerationMixin, CompiledDecoding):
     """GLM with the LM head tied to the word embeddings; `generate()`, `chat()` and `stream_chat()`."""
 
     _auto_class = "AutoModelForCausalLM"  # save_pretrained copies the code files next to the weights
@@ -833,100 +599,6 @@ class GLMForConditionalGeneration(GLMPreTrainedModel, GenerationMixin, CompiledD
         )
         return output if return_dict else output.to_tuple()
 
-    # ------------------------------------------------------------------------------------------------------------
-    # Generation
-    # ------------------------------------------------------------------------------------------------------------
-    def generate(self, inputs: torch.Tensor | None = None, *args, **kwargs):
-        """`GenerationMixin.generate`, with the prompt checked first: a clear error for ids that are not an integer
-        [batch, seq] tensor, or a padding mask of another shape, instead of one from deep inside generate()."""
-        # GLM's own generation inputs (3-D position_ids, a 4-D generation_attention_mask) may be right-padded
-        glm_inputs = kwargs.get("generation_attention_mask") is not None or (
-            isinstance(kwargs.get("position_ids"), torch.Tensor) and kwargs["position_ids"].dim() == 3
-        )
-        check_generate_inputs(inputs, kwargs, self.config.vocab_size, left_padding=not glm_inputs)
-        return super().generate(inputs, *args, **kwargs)
-
-    def prepare_inputs_for_generation(
-        self,
-        input_ids: torch.LongTensor,
-        past_key_values: Cache | None = None,
-        attention_mask: torch.Tensor | None = None,
-        inputs_embeds: torch.Tensor | None = None,
-        position_ids: torch.Tensor | None = None,
-        generation_attention_mask: torch.Tensor | None = None,
-        **kwargs,
-    ) -> dict:
-        """Feed the tokens the cache has not seen, with their 2-D positions and mask for this step.
-
-        By default positions and the prefix-LM mask are rebuilt from the full sequence and the 2-D padding mask
-        (generate()'s own 1-D `position_ids` are replaced). GLM's generation inputs, `position_ids` [B, 2, L + G]
-        and `generation_attention_mask` [B, 1, L + G, L + G] as GLM's tokenizer `build_inputs_for_generation`
-        returns them, are sliced to this step instead. Works on transformers 4.57 and 5.x alike: the new tokens
-        are found from the cache length (not from `cache_position` / `next_sequence_length`), and GLM inputs that
-        generate() expanded for beams / `num_return_sequences` along the wrong dimension (5.x treats 3-D
-        `position_ids` as multimodal [3, B, L]) or not at all are brought back to one row per sequence.
-        """
-        if inputs_embeds is not None and input_ids.shape[1] == 0:
-            raise ValueError(
-                "GLM generation needs input_ids (the blank and <sop> tokens drive the mask), not inputs_embeds"
-            )
-        past_key_values = generation_cache(self.config, past_key_values, kwargs)
-        cache_length = past_key_values.get_seq_length() if past_key_values is not None else 0
-        past_length = cache_length - (self.config.pre_seq_len or 0) if cache_length else 0
-        batch_size, length = input_ids.shape
-        glm_positions = position_ids if position_ids is not None and position_ids.dim() == 3 else None
-        if glm_positions is not None or generation_attention_mask is not None:
-            step_position_ids, step_mask = self._glm_generation_step(
-                input_ids, past_length, glm_positions, generation_attention_mask, attention_mask
-            )
-        else:  # (right padding was refused by generate() itself, once)
-            position_ids = build_position_ids(input_ids, attention_mask, self.config, validate=past_length == 0)
-            step_position_ids, step_mask = position_ids[..., past_length:], attention_mask
-        model_inputs = {
-            "input_ids": input_ids[:, past_length:],
-            "position_ids": step_position_ids,
-            "past_key_values": past_key_values,
-            "attention_mask": step_mask,
-        }
-        skipped = {"cache_position", "next_sequence_length", "is_first_iteration", "labels"}
-        model_inputs.update({k: v for k, v in kwargs.items() if k not in skipped and k not in model_inputs})
-        return model_inputs
-
-    def _glm_generation_step(
-        self,
-        input_ids: torch.Tensor,
-        past_length: int,
-        position_ids: torch.Tensor | None,
-        generation_attention_mask: torch.Tensor | None,
-        attention_mask: torch.Tensor | None,
-    ) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """This step's slices of GLM's precomputed generation positions [B, 2, L + G] and mask [B, 1, L + G, L + G]
-        (either may be absent: it is then built from the tokens)."""
-        batch_size, length = input_ids.shape
-        if generation_attention_mask is not None:
-            mask = _to_batch(generation_attention_mask, batch_size, "generation_attention_mask")
-            if mask.dim() != 4 or mask.shape[-1] < length or mask.shape[-2] < length:
-                raise ValueError(
-                    f"generation_attention_mask {list(generation_attention_mask.shape)} covers fewer than the "
-                    f"{length} tokens generated so far: build the inputs with max_gen_length >= max_new_tokens "
-                    "(tokenizer.build_inputs_for_generation(..., max_gen_length=...))"
-                )
-            step_mask = mask[:, :, past_length:length, :length]
-        else:  # the 2-D padding mask; the model derives the prefix-LM mask from the block positions
-            step_mask = attention_mask
-        if position_ids is not None:
-            positions = _to_batch(position_ids, batch_size, "position_ids")
-            if positions.shape[-1] < length:
-                raise ValueError(
-                    f"position_ids {list(position_ids.shape)} cover fewer than the {length} tokens generated so "
-                    "far: build the inputs with max_gen_length >= max_new_tokens"
-                )
-            step_positions = positions[..., past_length:length]
-        else:
-            step_positions = build_position_ids(input_ids, None, self.config, validate=past_length == 0)
-            step_positions = step_positions[..., past_length:]
-        return step_positions, step_mask
-
 
 class GLMForSequenceClassification(GLMPreTrainedModel):
     """GLM's classification head: the first token's final hidden state -> dropout -> tanh(dense) -> dropout ->
@@ -976,16 +648,9 @@ class GLMForSequenceClassification(GLMPreTrainedModel):
         regression / multi-label, per `config.problem_type`), or [B] choice indices for [B, C, S] inputs.
         """
         return_dict = return_dict if return_dict is not None else self.config.return_dict
-        num_choices = None
-        if (input_ids if input_ids is not None else inputs_embeds) is not None and (
-            (input_ids is not None and input_ids.dim() == 3) or (inputs_embeds is not None and inputs_embeds.dim() == 4)
-        ):
-            num_choices = (input_ids if input_ids is not None else inputs_embeds).shape[1]
-            input_ids, inputs_embeds, position_ids = (
-                t.flatten(0, 1) if t is not None else None for t in (input_ids, inputs_embeds, position_ids)
-            )
-            if isinstance(attention_mask, torch.Tensor) and attention_mask.dim() >= 2:
-                attention_mask = attention_mask.flatten(0, 1)
+        num_choices, (input_ids, inputs_embeds, position_ids, attention_mask) = flatten_choices(
+            input_ids, inputs_embeds, position_ids, attention_mask
+        )
         outputs = self.transformer(
             input_ids=input_ids,
             attention_mask=attention_mask,
@@ -1000,7 +665,7 @@ class GLMForSequenceClassification(GLMPreTrainedModel):
         hidden_states = outputs.last_hidden_state  # [B, S, h]
         batch_size = hidden_states.shape[0]
         if isinstance(attention_mask, torch.Tensor) and attention_mask.dim() == 2:
-            pool_index = _first_index(attention_mask != 0)  # left padding: the first real token
+            pool_index = first_index(attention_mask != 0)  # left padding: the first real token
         else:
             pool_index = torch.zeros(batch_size, dtype=torch.long, device=hidden_states.device)
         pooled = hidden_states[torch.arange(batch_size, device=hidden_states.device), pool_index]  # [B, h]
@@ -1101,7 +766,7 @@ class GLMForMultipleChoice(GLMPreTrainedModel):
             **kwargs,
         )
         hidden_states = outputs.last_hidden_state  # [B, L, h]
-        ids, index = _padded_choices(choice_ids, choice_indices, hidden_states.shape[0], hidden_states.device)
+        ids, index = padded_choices(choice_ids, choice_indices, hidden_states.shape[0], hidden_states.device)
         valid = ids != -100  # [B, C, T]
         if bool((index[valid] < 0).any()) or bool((index[valid] >= hidden_states.shape[1]).any()):
             raise ValueError(f"choice_indices must point into the {hidden_states.shape[1]} input positions")
@@ -1116,67 +781,6 @@ class GLMForMultipleChoice(GLMPreTrainedModel):
             loss=loss, logits=scores, hidden_states=outputs.hidden_states, attentions=outputs.attentions
         )
         return output if return_dict else output.to_tuple()
-
-
-def _padded_choices(choice_ids, choice_indices, batch_size: int, device: torch.device):
-    """`choice_ids` / `choice_indices` as LongTensors [B, C, T] (ids padded with -100), from GLM's nested lists of
-    1-D tensors or from tensors already padded."""
-    if isinstance(choice_ids, torch.Tensor) and isinstance(choice_indices, torch.Tensor):
-        if choice_ids.dim() != 3 or choice_ids.shape != choice_indices.shape or choice_ids.shape[0] != batch_size:
-            raise ValueError(
-                f"padded choice_ids and choice_indices must both be [batch={batch_size}, choices, tokens], got "
-                f"{list(choice_ids.shape)} and {list(choice_indices.shape)}"
-            )
-        return choice_ids.to(device, torch.long), choice_indices.to(device, torch.long)
-    if len(choice_ids) != batch_size or len(choice_indices) != batch_size:
-        raise ValueError(f"choice_ids and choice_indices need one entry per example ({batch_size})")
-    num_choices = {len(c) for c in choice_ids} | {len(c) for c in choice_indices}
-    if len(num_choices) != 1:
-        raise ValueError("every example needs the same number of choices (and of choice_indices entries)")
-    rows = [
-        (torch.as_tensor(i).reshape(-1), torch.as_tensor(x).reshape(-1))
-        for c, n in zip(choice_ids, choice_indices)
-        for i, x in zip(c, n)
-    ]
-    if any(len(i) != len(x) for i, x in rows):
-        raise ValueError("each choice needs as many choice_indices as choice_ids")
-    width = max(len(i) for i, _ in rows)
-    ids = torch.full((len(rows), width), -100, dtype=torch.long)
-    index = torch.zeros((len(rows), width), dtype=torch.long)
-    for row, (i, x) in enumerate(rows):
-        ids[row, : len(i)], index[row, : len(x)] = i, x
-    shape = (batch_size, num_choices.pop(), width)
-    return ids.view(shape).to(device), index.view(shape).to(device)
-
-
-def _refuse_mems(kwargs: dict) -> None:
-    if kwargs.get("mems") is not None:
-        raise ValueError(
-            "mems (GLM's cache of hidden states) is not supported: this model keeps a key/value cache in "
-            "past_key_values (a transformers DynamicCache, which generate() manages)"
-        )
-
-
-def _to_batch(tensor: torch.Tensor, batch_size: int, name: str) -> torch.Tensor:
-    """GLM generation inputs with one row per prompt -> one row per generated sequence.
-
-    transformers 4.57 expands them for beams / num_return_sequences itself (repeat_interleave on dim 0); 5.x
-    takes a 3-D `position_ids` for multimodal [3, B, L] positions and repeats along dim 1, turning [B, 2, L] into
-    [B, 2 * k, L]; some callers pass them unexpanded. All three come back as [B * k, ...] here.
-    """
-    rows = tensor.shape[0]
-    if rows == batch_size:
-        if name == "position_ids" and tensor.shape[1] != 2:
-            raise ValueError(f"position_ids must have shape [batch, 2, seq], got {list(tensor.shape)}")
-        return tensor
-    if rows == 0 or batch_size % rows:
-        raise ValueError(f"{name} has {rows} rows, which does not divide the {batch_size} sequences being generated")
-    copies = batch_size // rows
-    if name == "position_ids" and tensor.shape[1] == 2 * copies:  # transformers 5.x: repeated along dim 1
-        tensor = tensor.unflatten(1, (2, copies))[:, :, 0]
-    elif name == "position_ids" and tensor.shape[1] != 2:
-        raise ValueError(f"position_ids must have shape [batch, 2, seq], got {list(tensor.shape)}")
-    return tensor.repeat_interleave(copies, dim=0)
 
 
 __all__ = [

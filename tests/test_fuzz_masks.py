@@ -73,7 +73,7 @@ def glm_reference(ids: list[int], real: list[int], variant: str):
 @example(batch=(torch.tensor([[GMASK, SOP]]), torch.tensor([[1, 1]])), variant="glm", split=0.0, prefix=3)
 def test_glm_positions_and_mask_match_the_rules(batch, variant, split, prefix):
     ids, attention_mask = batch
-    modeling = repo_module("modeling_glm")
+    modeling = repo_module("glm_inputs")
     position_ids = modeling.build_position_ids(ids, attention_mask, glm_config(variant=variant))
     full = modeling.build_attention_mask(position_ids[:, 1], attention_mask, past_length=0)
     for b in range(ids.shape[0]):
@@ -99,7 +99,7 @@ def test_glm_positions_and_mask_match_the_rules(batch, variant, split, prefix):
 )
 def test_glm_sep_mask_matches_the_rule(sep, query, past, prefix):
     """GLM's `sep` convention: keys before sep[b] are seen by every query, the rest causally (cache included)."""
-    mask = repo_module("modeling_glm").build_sep_mask(torch.tensor(sep), query, past, prefix_length=prefix)
+    mask = repo_module("glm_inputs").build_sep_mask(torch.tensor(sep), query, past, prefix_length=prefix)
     for b, s in enumerate(sep):
         for q in range(query):
             row = [True] * prefix + [k < s or k <= past + q for k in range(past + query)]
@@ -108,7 +108,7 @@ def test_glm_sep_mask_matches_the_rule(sep, query, past, prefix):
 
 def test_glm_reference_sees_through_the_padding_ids():
     """The fuzzed padding holds blank and <sop> ids: without a 2-D mask they would be read as real tokens."""
-    modeling = repo_module("modeling_glm")
+    modeling = repo_module("glm_inputs")
     ids, mask = torch.tensor([[SOP, GMASK, 5, MASK, 6, SOP, 9]]), torch.tensor([[0, 0, 1, 1, 1, 1, 1]])
     positions = modeling.build_position_ids(ids, mask, glm_config())
     assert positions.tolist() == [[[0, 0, 0, 1, 2, 1, 1], [0, 0, 0, 0, 0, 1, 2]]]

@@ -226,14 +226,14 @@ def test_chat_refuses_a_history_of_another_shape(query, history, name):
 
 
 def test_process_response_matches_chatglm():
-    process = repo_module("glm_chat").process_response
+    process = repo_module("glm_generation").process_response
     assert process("  你好,世界!  ") == "你好，世界！"
     assert process("a, b! c: d; e?") == "a, b! c: d; e?"
     assert process("今天是[[训练时间]]吗?") == "今天是2023年吗？"
 
 
 def test_invalid_scores_are_replaced():
-    processor = repo_module("glm_chat").InvalidScoreLogitsProcessor()
+    processor = repo_module("glm_generation").InvalidScoreLogitsProcessor()
     scores = torch.tensor([[0.0, float("nan"), 1.0, 2.0, 3.0, 4.0, 5.0]])
     fixed = processor(None, scores)
     assert fixed.argmax().item() == 5 and torch.isfinite(fixed).all()

@@ -12,12 +12,11 @@ import logging
 
 import pytest
 import torch
-from fixtures import EOP, GMASK, MASK, PAD, SMASK, SOP, glm_class, left_pad, prompt, random_prompt
+from fixtures import EOP, GMASK, MASK, PAD, SMASK, SOP, glm_class, left_pad, prompt, random_prompt, repo_module
 from fixtures import GLM_TINY as TINY
 from fixtures import GLM_VARIANTS as VARIANTS
 from fixtures import GLM_VOCAB as VOCAB
 from fixtures import glm_config as tiny_config
-from fixtures import glm_modeling as modeling_module
 from fixtures import spread_glm as tiny_model
 from helpers import assert_close
 from hypothesis import example, given, settings
@@ -62,7 +61,7 @@ def test_positions_and_mask_match_the_reference_rules(variant, lengths, span, bl
     if len(rows) > 1:  # both kinds of blank: [gMASK] wins for ChatGLM, the first blank for GLM
         rows[-1] = [MASK] + rows[-1][: -1 - span] + [GMASK, SOP] + rows[-1][len(rows[-1]) - span :]
     ids, attention_mask = left_pad(rows)
-    modeling = modeling_module()
+    modeling = repo_module("glm_inputs")
     config = tiny_config(variant=variant)
     position_ids = modeling.build_position_ids(ids, attention_mask, config)
     mask = modeling.build_attention_mask(position_ids[:, 1], attention_mask, past_length=0)
@@ -74,7 +73,7 @@ def test_positions_and_mask_match_the_reference_rules(variant, lengths, span, bl
 
 
 def test_decode_step_mask_is_padding_only():
-    modeling = modeling_module()
+    modeling = repo_module("glm_inputs")
     block = torch.tensor([[3], [5]])
     assert modeling.build_attention_mask(block, None, past_length=6) is None
     padding = torch.tensor([[0, 0, 1, 1, 1, 1, 1], [1] * 7])
@@ -181,7 +180,7 @@ def test_explicit_position_ids_and_4d_mask_reproduce_the_default(variant):
     model = tiny_model(variant=variant)
     ids, mask = left_pad([prompt([5, 6, 7, 8]) + [9], prompt([10, 11]) + [12, 13]])
     default = model(ids, attention_mask=mask).logits
-    modeling = modeling_module()
+    modeling = repo_module("glm_inputs")
     position_ids = model.transformer.get_position_ids(ids, mask)
     mask_4d = modeling.build_attention_mask(position_ids[:, 1], mask, past_length=0)
     assert_close(

@@ -11,9 +11,8 @@ import math
 
 import pytest
 import torch
-from fixtures import GMASK, MASK, PAD, SOP, glm_class, left_pad, prompt
+from fixtures import GMASK, MASK, PAD, SOP, glm_class, left_pad, prompt, repo_module
 from fixtures import glm_config as tiny_config
-from fixtures import glm_modeling as modeling_module
 from fixtures import spread_glm as tiny_model
 from helpers import REPO_ROOT, TOKENIZER_DATA, assert_close, run_fresh
 
@@ -26,7 +25,7 @@ GLM = dict(variant="glm")
 def test_glm_generation_inputs_expanded_by_any_transformers_version_come_back_to_one_row_each():
     """5.x repeats 3-D position_ids along dim 1 for beams / num_return_sequences; 4.57 along dim 0; a caller may
     pass them unexpanded. All three give the same [B * k, 2, L]."""
-    to_batch = modeling_module()._to_batch
+    to_batch = repo_module("glm_generation").to_batch
     positions = torch.arange(2 * 2 * 5).view(2, 2, 5)  # [B=2, 2, L=5], rows differ
     expected = positions.repeat_interleave(3, dim=0)
     assert torch.equal(to_batch(positions.repeat_interleave(3, dim=1), 6, "position_ids"), expected)  # 5.x
