@@ -31,7 +31,7 @@ import torch
 from torch import nn
 from transformers.cache_utils import Cache, DynamicCache, DynamicLayer, EncoderDecoderCache
 
-from .transformers_compat import CACHE_NAMES, registered_attention
+from .transformers_compat import CACHE_NAMES, is_fixed_size, registered_attention
 
 
 class GrowingKVLayer(DynamicLayer):
@@ -217,7 +217,7 @@ def fast_cpu_gemv(
         and tokens.shape[:2].numel() == 1
         and mems is None
         and cache is not None
-        and cache.get_seq_length() > 0
+        and (is_fixed_size(cache) or cache.get_seq_length() > 0)  # a static cache's length would cost a sync
         and weight.device.type == "cpu"
         and weight.dtype == torch.bfloat16
         and not torch.compiler.is_compiling()

@@ -21,13 +21,14 @@ from collections.abc import Iterator
 from threading import Thread
 
 import torch
+import torch.nn.functional as F
 from transformers.cache_utils import Cache
 from transformers.generation import LogitsProcessor, LogitsProcessorList, TextIteratorStreamer
 
 from .configuration_glm import GLMConfig
 from .glm_inputs import build_position_ids
 from .model_checks import check_generate_inputs
-from .transformers_compat import generation_cache
+from .transformers_compat import fixed_cache_size, generation_cache, is_fixed_size
 
 
 class GLMGenerationMixin:
@@ -68,8 +69,8 @@ class GLMGenerationMixin:
             raise ValueError(
                 "GLM generation needs input_ids (the blank and <sop> tokens drive the mask), not inputs_embeds"
             )
-        past_key_values = generation_cache(self.config, past_key_values, kwargs)
-        cache_length = past_key_values.get_seq_length() if past_key_values is not None else 0
+        past_key_values = generation_cache(self.config, past_key_values, kwargs, fixed_size_ok=True)
+        cache_length = int(past_key_values.get_seq_length()) if past_key_values is not None else 0  # static: 1 sync
         past_length = cache_length - (self.config.pre_seq_len or 0) if cache_length else 0
         batch_size, length = input_ids.shape
         glm_positions = position_ids if position_ids is not None and position_ids.dim() == 3 else None
@@ -80,12 +81,15 @@ class GLMGenerationMixin:
         else:  # (right padding was refused by generate() itself, once)
             position_ids = build_position_ids(input_ids, attention_mask, self.config, validate=past_length == 0)
             step_position_ids, step_mask = position_ids[..., past_length:], attention_mask
-        model_inputs = {
-            "input_ids": input_ids[:, past_length:],
-            "position_ids": step_position_ids,
+        model_inputs = {  # contiguous: slices of the growing sequence would give a compiled step new strides
+            "input_ids": input_ids[:, past_length:].contiguous(),
+            "position_ids": step_position_ids.contiguous(),
             "past_key_values": past_key_values,
             "attention_mask": step_mask,
         }
+        if is_fixed_size(past_key_values):  # the step's slots, and the mask over all of them: one shape per step
+            model_inputs["cache_position"] = torch.arange(past_length, length, device=input_ids.device)
+            model_inputs["attention_mask"] = pad_to_cache(step_mask, fixed_cache_size(past_key_values))
         skipped = {"cache_position", "next_sequence_length", "is_first_iteration", "labels"}
         model_inputs.update({k: v for k, v in kwargs.items() if k not in skipped and k not in model_inputs})
         return model_inputs
@@ -171,6 +175,14 @@ class GLMGenerationMixin:
         if do_sample:
             gen_kwargs.update(top_p=top_p, temperature=temperature)
         return inputs, gen_kwargs
+
+
+def pad_to_cache(mask: torch.Tensor | None, cache_size: int) -> torch.Tensor | None:
+    """A step's mask over the keys so far, widened to every slot of a fixed-size cache: a 2-D padding mask with
+    1 (the model hides slots after each query causally), a 4-D explicit mask with 0 (nothing to see there)."""
+    if mask is None:
+        return None
+    return F.pad(mask, (0, cache_size - mask.shape[-1]), value=1 if mask.dim() == 2 else 0)
 
 
 def glm_generation_step(

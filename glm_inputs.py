@@ -20,6 +20,7 @@ import torch.nn.functional as F
 
 from .configuration_glm import GLMConfig
 from .model_checks import check_prefix_length, check_tensor, padding_mask
+from .transformers_compat import fixed_cache_size
 
 
 def first_index(hits: torch.Tensor) -> torch.Tensor:
@@ -99,23 +100,28 @@ def build_attention_mask(
     padding_mask: torch.Tensor | None,
     past_length: int,
     prefix_length: int = 0,
+    cache_position: torch.Tensor | None = None,
+    kv_length: int | None = None,
 ) -> torch.Tensor | None:
     """Boolean prefix-LM mask [B, 1, q, kv] (True = attend), or None when every query may see every key.
 
     Query i may see key j if j <= i (causal) or if j is a context token (block position 0): the context is
     bidirectional, the span causal. Cached keys are all earlier than the queries, so only the current chunk's
-    block positions matter. `padding_mask` [B, past + q] hides padding; `prefix_length` P-tuning keys are
-    visible to everyone.
+    block positions matter. `padding_mask` [B, kv] hides padding; `prefix_length` P-tuning keys are visible to
+    everyone. A fixed-size (static) cache gives the queries' slots as `cache_position` [q] and its size as
+    `kv_length` (`past_length` unused): its slots after a query, empty ones among them, are hidden causally.
     """
     batch_size, query_length = block_position_ids.shape
-    if query_length == 1 and padding_mask is None:
-        return None  # one new token at the end of the sequence sees everything
-    device = block_position_ids.device
-    kv_index = torch.arange(past_length + query_length, device=device)  # [kv]
-    q_index = past_length + torch.arange(query_length, device=device)  # [q]
-    allowed = (kv_index[None, :] <= q_index[:, None])[None]  # causal: [1, q, kv]
-    if query_length > 1:
-        is_context_key = F.pad(block_position_ids == 0, (past_length, 0))  # [B, kv]
+    if cache_position is None:
+        if query_length == 1 and padding_mask is None:
+            return None  # one new token at the end of the sequence sees everything
+        cache_position = past_length + torch.arange(query_length, device=block_position_ids.device)
+        kv_length = past_length + query_length
+    kv_index = torch.arange(kv_length, device=block_position_ids.device)  # [kv]
+    allowed = (kv_index[None, :] <= cache_position[:, None])[None]  # causal: [1, q, kv]
+    if query_length > 1:  # the chunk's context keys, at their slots
+        is_context_key = block_position_ids.new_zeros(batch_size, kv_length, dtype=torch.bool)
+        is_context_key = is_context_key.index_copy(1, cache_position, block_position_ids == 0)  # [B, kv]
         allowed = allowed | is_context_key[:, None, :]
     if padding_mask is not None:
         allowed = allowed & padding_mask.bool()[:, None, :]
@@ -204,44 +210,63 @@ def positions_and_mask(
     input_ids: torch.Tensor | None,
     attention_mask,
     position_ids: torch.Tensor | None,
-    past_length: int,
     shape: tuple[int, int],
     read: bool,
+    cache=None,
+    past_length: int | None = 0,
+    cache_position: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """The 2-D positions [B, 2, S] (the caller's, checked, or built from `input_ids` and the padding) and the
     boolean prefix-LM mask [B, 1, S, P + past + S] every layer uses (None: every query sees every key), from
-    whatever `attention_mask` is (`read_attention_mask`); P-tuning's P prefix keys are visible to every query."""
+    whatever `attention_mask` is (`read_attention_mask`); P-tuning's P prefix keys are visible to every query.
+    A fixed-size `cache` (`past_length` None) is masked over all its slots, the step's being `cache_position`."""
     batch_size, query_length = shape
-    kind, mask = read_attention_mask(attention_mask, batch_size, query_length, past_length + query_length, read)
+    kv_length = fixed_cache_size(cache) if past_length is None else past_length + query_length
+    kind, mask = read_attention_mask(attention_mask, batch_size, query_length, kv_length, read)
     if position_ids is not None:
         table_size = config.max_sequence_length + 1 if config.variant == "glm" else None  # learned tables
         position_ids = check_position_ids(position_ids, shape, read, table_size)
     elif input_ids is None:
         raise ValueError("with inputs_embeds, pass position_ids [batch, 2, seq] too (they are built from input_ids)")
-    elif past_length > 0:
+    elif past_length is None or past_length > 0:
+        cache = "a fixed-size cache" if past_length is None else f"a cache holding {past_length} tokens"
         raise ValueError(
-            f"position_ids are needed to continue a cache holding {past_length} tokens: pass "
+            f"position_ids are needed to continue {cache}: pass "
             "model.get_position_ids(full_input_ids, full_attention_mask)[..., -new_length:] "
             "(generate() does this for you)."
         )
     else:  # GLM rows without <sop> are all context (classification / multiple-choice inputs)
         padding = mask if kind == "padding" else None
         position_ids = build_position_ids(input_ids, padding, config, require_span=config.variant == "chatglm")
-    return position_ids, _prefix_lm_mask(kind, mask, position_ids, past_length, query_length, config.pre_seq_len or 0)
-
-
-def _prefix_lm_mask(
-    kind: str | None, mask, position_ids: torch.Tensor, past_length: int, length: int, prefix_length: int
-) -> torch.Tensor | None:
+    prefix_length = config.pre_seq_len or 0
     if kind == "sep":
-        return build_sep_mask(mask, length, past_length, prefix_length)
+        if past_length is None:
+            raise ValueError("GLM's `sep` attention_mask needs a dynamic cache; pass a padding mask with a static one")
+        return position_ids, build_sep_mask(mask, query_length, past_length, prefix_length)
     if kind == "explicit":
         # A query row that may see nothing (a padding row of GLM's right-padded masks) attends everywhere: its
         # output is meaningless either way (the references average all values there), but sdpa would give
         # NaN, and NaN values of a padding position poison every query through 0 * NaN.
         mask = mask | ~mask.any(dim=-1, keepdim=True)
-        return F.pad(mask, (prefix_length, 0), value=True) if prefix_length else mask
-    return build_attention_mask(position_ids[:, 1], mask, past_length, prefix_length)
+        return position_ids, F.pad(mask, (prefix_length, 0), value=True) if prefix_length else mask
+    block_position_ids = position_ids[:, 1]
+    return position_ids, build_attention_mask(
+        block_position_ids, mask, past_length or 0, prefix_length, cache_position, kv_length
+    )
+
+
+def check_fixed_size_cache(cache, cache_position: torch.Tensor | None, config: GLMConfig) -> None:
+    """A fixed-size cache (`StaticCache`) the model can fill: the step's slots given, no P-tuning prefix (it would
+    need slots of its own), and no more slots than GLM has positions."""
+    name = type(cache).__name__
+    if not isinstance(cache_position, torch.Tensor) or cache_position.dim() != 1:
+        raise ValueError(f"a {name} needs cache_position, the [seq] slots this step writes (generate() passes it)")
+    if config.pre_seq_len:
+        raise ValueError(f"P-tuning (pre_seq_len={config.pre_seq_len}) needs the default dynamic cache, not a {name}")
+    if fixed_cache_size(cache) > config.max_sequence_length:
+        raise ValueError(
+            f"a {name} of {fixed_cache_size(cache)} slots exceeds max_sequence_length={config.max_sequence_length}"
+        )
 
 
 def flatten_choices(input_ids, inputs_embeds, position_ids, attention_mask) -> tuple[int | None, tuple]:

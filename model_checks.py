@@ -166,15 +166,17 @@ def check_half_overflow(logits: torch.Tensor) -> None:
 INDEX_DTYPES = (torch.int64, torch.int32)
 
 
-def reads_values(past_length: int, query_length: int) -> bool:
+def reads_values(past_length: int | None, query_length: int) -> bool:
     """Whether the data-dependent checks (value ranges, NaN, 0/1 masks) run on this call.
 
     Each of them reads a tensor's value on the host: one device synchronisation, which on a GPU stalls the queue
     of kernels. They run where data enters a model: a prompt, a training batch, anything written into an empty
     cache. They are skipped on a decode step, one new token per row continuing a filled cache (generate() feeds
     the ids it sampled itself), and under torch.compile (a data-dependent branch would break the graph). Static
-    checks (types, dtypes, shapes) cost nothing and always run. tests/test_host_syncs.py counts the reads."""
-    return not torch.compiler.is_compiling() and not (past_length > 0 and query_length == 1)
+    checks (types, dtypes, shapes) cost nothing and always run. tests/test_host_syncs.py counts the reads.
+    `past_length` None: a fixed-size cache, whose fill is not known on the host; one new token is a decode step."""
+    decoding = query_length == 1 and (past_length is None or past_length > 0)
+    return not torch.compiler.is_compiling() and not decoding
 
 
 def _kind(value) -> str:

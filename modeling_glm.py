@@ -24,10 +24,11 @@ adapters targeting `query_key_value` load unchanged. The GLM variant follows THU
 `GLMForMultipleChoice`, and accepts GLM's inputs as they are: a `sep` prefix length (int or per row) or an
 explicit 4-D mask as `attention_mask`, `[B, 2, S]` `position_ids`, and what GLM's tokenizer
 `build_inputs_for_generation` returns (`position_ids`, `generation_attention_mask`) passed to `generate()`.
-It is written fresh in the style of transformers' Llama: rotary -> masks -> MLP -> attention -> block ->
-models -> heads. Differences from THUDM's code:
-- batch-first tensors and transformers' `DynamicCache` (no seq-first tuple caches, no `_reorder_cache`), so
-  beam search, streaming and left-padded batches work through the stock `generate()`;
+It is written fresh in the style of transformers' Llama: rotary -> MLP -> attention -> block -> models -> heads;
+how the inputs become positions and masks is in `glm_inputs.py`, generation and chat in `glm_generation.py`.
+Differences from THUDM's code:
+- batch-first tensors and transformers' caches (`DynamicCache`, or a `StaticCache` whose decode step compiles to
+  one graph), not seq-first tuples, so beam search, streaming and left padding work through the stock `generate()`;
 - the prefix-LM mask and 2-D position ids are built inside the model, vectorised, from `input_ids` and the
   2-D padding mask (left padding keeps positions counted from the first real token, like THUDM's tokenizer);
 - eager and sdpa attention through transformers' attention registry (`fast_decoding.attention_function`, which
@@ -63,6 +64,7 @@ from .fast_decoding import CompiledDecoding, attention_function, fast_cpu_gemv, 
 from .glm_generation import GLMGenerationMixin
 from .glm_inputs import (
     build_position_ids,
+    check_fixed_size_cache,
     first_index,
     flatten_choices,
     padded_choices,
@@ -82,7 +84,9 @@ from .transformers_compat import (
     cache_field,
     causal_lm_loss,
     check_unused_kwargs,
+    is_fixed_size,
     output_cache,
+    sequence_classification_loss,
     take_cache,
 )
 
@@ -214,6 +218,7 @@ class GLMAttention(nn.Module):
         position_embeddings: tuple[torch.Tensor, torch.Tensor] | None,
         past_key_values: Cache | None = None,
         prefix_key_value: tuple[torch.Tensor, torch.Tensor] | None = None,
+        cache_position: torch.Tensor | None = None,
         **kwargs,
     ) -> tuple[torch.Tensor, torch.Tensor | None]:
         batch_size, query_length, _ = hidden_states.shape
@@ -224,8 +229,9 @@ class GLMAttention(nn.Module):
         query, key = query_key.transpose(1, 2).unbind(-2)  # each [B, H, q, D]
         value = value.transpose(1, 2)
 
-        if past_key_values is not None:
-            key, value = past_key_values.update(key, value, self.layer_idx)  # [B, H, kv, D]
+        if past_key_values is not None:  # a static cache writes at `cache_position` (transformers 4.57 needs it)
+            slots = {"cache_position": cache_position} if cache_position is not None else None
+            key, value = past_key_values.update(key, value, self.layer_idx, slots)  # [B, H, kv, D]
         if prefix_key_value is not None:  # P-tuning prefix when running without a cache (training)
             key = torch.cat((prefix_key_value[0], key), dim=2)
             value = torch.cat((prefix_key_value[1], value), dim=2)
@@ -399,6 +405,7 @@ class GLMModel(GLMPreTrainedModel):
         output_attentions: bool | None = None,
         output_hidden_states: bool | None = None,
         return_dict: bool | None = None,
+        cache_position: torch.LongTensor | None = None,
         **kwargs,
     ) -> BaseModelOutputWithPast | tuple:
         r"""
@@ -411,29 +418,28 @@ class GLMModel(GLMPreTrainedModel):
             `sep`: an int, 1-element or [B] tensor, the number of leading tokens every token sees (the rest causal).
         position_ids: [B, 2, S] (position, block position). Built from `input_ids` when omitted; needed when
             continuing a non-empty cache by hand (`model.get_position_ids(full_ids, mask)[..., -S:]`).
+        cache_position: [S], the slots of a `StaticCache` this call writes (generate() passes them).
         """
         config = self.config
         output_attentions = output_attentions if output_attentions is not None else config.output_attentions
         output_hidden_states = output_hidden_states if output_hidden_states is not None else config.output_hidden_states
         return_dict = return_dict if return_dict is not None else config.return_dict
-        past_key_values = take_cache(past_key_values, kwargs)
+        past_key_values = take_cache(past_key_values, kwargs, fixed_size_ok=True)
         refuse_mems(kwargs)
         check_unused_kwargs(kwargs, type(self).__name__)
         batch_size, query_length = check_inputs(input_ids, inputs_embeds, self.word_embeddings)
         use_cache = resolve_use_cache(self, use_cache)
-        past_key_values, past_length, prefix_key_values = self._prepare_cache(
-            past_key_values, use_cache, batch_size, query_length, inputs_embeds
+        past_key_values, past_length, prefix_key_values, cache_position = self._prepare_cache(
+            past_key_values, use_cache, (batch_size, query_length), inputs_embeds, cache_position
         )
         read = reads_values(past_length, query_length)  # data-dependent checks: not on decode steps
-        if read:
-            check_input_values(input_ids, inputs_embeds, self.word_embeddings, "input_ids", "inputs_embeds")
-        if input_ids is not None:
-            inputs_embeds = self.word_embeddings(input_ids)
+        inputs_embeds = self._embed_tokens(input_ids, inputs_embeds, read)
 
         # 2-D positions and the prefix-LM mask, once for all layers.
         position_ids, attention_mask = positions_and_mask(
-            config, input_ids, attention_mask, position_ids, past_length, (batch_size, query_length), read
-        )
+            config, input_ids, attention_mask, position_ids, (batch_size, query_length), read,
+            past_key_values, past_length, cache_position,
+        )  # fmt: skip
         hidden_states, position_embeddings = self._embed_positions(inputs_embeds, position_ids)
 
         all_hidden_states = () if output_hidden_states else None
@@ -443,7 +449,7 @@ class GLMModel(GLMPreTrainedModel):
                 all_hidden_states += (hidden_states,)
             hidden_states, weights = layer(
                 hidden_states, attention_mask, position_embeddings, past_key_values, prefix_key_value,
-                output_attentions=output_attentions,
+                output_attentions=output_attentions, cache_position=cache_position,
             )  # fmt: skip
             if output_attentions:
                 all_attentions += (weights,)
@@ -460,16 +466,26 @@ class GLMModel(GLMPreTrainedModel):
         return output if return_dict else output.to_tuple()
 
     def _prepare_cache(
-        self, past_key_values: Cache | None, use_cache: bool, batch_size: int, query_length: int, inputs_embeds
-    ) -> tuple[Cache | None, int, list[tuple[torch.Tensor, torch.Tensor]] | None]:
+        self,
+        past_key_values: Cache | None,
+        use_cache: bool,
+        shape: tuple[int, int],
+        inputs_embeds: torch.Tensor | None,
+        cache_position: torch.Tensor | None,
+    ) -> tuple[Cache | None, int | None, list[tuple[torch.Tensor, torch.Tensor]] | None, torch.Tensor | None]:
         """The cache this call extends (a new `DynamicCache` when `use_cache` and none was given), the number of
-        tokens already in it, and the P-tuning keys/values when they must ride along.
+        tokens already in it, the P-tuning keys/values when they must ride along, and the step's slots.
 
         The P-tuning prefix goes first into an empty cache, once; without a cache (training) it is returned to be
-        concatenated in every layer.
+        concatenated in every layer. A fixed-size cache (`cache_implementation="static"`) is read without a host
+        sync: its length is None, and `cache_position` [S], which generate() passes, gives the step's slots.
         """
+        batch_size, query_length = shape
         if use_cache and past_key_values is None:
             past_key_values = DynamicCache(config=self.config)
+        if is_fixed_size(past_key_values):
+            check_fixed_size_cache(past_key_values, cache_position, self.config)
+            return past_key_values, None, None, cache_position
         if past_key_values is not None:
             use_growing_kv_layers(past_key_values)
         cache_length = past_key_values.get_seq_length() if past_key_values is not None else 0
@@ -481,14 +497,19 @@ class GLMModel(GLMPreTrainedModel):
                 f"max_sequence_length={self.config.max_sequence_length}"
             )
         if not prefix_length or cache_length:
-            return past_key_values, past_length, None
+            return past_key_values, past_length, None, None
         dtype = inputs_embeds.dtype if inputs_embeds is not None else self.word_embeddings.weight.dtype
         prefix_key_values = self.get_prompt(batch_size, dtype)
         if past_key_values is None:
-            return None, 0, prefix_key_values
+            return None, 0, prefix_key_values, None
         for layer_idx, (key, value) in enumerate(prefix_key_values):
             past_key_values.update(key, value, layer_idx)
-        return past_key_values, 0, None
+        return past_key_values, 0, None, None
+
+    def _embed_tokens(self, input_ids, inputs_embeds, read: bool) -> torch.Tensor:
+        if read:
+            check_input_values(input_ids, inputs_embeds, self.word_embeddings, "input_ids", "inputs_embeds")
+        return self.word_embeddings(input_ids) if input_ids is not None else inputs_embeds
 
     def _embed_positions(
         self, inputs_embeds: torch.Tensor, position_ids: torch.Tensor
@@ -509,6 +530,7 @@ class GLMForConditionalGeneration(GLMPreTrainedModel, GLMGenerationMixin, Genera
     _tied_weights_keys = {"lm_head.weight": "transformer.word_embeddings.weight"}
     # glm-2b ships a classification head (dense, out_proj) next to the LM weights; the converter reports it and
     # keeps it for GLMForSequenceClassification, this class ignores it quietly.
+    _can_compile_fullgraph = True  # a static cache (cache_implementation="static") and transformers' auto-compile
     _keys_to_ignore_on_load_unexpected = [r"rotary_emb\.inv_freq", r"^dense\.", r"^out_proj\."]
 
     def __init__(self, config: GLMConfig):
@@ -563,7 +585,7 @@ class GLMForConditionalGeneration(GLMPreTrainedModel, GLMGenerationMixin, Genera
         ```
         """
         return_dict = return_dict if return_dict is not None else self.config.return_dict
-        past_key_values = take_cache(past_key_values, kwargs)
+        past_key_values = take_cache(past_key_values, kwargs, fixed_size_ok=True)
         tokens = input_ids if input_ids is not None else inputs_embeds
         with fast_cpu_gemv(tokens, past_key_values, self.lm_head.weight):
             outputs = self.transformer(
@@ -675,28 +697,14 @@ class GLMForSequenceClassification(GLMPreTrainedModel):
             logits = logits.view(-1, num_choices)
 
         loss = None
-        if labels is not None:
-            loss = self._loss(logits, labels.to(logits.device), num_choices is not None)
+        if labels is not None and num_choices is not None:  # the right choice among C
+            loss = F.cross_entropy(logits.float(), labels.to(logits.device))
+        elif labels is not None:
+            loss = sequence_classification_loss(logits, labels.to(logits.device), self.config)
         output = SequenceClassifierOutput(
             loss=loss, logits=logits, hidden_states=outputs.hidden_states, attentions=outputs.attentions
         )
         return output if return_dict else output.to_tuple()
-
-    def _loss(self, logits: torch.Tensor, labels: torch.Tensor, choices: bool) -> torch.Tensor:
-        if choices:
-            return F.cross_entropy(logits.float(), labels)
-        if self.config.problem_type is None:  # transformers' rule
-            if self.num_labels == 1:
-                self.config.problem_type = "regression"
-            elif labels.dtype in (torch.long, torch.int):
-                self.config.problem_type = "single_label_classification"
-            else:
-                self.config.problem_type = "multi_label_classification"
-        if self.config.problem_type == "regression":
-            return F.mse_loss(logits.float().squeeze(-1), labels.float().reshape(-1))
-        if self.config.problem_type == "single_label_classification":
-            return F.cross_entropy(logits.float().view(-1, self.num_labels), labels.view(-1))
-        return F.binary_cross_entropy_with_logits(logits.float(), labels.float())
 
 
 class GLMForMultipleChoice(GLMPreTrainedModel):

@@ -61,14 +61,15 @@ CACHE_NAMES = ("past_key_values", "cache")  # every name the cache has had, olde
 CACHE_NAME = "cache" if "cache" in CausalLMOutputWithPast.__dataclass_fields__ else "past_key_values"
 
 
-def take_cache(past_key_values: Cache | None, kwargs: dict) -> Cache | None:
+def take_cache(past_key_values: Cache | None, kwargs: dict, fixed_size_ok: bool = False) -> Cache | None:
     """The cache a caller passed, as `past_key_values` (transformers <= 5.23) or `cache` (5.24+, popped from
-    `kwargs`). Both at once must be the same object."""
+    `kwargs`). Both at once must be the same object. A fixed-size cache (`StaticCache`) only where the model
+    supports one (`fixed_size_ok`)."""
     cache = kwargs.pop("cache", None)
     if past_key_values is not None and cache is not None and past_key_values is not cache:
         raise ValueError("pass the KV cache once, as `cache` or as `past_key_values`, not two different ones")
     cache = past_key_values if past_key_values is not None else cache
-    if getattr(cache, "is_compileable", False):  # StaticCache and its kin: masks here are sized to a growing cache
+    if is_fixed_size(cache) and not fixed_size_ok:  # masks of this model are sized to a growing cache
         raise ValueError(
             f"{type(cache).__name__} (cache_implementation='static' and other fixed-size caches) is not supported by "
             "this model yet: use the default dynamic cache; model.compile_decode_step() compiles the decoding step"
@@ -79,6 +80,18 @@ def take_cache(past_key_values: Cache | None, kwargs: dict) -> Cache | None:
             "caches of the original implementations are not supported (transformers >= 5.24 calls it `cache`)"
         )
     return cache
+
+
+def is_fixed_size(cache: Cache | None) -> bool:
+    """A cache of fixed size (`StaticCache` and its kin: `cache_implementation="static"`), whose fill is a device
+    tensor (4.57 counts non-zero slots, 5.x keeps a counter), so its length must not be read on the host per step."""
+    return bool(getattr(cache, "is_compileable", False))
+
+
+def fixed_cache_size(cache: Cache) -> int:
+    """The number of slots of a fixed-size cache (4.57 names it `max_cache_len` on the cache and on each layer, 5.x
+    on each layer only)."""
+    return cache.layers[0].max_cache_len
 
 
 def cache_field(cache: Cache | None) -> dict:
@@ -127,14 +140,14 @@ def _carries_state(value) -> bool:
     return isinstance(value, (torch.Tensor, Cache))
 
 
-def generation_cache(config, past_key_values: Cache | None, kwargs: dict) -> Cache | None:
+def generation_cache(config, past_key_values: Cache | None, kwargs: dict, fixed_size_ok: bool = False) -> Cache | None:
     """The cache generate() hands to `prepare_inputs_for_generation`, under either name (popped from `kwargs`).
 
     With `use_cache=True` every step after the prompt brings one (4.57 and later 5.x create it before the prompt
     step; early 5.x let the forward create it there); a later step without it means transformers now passes it
     under a name this code does not know, and decoding on would see one token and no history. That is refused,
-    naming the version."""
-    cache = take_cache(past_key_values, kwargs)
+    naming the version. `fixed_size_ok` as for `take_cache`."""
+    cache = take_cache(past_key_values, kwargs, fixed_size_ok)
     use_cache = kwargs.get("use_cache")
     use_cache = getattr(config, "use_cache", True) if use_cache is None else use_cache
     strays = sorted(name for name, value in kwargs.items() if isinstance(value, Cache))
@@ -184,6 +197,24 @@ def causal_lm_loss(
     elif isinstance(num_items_in_batch, torch.Tensor):
         num_items_in_batch = num_items_in_batch.to(total.device)
     return total / num_items_in_batch
+
+
+def sequence_classification_loss(logits: torch.Tensor, labels: torch.Tensor, config) -> torch.Tensor:
+    """The loss of a sequence-classification head, in fp32, by transformers' rule: `config.problem_type` (set on
+    first use from `num_labels` and the labels' dtype) picks MSE (regression), cross-entropy (single label) or
+    binary cross-entropy with logits (multi-label)."""
+    if config.problem_type is None:
+        if config.num_labels == 1:
+            config.problem_type = "regression"
+        elif labels.dtype in (torch.long, torch.int):
+            config.problem_type = "single_label_classification"
+        else:
+            config.problem_type = "multi_label_classification"
+    if config.problem_type == "regression":
+        return F.mse_loss(logits.float().squeeze(-1), labels.float().reshape(-1))
+    if config.problem_type == "single_label_classification":
+        return F.cross_entropy(logits.float().view(-1, config.num_labels), labels.view(-1))
+    return F.binary_cross_entropy_with_logits(logits.float(), labels.float())
 
 
 def retie_lm_head(model: nn.Module) -> None:

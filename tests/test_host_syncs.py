@@ -138,3 +138,14 @@ def test_counter_sees_a_sync():
     model.model.register_forward_pre_hook(read_a_value)
     counts, steps = decode_step_reads(model, dict(inputs, max_new_tokens=3, min_new_tokens=3, do_sample=False))
     assert counts.get("item") == steps == 2
+
+
+@pytest.mark.parametrize("variant", ["chatglm", "glm"])
+def test_no_host_sync_in_static_cache_decode_steps(variant):
+    """With `cache_implementation="static"` the step's slots come as `cache_position`: the forward reads nothing
+    (a fixed-size cache's length lives on the device, and reading it would be a sync per token)."""
+    model, inputs = glm(variant)
+    kwargs = dict(inputs, max_new_tokens=6, min_new_tokens=6, do_sample=False, cache_implementation="static")
+    counts, steps = decode_step_reads(model, kwargs)
+    assert steps >= 5, f"expected decode steps after the prompt, saw {steps}"
+    assert counts == {}, f"glm-{variant} static cache: host reads in forward() on {steps} decode steps: {counts}"

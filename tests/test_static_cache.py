@@ -1,0 +1,144 @@
+"""A fixed-size KV cache for GLM (`generate(..., cache_implementation="static")` or a `StaticCache` passed in):
+the same tokens as the default dynamic cache, and a decode step that compiles to one graph.
+
+With a static cache the keys and values live in buffers of `max_cache_len` slots; the prefix-LM mask is built
+over all of them from `cache_position` (the step's slots), so every decode step has the same shapes and
+`torch.compile(fullgraph=True)` (what transformers' auto-compile uses, with CUDA graphs on a GPU) traces it once.
+Here the compile runs on the CPU with the `eager` backend (no C++ toolchain needed): the graph count is what a
+GPU run would capture. Sparse GPT-2 and BART-gen refuse a static cache clearly (tests/test_transformers_compat.py).
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from fixtures import left_pad, prompt, repo_module
+from fixtures import spread_glm as tiny_model
+from torch._dynamo.utils import counters
+from transformers import CompileConfig
+from transformers.cache_utils import StaticCache
+
+output_cache = repo_module("transformers_compat").output_cache
+VARIANTS = ["chatglm", "glm"]
+MODES = {
+    "greedy": dict(do_sample=False),
+    "beam": dict(do_sample=False, num_beams=3),
+    "sample": dict(do_sample=True, top_k=0, top_p=1.0, temperature=1.0),
+}
+
+
+def batch(context_lengths=(4, 2)):
+    """A left-padded batch of prompts of different lengths (the shorter row padded)."""
+    return left_pad([prompt(list(range(5, 5 + n))) + [9] for n in context_lengths])
+
+
+def generate(model, ids, mask, mode: str, **kwargs):
+    torch.manual_seed(0)
+    return model.generate(
+        input_ids=ids, attention_mask=mask, max_new_tokens=8, min_new_tokens=8, **MODES[mode], **kwargs
+    )
+
+
+@pytest.mark.parametrize("attn", ["sdpa", "eager"])
+@pytest.mark.parametrize("mode", list(MODES))
+@pytest.mark.parametrize("variant", VARIANTS)
+def test_static_cache_generates_the_dynamic_cache_tokens(variant, mode, attn):
+    model = tiny_model(variant=variant, attn_implementation=attn)
+    ids, mask = batch()
+    dynamic = generate(model, ids, mask, mode)
+    static = generate(model, ids, mask, mode, cache_implementation="static", return_dict_in_generate=True)
+    cache = output_cache(static)
+    assert isinstance(cache, StaticCache), f"generate() used {type(cache).__name__}, not a StaticCache"
+    assert torch.equal(static.sequences, dynamic), f"{variant} {mode} {attn}: static cache tokens differ"
+
+
+@pytest.mark.parametrize("variant", VARIANTS)
+def test_a_static_cache_passed_in_serves_prompts_of_any_length(variant):
+    """One StaticCache, reset between calls, for two prompt lengths: each gives the dynamic cache's tokens."""
+    model = tiny_model(variant=variant)
+    cache = StaticCache(config=model.config, max_cache_len=40)
+    for lengths in ((4, 2), (9, 1)):
+        ids, mask = batch(lengths)
+        cache.reset()
+        static = generate(model, ids, mask, "greedy", past_key_values=cache)
+        assert torch.equal(static, generate(model, ids, mask, "greedy")), f"{variant} prompt lengths {lengths}"
+
+
+def compile_on_cpu(model) -> None:
+    """transformers' own auto-compile of the decode step (fullgraph, static shapes), on the CPU as on a GPU."""
+    config = CompileConfig(backend="eager", fullgraph=True, dynamic=False)
+    config._compile_all_devices = True  # transformers compiles on CUDA only unless asked
+    model.generation_config.compile_config = config
+    torch._dynamo.reset()
+    counters.clear()
+
+
+@pytest.mark.parametrize("variant", VARIANTS)
+def test_compiled_static_decode_is_one_graph_for_every_token_and_prompt_length(variant):
+    model = tiny_model(variant=variant)
+    expected = {lengths: generate(model, *batch(lengths), "greedy") for lengths in ((4, 2), (9, 1))}
+    compile_on_cpu(model)
+    cache = StaticCache(config=model.config, max_cache_len=40)
+    for lengths, dynamic in expected.items():
+        cache.reset()
+        compiled = generate(model, *batch(lengths), "greedy", past_key_values=cache)
+        assert torch.equal(compiled, dynamic), f"{variant} {lengths}: the compiled static decode's tokens differ"
+    assert counters["stats"]["unique_graphs"] == 1, f"decode steps compiled {dict(counters['stats'])} graphs"
+    assert counters["stats"]["calls_captured"] > 0, "nothing was compiled: the test would prove nothing"
+
+
+@pytest.mark.parametrize("variant", VARIANTS)
+def test_cache_implementation_static_compiles_once_per_generate(variant):
+    """generate()'s own StaticCache (prompt + max_new_tokens slots): no recompilation from one token to the next."""
+    model = tiny_model(variant=variant)
+    ids, mask = batch()
+    dynamic = generate(model, ids, mask, "greedy")
+    compile_on_cpu(model)
+    assert torch.equal(generate(model, ids, mask, "greedy", cache_implementation="static"), dynamic)
+    assert counters["stats"]["unique_graphs"] == 1, f"decode steps compiled {dict(counters['stats'])} graphs"
+
+
+def test_static_cache_refusals_name_the_problem():
+    model = tiny_model()
+    ids, mask = batch()
+    cache = StaticCache(config=model.config, max_cache_len=40)
+    with pytest.raises(ValueError, match="needs cache_position"):
+        model(input_ids=ids, attention_mask=mask, past_key_values=cache)
+    with pytest.raises(ValueError, match="exceeds max_sequence_length"):
+        too_long = StaticCache(config=model.config, max_cache_len=model.config.max_sequence_length + 1)
+        model(input_ids=ids, past_key_values=too_long, cache_position=torch.arange(ids.shape[1]))
+    with pytest.raises(ValueError, match="position_ids are needed to continue a fixed-size cache"):
+        model(input_ids=ids, attention_mask=F_pad(mask, 40), past_key_values=cache, cache_position=torch.arange(7))
+    ptuning = tiny_model(pre_seq_len=2)
+    with pytest.raises(ValueError, match="P-tuning"):
+        ptuning.generate(input_ids=ids, attention_mask=mask, max_new_tokens=2, cache_implementation="static")
+
+
+def F_pad(mask: torch.Tensor, size: int) -> torch.Tensor:
+    return torch.nn.functional.pad(mask, (0, size - mask.shape[1]), value=1)
+
+
+def test_static_forward_by_hand_matches_the_dynamic_forward():
+    """Prefill and one decode step written out by hand with a StaticCache: the logits of the dynamic cache."""
+    model = tiny_model()
+    ids, mask = batch()
+    positions = model.transformer.get_position_ids(ids, mask)
+    dynamic = model(input_ids=ids, attention_mask=mask)
+    cache = StaticCache(config=model.config, max_cache_len=16)
+    static = model(
+        input_ids=ids, attention_mask=F_pad(mask, 16), position_ids=positions, past_key_values=cache,
+        cache_position=torch.arange(ids.shape[1]),
+    )  # fmt: skip
+    torch.testing.assert_close(static.logits, dynamic.logits, atol=1e-5, rtol=1e-5)
+    next_ids = dynamic.logits[:, -1:].argmax(-1)
+    full_ids, full_mask = torch.cat((ids, next_ids), 1), torch.cat((mask, torch.ones_like(next_ids)), 1)
+    step_positions = model.transformer.get_position_ids(full_ids, full_mask)[..., -1:]
+    dynamic_step = model(
+        input_ids=next_ids, attention_mask=full_mask, position_ids=step_positions,
+        past_key_values=output_cache(dynamic),
+    )  # fmt: skip
+    static_step = model(
+        input_ids=next_ids, attention_mask=F_pad(full_mask, 16), position_ids=step_positions, past_key_values=cache,
+        cache_position=torch.tensor([ids.shape[1]]),
+    )  # fmt: skip
+    torch.testing.assert_close(static_step.logits, dynamic_step.logits, atol=1e-5, rtol=1e-5)
