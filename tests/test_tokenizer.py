@@ -14,12 +14,12 @@ from pathlib import Path
 
 import pytest
 import torch
+from fixtures import repo_module
 from helpers import REPO_ROOT, TEST_DATA, TOKENIZER_DATA, fresh_env, run_fresh
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-sys.path.insert(0, str(REPO_ROOT))
-from tokenization_glm import GLMTokenizer  # noqa: E402
+GLMTokenizer = repo_module("tokenization_glm").GLMTokenizer
 
 GOLDEN = json.loads((TEST_DATA / "tokenizer" / "golden.json").read_text(encoding="utf-8"))
 # GLM's GLMGPT2Tokenizer (glm-10b, glm-2b) under transformers 4.33.3; made as tests/data/glm_reference/README.md says
@@ -599,8 +599,7 @@ def test_clean_up_needs_no_base_class_helper(monkeypatch, chatglm):
 
 def test_added_tokens_fallback_to_the_public_properties(monkeypatch):
     """Should a transformers release rename its private added-token caches, the public properties are used."""
-    import tokenization_glm
-
+    tokenization_glm = repo_module("tokenization_glm")
     tok = GLMTokenizer(str(TOKENIZER_DATA / "ice_text.model"), flavour="chatglm")
     tok.add_tokens(["<added_tok>"])
     texts = [c["text"] for c in GOLDEN["chatglm"]["cases"]] + ["x <added_tok> y"]
