@@ -2,7 +2,8 @@
 
 - `convert_chatglm_tokenizer(src, out)`: a THUDM/chatglm-6b folder (`ice_text.model`,
   `tokenizer_config.json`) -> `tokenizer.model` (ice_text.model copied), `tokenizer_config.json` with
-  flavour "chatglm" and the auto_map, `chat_template.jinja`, `tokenization_glm.py`.
+  flavour "chatglm" and the auto_map, `chat_template.jinja`, `tokenization_glm.py` and the sibling modules it
+  imports (`tokenization_glm_vocab.py`, `tokenization_glm_checks.py`).
 - `convert_glm_tokenizer(src, out)`: a THUDM/glm-* folder -> the same files with flavour "glm-chinese"
   (GLMChineseTokenizer, `cog-pretrain.model`: glm-large-chinese, glm-10b-chinese) or "glm-english"
   (GLMGPT2Tokenizer, `vocab.json` + `merges.txt`, or SwissArmyTransformer's `gpt2-vocab.json` +
