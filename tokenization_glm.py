@@ -30,17 +30,22 @@ Other differences: only `input_ids` and `attention_mask` are returned (the model
 2-D positions), padding is on the LEFT by default, and `build_inputs_for_generation` returns causal-LM labels.
 Blank infilling helpers: `build_inputs_for_generation`, `build_inputs_for_multiple_choice` (`GLMForMultipleChoice`).
 
-A new flavour is a `_Flavour` record plus, if it is neither SentencePiece nor GPT-2 BPE, a backend with the
-`_SentencePieceVocab` interface. A new SentencePiece model for `"chatglm"` needs the user-defined symbols `<n>`,
-`<|tab|>`, `<|blank_2|>`..`<|blank_80|>`, the control symbols `[MASK] [gMASK] [sMASK] <sop> <eop>` (decode drops
-them), `<pad>` and `<unk>`, and `byte_fallback=True` if there is room (>= ~400 pieces); a missing piece is named::
+Two sibling modules travel with this file (imported relatively, so transformers' remote-code loader and
+`save_pretrained` copy them): tokenization_glm_vocab.py, the vocabulary back-ends (a SentencePiece model, GPT-2's
+byte-level BPE), and tokenization_glm_checks.py, the argument checks of the public entries.
+
+A new flavour is a `_Flavour` record plus, if it is neither SentencePiece nor GPT-2 BPE, a back-end with the
+interface of `SentencePieceVocab` (tokenization_glm_vocab.py). A new SentencePiece model for `"chatglm"` needs the
+user-defined symbols `<n>`, `<|tab|>`, `<|blank_2|>`..`<|blank_80|>`, the control symbols `[MASK] [gMASK] [sMASK]
+<sop> <eop>` (decode drops them), `<pad>` and `<unk>`, and `byte_fallback=True` if there is room (>= ~400 pieces);
+a missing piece is named::
 
     spm.SentencePieceTrainer.train(input="corpus.txt", model_prefix="tokenizer", vocab_size=200, pad_id=3,
         control_symbols=["[MASK]", "[gMASK]", "[sMASK]", "<sop>", "<eop>"],
         user_defined_symbols=["<n>", "<|tab|>"] + [f"<|blank_{n}|>" for n in range(2, 81)])
     tok = GLMTokenizer("tokenizer.model", flavour="chatglm")
     GLMTokenizer.register_for_auto_class("AutoTokenizer")
-    tok.save_pretrained("my-model")  # tokenizer.model, tokenizer_config.json, tokenization_glm.py
+    tok.save_pretrained("my-model")  # tokenizer.model, tokenizer_config.json, tokenization_glm*.py
 
 The model config then takes `tok.sop_token_id` (bos), `eop_token_id` (eos), `mask_token_id`, `gmask_token_id`,
 `smask_token_id` and `pad_token_id`.
@@ -51,22 +56,18 @@ from __future__ import annotations
 import json
 import os
 import re
-import reprlib
-import shutil
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
-import sentencepiece as spm
-from tokenizers import Tokenizer, decoders, models, pre_tokenizers
 from transformers import PreTrainedTokenizer
 from transformers.tokenization_utils_base import AddedToken, BatchEncoding
 from transformers.utils import logging
 
-logger = logging.get_logger(__name__)
+from .tokenization_glm_checks import check_conversation, check_int, check_text, is_id, is_strs, shown, token_id_rows
+from .tokenization_glm_vocab import VOCAB_FILES_NAMES, GPT2BPEVocab, SentencePieceVocab
 
-# SentencePiece flavours use `vocab_file`; the GPT-2 BPE flavour `bpe_vocab_file` and `merges_file`.
-VOCAB_FILES_NAMES = {"vocab_file": "tokenizer.model", "bpe_vocab_file": "vocab.json", "merges_file": "merges.txt"}
+logger = logging.get_logger(__name__)
 
 # ChatGLM-6B's prompt (THUDM's `chat`): one question as is; with history "[Round i]\n问：q\n答：r\n" per turn
 # (0-indexed), then "[Round n]\n问：q\n答：". add_generation_prompt adds "[gMASK]<sop>", which encoding with special
@@ -158,228 +159,6 @@ FLAVOURS: dict[str, _Flavour] = {
 # fmt: on
 
 
-class _SentencePieceVocab:
-    """A SentencePiece model as a vocabulary backend: pieces <-> ids, text <-> pieces."""
-
-    def __init__(self, vocab_file: str):
-        if not isinstance(vocab_file, (str, os.PathLike)) or not os.path.isfile(vocab_file):
-            raise ValueError(
-                f"vocab_file={vocab_file!r} is not a file: expected the path of a SentencePiece model "
-                f"(saved as {VOCAB_FILES_NAMES['vocab_file']})"
-            )
-        self.vocab_file = os.fspath(vocab_file)
-        self.sp = spm.SentencePieceProcessor()
-        try:
-            self.sp.Load(self.vocab_file)
-        except (RuntimeError, OSError) as err:
-            raise ValueError(f"vocab_file={self.vocab_file!r} is not a SentencePiece model ({err})") from err
-        self.size = self.sp.get_piece_size()
-        self.unk_id = self.sp.unk_id()
-
-    def has_piece(self, piece: str) -> bool:
-        return self.sp.piece_to_id(piece) != self.unk_id or piece == self.sp.id_to_piece(self.unk_id)
-
-    def encode_pieces(self, text: str) -> list[str]:
-        return self.sp.encode(text, out_type=str)
-
-    def piece_to_id(self, piece: str) -> int:
-        return self.sp.piece_to_id(piece)
-
-    def pieces_to_ids(self, pieces: list[str]) -> list[int]:
-        return self.sp.piece_to_id(pieces) if pieces else []  # one C++ call
-
-    def id_to_piece(self, index: int) -> str:
-        return self.sp.id_to_piece(index)
-
-    def decode_pieces(self, pieces: list[str]) -> str:
-        return self.sp.decode_pieces(pieces)
-
-    def save(self, directory: str, prefix: str) -> tuple[str, ...]:
-        path = os.path.join(directory, prefix + VOCAB_FILES_NAMES["vocab_file"])
-        if os.path.isfile(self.vocab_file):
-            if os.path.abspath(self.vocab_file) != os.path.abspath(path):
-                shutil.copyfile(self.vocab_file, path)
-        else:  # the source file went away (e.g. a temporary download): write the loaded model
-            with open(path, "wb") as f:
-                f.write(self.sp.serialized_model_proto())
-        return (path,)
-
-    # Pickling: SentencePieceProcessor is not picklable; keep the serialized model instead.
-    def __getstate__(self) -> dict[str, Any]:
-        state = self.__dict__.copy()
-        state["sp"] = self.sp.serialized_model_proto()
-        return state
-
-    def __setstate__(self, state: dict[str, Any]) -> None:
-        self.__dict__.update(state)
-        self.sp = spm.SentencePieceProcessor()
-        self.sp.LoadFromSerializedProto(state["sp"])
-
-
-def _bytes_to_unicode() -> dict[int, str]:
-    """GPT-2's reversible map from the 256 byte values to printable characters (byte-level BPE alphabet):
-    printable Latin-1 bytes map to themselves, the others to code points from 256 upwards."""
-    printable = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1), *range(ord("®"), ord("ÿ") + 1)]
-    mapping, extra = {b: chr(b) for b in printable}, 0
-    for b in range(256):
-        if b not in mapping:
-            mapping[b] = chr(256 + extra)
-            extra += 1
-    return mapping
-
-
-class _GPT2BPEVocab:
-    """GPT-2's byte-level BPE (`vocab.json` + `merges.txt`) as a vocabulary backend.
-
-    Tokenising runs in the `tokenizers` library (GPT-2's pre-tokenisation regex and byte-level alphabet, the
-    same pieces as transformers' slow GPT2Tokenizer); decoding maps the pieces back to bytes here.
-    """
-
-    def __init__(self, vocab_file: str | None, merges_file: str | None):
-        for name, path in (("vocab.json", vocab_file), ("merges.txt", merges_file)):
-            if not isinstance(path, (str, os.PathLike)) or not os.path.isfile(path):
-                raise ValueError(
-                    f"the GPT-2 BPE flavour needs its {name} file (GLM's gpt2-vocab.json / gpt2-merges.txt), got "
-                    f"{path!r}: pass bpe_vocab_file= (or vocab_file=) and merges_file="
-                )
-        self.vocab_file, self.merges_file = os.fspath(vocab_file), os.fspath(merges_file)
-        try:
-            with open(self.vocab_file, encoding="utf-8") as f:
-                encoder = json.load(f)
-            with open(self.merges_file, encoding="utf-8") as f:
-                merges = [tuple(line.split()) for line in f.read().split("\n") if line and not line.startswith("#")]
-        except (OSError, ValueError) as err:
-            raise ValueError(f"cannot read the GPT-2 BPE files {self.vocab_file}, {self.merges_file}: {err}") from err
-        if not isinstance(encoder, dict) or any(len(m) != 2 for m in merges):
-            raise ValueError(f"{self.vocab_file} / {self.merges_file} are not a GPT-2 vocabulary and merge list")
-        self._build(encoder, merges)
-
-    def _build(self, encoder: dict[str, int], merges: list[tuple[str, str]]) -> None:
-        self.encoder, self.merges = encoder, merges
-        self.decoder = {i: piece for piece, i in encoder.items()}
-        self.size = len(encoder)
-        self.unk_id = encoder.get("<|endoftext|>", 0)  # GPT2Tokenizer's unk_token
-        self.byte_decoder = {c: b for b, c in _bytes_to_unicode().items()}
-        tokenizer = Tokenizer(models.BPE(vocab=encoder, merges=merges))
-        tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-        tokenizer.decoder = decoders.ByteLevel()
-        self.tokenizer = tokenizer
-
-    def has_piece(self, piece: str) -> bool:
-        return piece in self.encoder
-
-    def encode_pieces(self, text: str) -> list[str]:
-        return self.tokenizer.encode(text, add_special_tokens=False).tokens if text else []
-
-    def piece_to_id(self, piece: str) -> int:
-        return self.encoder.get(piece, self.unk_id)
-
-    def pieces_to_ids(self, pieces: list[str]) -> list[int]:
-        return [self.encoder.get(p, self.unk_id) for p in pieces]
-
-    def id_to_piece(self, index: int) -> str:
-        return self.decoder[index]
-
-    def decode_pieces(self, pieces: list[str]) -> str:
-        data = bytearray(self.byte_decoder[c] for c in "".join(pieces))
-        return data.decode("utf-8", errors="replace")  # GPT2Tokenizer's default errors="replace"
-
-    def save(self, directory: str, prefix: str) -> tuple[str, ...]:
-        vocab_path = os.path.join(directory, prefix + VOCAB_FILES_NAMES["bpe_vocab_file"])
-        merges_path = os.path.join(directory, prefix + VOCAB_FILES_NAMES["merges_file"])
-        with open(vocab_path, "w", encoding="utf-8") as f:
-            f.write(json.dumps(self.encoder, ensure_ascii=False) + "\n")
-        with open(merges_path, "w", encoding="utf-8") as f:
-            f.write("#version: 0.2\n" + "".join(f"{a} {b}\n" for a, b in self.merges))
-        return vocab_path, merges_path
-
-    # Pickling: keep the vocabulary and merges, rebuild the `tokenizers` object.
-    def __getstate__(self) -> dict[str, Any]:
-        return {"vocab_file": self.vocab_file, "merges_file": self.merges_file, "encoder": self.encoder,
-                "merges": self.merges}  # fmt: skip
-
-    def __setstate__(self, state: dict[str, Any]) -> None:
-        self.vocab_file, self.merges_file = state["vocab_file"], state["merges_file"]
-        self._build(state["encoder"], [tuple(m) for m in state["merges"]])
-
-
-# ---------------------------------------------------------------------------------- checks of the public entries
-def _shown(value: Any) -> str:
-    return f"{type(value).__name__} {reprlib.repr(value)}"
-
-
-def _is_id(value: Any) -> bool:
-    return isinstance(value, int) and not isinstance(value, bool)
-
-
-def _is_strs(value: Any) -> bool:
-    return isinstance(value, (list, tuple)) and all(isinstance(v, str) for v in value)
-
-
-def _check_text(value: Any, name: str) -> None:
-    """`text` / `text_pair` of `__call__`: a str, a batch of str, or a batch of lists of str (pre-split words or
-    pairs). Ids (ints), bytes, None inside a batch and deeper nesting are refused: versions differ in what they
-    make of them (5.x takes a list of ints as ids and a triply nested list as a batch)."""
-    if isinstance(value, str) or _is_strs(value):
-        return
-    if isinstance(value, (list, tuple)) and value and all(_is_strs(v) for v in value):
-        return
-    raise TypeError(
-        f"{name} must be a str, a list of str (a batch) or a list of lists of str (pre-split words or pairs), "
-        f"got {_shown(value)}"
-    )
-
-
-def _plain(value: Any) -> Any:
-    """Tensors and arrays (and their scalars) as Python lists and numbers; lists element by element. (transformers'
-    `to_py_obj` is not used: 4.57's turns [True, 5] into [1, 5] through numpy.)"""
-    if isinstance(value, (list, tuple)):
-        return [_plain(v) for v in value]
-    return value.tolist() if hasattr(value, "tolist") else value
-
-
-def _token_id_rows(token_ids: Any, name: str, is_item=_is_id) -> tuple[list[list[int]], bool]:
-    """Ids (an int, a sequence, a batch of sequences; lists, tensors or arrays) as rows of Python ints, and whether
-    a batch was given. Anything else, a float or a bool among them, is a TypeError naming `name`."""
-    values = _plain(token_ids)
-    if is_item(values):
-        return [[values]], False
-    if isinstance(values, (list, tuple)) and all(is_item(v) for v in values):
-        return [list(values)], False
-    if isinstance(values, (list, tuple)) and all(isinstance(r, (list, tuple)) for r in values):
-        if all(is_item(v) for r in values for v in r):
-            return [list(r) for r in values], True
-    items = values if isinstance(values, (list, tuple)) else [values]
-    items = [w for v in items for w in (v if isinstance(v, (list, tuple)) else [v])]
-    bad = next((v for v in items if not is_item(v)), values)
-    raise TypeError(
-        f"{name} must hold integer token ids (an int, a list, a batch of lists, a tensor), got {_shown(token_ids)}"
-        + (f" holding {_shown(bad)}" if bad is not values else "")
-    )
-
-
-def _check_conversation(conversation: Any) -> None:
-    """A chat: a list of {"role": str, "content": str} messages, or a batch (list) of such lists."""
-    if not isinstance(conversation, (list, tuple)):
-        raise TypeError(f"conversation must be a list of messages (dicts), got {_shown(conversation)}")
-    batched = bool(conversation) and all(isinstance(c, (list, tuple)) for c in conversation)
-    for chat in conversation if batched else [conversation]:
-        for i, message in enumerate(chat):
-            if not isinstance(message, Mapping):
-                raise TypeError(f"conversation[{i}] must be a dict with 'role' and 'content', got {_shown(message)}")
-            if not isinstance(message.get("role"), str) or not isinstance(message.get("content"), str):
-                raise TypeError(
-                    f"conversation[{i}] needs a str 'role' and a str 'content', got {reprlib.repr(message)}"
-                )
-
-
-def _check_int(value: Any, name: str, minimum: int) -> None:
-    if not _is_id(value):
-        raise TypeError(f"{name} must be an int >= {minimum}, got {_shown(value)}")
-    if value < minimum:
-        raise ValueError(f"{name}={value}: expected an int >= {minimum}")
-
-
 def _special_token_kwargs(spec: _Flavour, kwargs: dict[str, Any]) -> dict[str, Any]:
     """The init kwargs with the flavour's special tokens: its named tokens unless given, its extra tokens first
     (their order fixes ids in 4.x), then any saved ones (4.x's list, 5.x's list or {name: token})."""
@@ -432,23 +211,23 @@ class GLMTokenizer(PreTrainedTokenizer):
         if flavour not in FLAVOURS:
             raise ValueError(f"flavour={flavour!r} is not supported; expected one of {sorted(FLAVOURS)}")
         spec = FLAVOURS[flavour]
-        _check_int(num_image_tokens, "num_image_tokens", 0)
-        _check_int(max_blank_length, "max_blank_length", 2)
+        check_int(num_image_tokens, "num_image_tokens", 0)
+        check_int(max_blank_length, "max_blank_length", 2)
         if flavour != "chatglm" and num_image_tokens:
             raise ValueError(f"num_image_tokens={num_image_tokens} is only meaningful for flavour='chatglm'")
         if not isinstance(clean_up_tokenization_spaces, bool):
             raise TypeError(
-                f"clean_up_tokenization_spaces must be True or False, got {_shown(clean_up_tokenization_spaces)}"
+                f"clean_up_tokenization_spaces must be True or False, got {shown(clean_up_tokenization_spaces)}"
             )
         self.flavour, self._spec = flavour, spec
         self.num_image_tokens, self.max_blank_length = num_image_tokens, max_blank_length
         self.remove_space, self._lowercase = remove_space, do_lower_case
         # The vocabulary must exist before PreTrainedTokenizer.__init__, which calls get_vocab().
         if spec.backend == "gpt2-bpe":
-            self._vocab = _GPT2BPEVocab(bpe_vocab_file or vocab_file, merges_file)
+            self._vocab = GPT2BPEVocab(bpe_vocab_file or vocab_file, merges_file)
             self.vocab_file, self.bpe_vocab_file, self.merges_file = None, self._vocab.vocab_file, merges_file
         else:
-            self._vocab = _SentencePieceVocab(vocab_file)
+            self._vocab = SentencePieceVocab(vocab_file)
             self.vocab_file, self.bpe_vocab_file, self.merges_file = vocab_file, None, None
         self._check_pieces()
         self._text_offset = num_image_tokens  # id of SentencePiece piece 0
@@ -539,11 +318,11 @@ class GLMTokenizer(PreTrainedTokenizer):
 
     # ------------------------------------------------------------------ text -> pieces -> ids
     def __call__(self, text: Any = None, text_pair: Any = None, *args, **kwargs) -> BatchEncoding:
-        """`PreTrainedTokenizer.__call__` after checking `text` and `text_pair` (see `_check_text`)."""
+        """`PreTrainedTokenizer.__call__` after checking `text` and `text_pair` (see `check_text`)."""
         if text is not None or kwargs.get("text_target") is None:
-            _check_text(text, "text")
+            check_text(text, "text")
         if text_pair is not None:
-            _check_text(text_pair, "text_pair")
+            check_text(text_pair, "text_pair")
         return super().__call__(text, text_pair, *args, **kwargs)
 
     def _preprocess(self, text: str) -> str:
@@ -667,7 +446,7 @@ class GLMTokenizer(PreTrainedTokenizer):
     def apply_chat_template(self, conversation: Any, *args, **kwargs):
         """`PreTrainedTokenizer.apply_chat_template` after checking that `conversation` is a list of
         {"role": str, "content": str} messages (or a batch of such lists)."""
-        _check_conversation(conversation)
+        check_conversation(conversation)
         return super().apply_chat_template(conversation, *args, **kwargs)
 
     # ------------------------------------------------------------------ ids -> pieces -> text
@@ -681,16 +460,16 @@ class GLMTokenizer(PreTrainedTokenizer):
         """Ids (an int, a list, a tensor) to text; a batch (2-D) gives a list of texts, on every version.
 
         `clean_up_tokenization_spaces=None` takes the tokenizer's setting (see the module docstring)."""
-        rows, batched = _token_id_rows(token_ids, "token_ids")
+        rows, batched = token_id_rows(token_ids, "token_ids")
         texts = [self._decode(row, skip_special_tokens, clean_up_tokenization_spaces, **kwargs) for row in rows]
         return texts if batched else texts[0]
 
     def batch_decode(self, sequences: Any, skip_special_tokens: bool = False, **kwargs) -> list[str]:
         """A batch of id sequences (a list of lists, or a 2-D tensor) to a list of texts."""
-        rows, batched = _token_id_rows(sequences, "sequences")
+        rows, batched = token_id_rows(sequences, "sequences")
         if not batched:
             raise TypeError(
-                f"sequences must be a batch (a list of id lists or a 2-D tensor), got {_shown(sequences)}: "
+                f"sequences must be a batch (a list of id lists or a 2-D tensor), got {shown(sequences)}: "
                 "decode() takes a single sequence"
             )
         return [self._decode(row, skip_special_tokens, **kwargs) for row in rows]
@@ -734,13 +513,13 @@ class GLMTokenizer(PreTrainedTokenizer):
         tokens, user-added tokens) stand alone, joined with spaces when `spaces_between_special_tokens`.
         The chatglm flavour drops `<pad>` and image ids (control pieces decode to nothing), except that one
         special token alone decodes to its text."""
-        token_ids = [token_ids] if _is_id(token_ids) else list(token_ids)
+        token_ids = [token_ids] if is_id(token_ids) else list(token_ids)
         skip = set(self.all_special_ids) if skip_special_tokens else set()
         pad_id = self.pad_token_id if self._spec.drop_pad_on_decode else None
         tokens = []
         for index in token_ids:
-            if not _is_id(index):
-                raise TypeError(f"token_ids must hold integer token ids, got {_shown(index)}")
+            if not is_id(index):
+                raise TypeError(f"token_ids must hold integer token ids, got {shown(index)}")
             if index in skip or index == pad_id or 0 <= index < self._text_offset:
                 continue
             # SentencePiece ids decode together (GLM's "[UNK]" alias decodes as the <unk> piece, as the reference
@@ -788,16 +567,16 @@ class GLMTokenizer(PreTrainedTokenizer):
         `padding=True` pads every row to context + 1 + `max_gen_length` tokens."""
         import torch
 
-        _check_int(max_gen_length, "max_gen_length", 1)
+        check_int(max_gen_length, "max_gen_length", 1)
         if not isinstance(padding, bool):
-            raise TypeError(f"padding must be True or False, got {_shown(padding)}")
+            raise TypeError(f"padding must be True or False, got {shown(padding)}")
         sop, eop, pad = self.sop_token_id, self.eop_token_id, self.pad_token_id
         contexts = [real if real[-1] == sop else real + [sop] for real, _ in self._real_rows_with_blank(model_input)]
         spans: list[list[int]] = [[] for _ in contexts]
         if targets is not None:
             targets = [targets] if isinstance(targets, str) else targets
-            if not _is_strs(targets):
-                raise TypeError(f"targets must be a str or a list of str (one per row), got {_shown(targets)}")
+            if not is_strs(targets):
+                raise TypeError(f"targets must be a str or a list of str (one per row), got {shown(targets)}")
             if len(targets) != len(contexts):
                 raise ValueError(f"targets has {len(targets)} entries for {len(contexts)} rows of model_input")
             spans = [(self.encode(t, add_special_tokens=False) + [eop])[:max_gen_length] for t in targets]
@@ -834,9 +613,9 @@ class GLMTokenizer(PreTrainedTokenizer):
         import torch
 
         examples = self._real_rows_with_blank(model_input)
-        if not isinstance(choices, (list, tuple)) or not all(_is_strs(c) for c in choices):
+        if not isinstance(choices, (list, tuple)) or not all(is_strs(c) for c in choices):
             raise TypeError(
-                f"choices must be a list holding one list of answer strings per example, got {_shown(choices)}"
+                f"choices must be a list holding one list of answer strings per example, got {shown(choices)}"
             )
         if len(choices) != len(examples):
             raise ValueError(
@@ -895,14 +674,14 @@ class GLMTokenizer(PreTrainedTokenizer):
         error: dropping what does not line up would silently change the prompt."""
         if not isinstance(model_input, Mapping) or model_input.get("input_ids") is None:
             raise TypeError(
-                f"model_input must be what the tokenizer returned (with 'input_ids'), got {_shown(model_input)}"
+                f"model_input must be what the tokenizer returned (with 'input_ids'), got {shown(model_input)}"
             )
-        rows, _ = _token_id_rows(model_input["input_ids"], "model_input['input_ids']")
+        rows, _ = token_id_rows(model_input["input_ids"], "model_input['input_ids']")
         mask = model_input.get("attention_mask")
         if mask is None:
             masks = [[1] * len(r) for r in rows]
         else:  # 0/1 ints or bools
-            masks = _token_id_rows(mask, "model_input['attention_mask']", lambda v: isinstance(v, int))[0]
+            masks = token_id_rows(mask, "model_input['attention_mask']", lambda v: isinstance(v, int))[0]
         if len(masks) != len(rows) or any(len(m) != len(r) for m, r in zip(masks, rows)):
             shapes = [len(r) for r in rows], [len(m) for m in masks]
             raise ValueError(

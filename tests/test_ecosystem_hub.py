@@ -20,14 +20,15 @@ import pytest
 import torch
 import transformers.utils.hub as hub
 from fixtures.hub_folders import CODE_FILES, FAMILIES, folder, load, run_fresh_here
+from helpers import code_files
 from huggingface_hub.errors import EntryNotFoundError
 from safetensors.torch import load_file
 
 MODEL_FILES = {"README.md", "config.json", "generation_config.json", "model.safetensors"}
 # tokenizer files a repository needs, and those transformers may add (which versions write which differs)
 TOKENIZER_NEEDS = {
-    "glm": {"tokenizer.model", "tokenizer_config.json", "tokenization_glm.py"},
-    "glm-10b": {"tokenizer.model", "tokenizer_config.json", "tokenization_glm.py"},
+    "glm": {"tokenizer.model", "tokenizer_config.json", *code_files("tokenization_glm.py")},
+    "glm-10b": {"tokenizer.model", "tokenizer_config.json", *code_files("tokenization_glm.py")},
     "gpt2_sparse": {"tokenizer_config.json"},
     "bart_gen": {"tokenizer_config.json"},
 }

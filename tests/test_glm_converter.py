@@ -20,7 +20,7 @@ import torch
 from fixtures import GLM_TINY as TINY
 from fixtures import left_pad, prompt
 from fixtures import spread_glm as tiny_model
-from helpers import REPO_ROOT, TOKENIZER_DATA, assert_close, load_in_fresh_process, load_output
+from helpers import REPO_ROOT, TOKENIZER_DATA, assert_close, code_files, load_in_fresh_process, load_output
 from safetensors.torch import load_file, save_file
 
 THUDM_AUTO_MAP = {
@@ -145,6 +145,7 @@ def test_tokenizer_files_are_written_when_src_has_ice_text(tmp_path):
     if (REPO_ROOT / "tokenization_glm.py").is_file():
         tok_config = json.loads((out / "tokenizer_config.json").read_text())
         assert "AutoTokenizer" in tok_config["auto_map"]
+        assert set(code_files("tokenization_glm.py")) <= set(written)  # the tokenizer's sibling modules too
 
 
 BAD_SOURCES = [
@@ -259,7 +260,7 @@ def test_glm_english_tokenizer_files_are_converted(tmp_path):
     (src / "tokenizer_config.json").write_text(json.dumps(golden["tokenizer_config"]))
     (src / "added_tokens.json").write_text(json.dumps(golden["added_tokens"]))
     written = convert_glm_tokenizer(src, out)
-    assert {"vocab.json", "merges.txt", "tokenizer_config.json", "tokenization_glm.py"} <= set(written)
+    assert {"vocab.json", "merges.txt", "tokenizer_config.json", *code_files("tokenization_glm.py")} <= set(written)
     tok = AutoTokenizer.from_pretrained(out, trust_remote_code=True)
     case = golden["cases"][-3]
     assert tok(case["text"])["input_ids"] == case["ids"]

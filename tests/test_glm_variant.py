@@ -149,12 +149,7 @@ def test_classifier_dropout_defaults_to_output_dropout():
 
 def _tokenizer_and_model(vocab_size: int, **tokenizer_kwargs):
     """A GLM tokenizer and a tiny GLM-variant model whose config carries that tokenizer's special-token ids."""
-    import sys
-
-    sys.path.insert(0, str(REPO_ROOT))
-    from tokenization_glm import GLMTokenizer
-
-    tok = GLMTokenizer(**tokenizer_kwargs)
+    tok = repo_module("tokenization_glm").GLMTokenizer(**tokenizer_kwargs)
     ids = dict(bos_token_id=tok.sop_token_id, eos_token_id=tok.eop_token_id, pad_token_id=tok.pad_token_id,
                mask_token_id=tok.mask_token_id, gmask_token_id=tok.gmask_token_id, smask_token_id=tok.smask_token_id)  # fmt: skip
     return tok, tiny_model(vocab_size=vocab_size, max_sequence_length=128, **ids, **GLM)

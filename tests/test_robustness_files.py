@@ -42,7 +42,7 @@ CODE_FILES = {
     "bart": code_files("configuration_bart_gen.py", "modeling_bart_gen.py"),
     "sparse": code_files("configuration_gpt2_sparse.py", "modeling_gpt2_sparse.py"),
 }
-TOKENIZER_FILES = ("tokenizer.model", "tokenizer_config.json", "tokenization_glm.py")
+TOKENIZER_FILES = ("tokenizer.model", "tokenizer_config.json", *code_files("tokenization_glm.py"))
 
 
 class _Evil:

@@ -14,12 +14,14 @@ from pathlib import Path
 
 import pytest
 import torch
-from helpers import REPO_ROOT, TEST_DATA, TOKENIZER_DATA, fresh_env, run_fresh
+from fixtures import repo_module
+from helpers import REPO_ROOT, TEST_DATA, TOKENIZER_DATA, code_files, fresh_env, run_fresh
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-sys.path.insert(0, str(REPO_ROOT))
-from tokenization_glm import GLMTokenizer  # noqa: E402
+GLMTokenizer = repo_module("tokenization_glm").GLMTokenizer
+# tokenization_glm.py and the sibling modules it imports: what a saved or converted tokenizer folder ships
+TOKENIZER_CODE = set(code_files("tokenization_glm.py"))
 
 GOLDEN = json.loads((TEST_DATA / "tokenizer" / "golden.json").read_text(encoding="utf-8"))
 # GLM's GLMGPT2Tokenizer (glm-10b, glm-2b) under transformers 4.33.3; made as tests/data/glm_reference/README.md says
@@ -400,7 +402,7 @@ def test_save_load_fresh_process_both_versions(tmp_path):
         tok.add_tokens(["<added_tok>"])
         folder = tmp_path / flavour
         tok.save_pretrained(folder)
-        assert vocab_files | {"tokenizer_config.json", "tokenization_glm.py"} <= {p.name for p in folder.iterdir()}
+        assert vocab_files | {"tokenizer_config.json"} | TOKENIZER_CODE <= {p.name for p in folder.iterdir()}
         config = json.loads((folder / "tokenizer_config.json").read_text())
         assert config["auto_map"]["AutoTokenizer"] == ["tokenization_glm.GLMTokenizer", None]
         assert not isinstance(config.get("extra_special_tokens"), list)  # 4.x cannot read that form
@@ -526,7 +528,7 @@ def test_convert_chatglm_tokenizer_folder(tmp_path):
     (src / "tokenizer_config.json").write_text(json.dumps(thudm_config))
     (src / "config.json").write_text(json.dumps({"bos_token_id": 130004, "max_sequence_length": 2048}))
     written = convert_chatglm_tokenizer(src, out)
-    assert {"tokenizer.model", "tokenizer_config.json", "tokenization_glm.py"} <= set(written)
+    assert {"tokenizer.model", "tokenizer_config.json"} | TOKENIZER_CODE <= set(written)
     from transformers import AutoTokenizer
 
     tok = AutoTokenizer.from_pretrained(out, trust_remote_code=True)
@@ -599,8 +601,7 @@ def test_clean_up_needs_no_base_class_helper(monkeypatch, chatglm):
 
 def test_added_tokens_fallback_to_the_public_properties(monkeypatch):
     """Should a transformers release rename its private added-token caches, the public properties are used."""
-    import tokenization_glm
-
+    tokenization_glm = repo_module("tokenization_glm")
     tok = GLMTokenizer(str(TOKENIZER_DATA / "ice_text.model"), flavour="chatglm")
     tok.add_tokens(["<added_tok>"])
     texts = [c["text"] for c in GOLDEN["chatglm"]["cases"]] + ["x <added_tok> y"]

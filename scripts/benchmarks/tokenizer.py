@@ -23,6 +23,8 @@ import sys
 import time
 from pathlib import Path
 
+from _common import repo_module
+
 REPO_ROOT = Path(__file__).resolve().parent.parent.parent
 DATA = Path(os.environ.get("GLM_TOKENIZER_DATA", REPO_ROOT / "tests" / "data" / "tokenizers"))
 SAMPLE = (
@@ -52,8 +54,7 @@ def _compare(ours, native, repeats: int) -> tuple[float, float]:
 
 
 def run(quick: bool = False) -> list[dict]:
-    sys.path.insert(0, str(REPO_ROOT))
-    from tokenization_glm import GLMTokenizer
+    GLMTokenizer = repo_module("tokenization_glm").GLMTokenizer
 
     size = (1 << 18) if quick else (1 << 20)
     text = (SAMPLE * (size // len(SAMPLE.encode("utf-8")) + 1)).encode("utf-8")[:size].decode("utf-8", "ignore")

@@ -334,7 +334,7 @@ def convert_chatglm_weights(src: Path, out: Path, config, dtype: torch.dtype | N
 
 def convert_chatglm_tokenizer(src: Path, out: Path) -> list[str]:
     """Tokenizer files for a THUDM/chatglm-6b folder: `tokenizer.model` (ice_text.model) and, when this
-    repository has tokenization_glm.py, our GLMTokenizer's tokenizer_config.json and code file.
+    repository has tokenization_glm.py, our GLMTokenizer's tokenizer_config.json and code files.
     Returns the names written (nothing when SRC has no ice_text.model)."""
     if not (src / "ice_text.model").is_file():
         return []

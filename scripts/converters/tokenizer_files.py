@@ -2,7 +2,8 @@
 
 - `convert_chatglm_tokenizer(src, out)`: a THUDM/chatglm-6b folder (`ice_text.model`,
   `tokenizer_config.json`) -> `tokenizer.model` (ice_text.model copied), `tokenizer_config.json` with
-  flavour "chatglm" and the auto_map, `chat_template.jinja`, `tokenization_glm.py`.
+  flavour "chatglm" and the auto_map, `chat_template.jinja`, `tokenization_glm.py` and the sibling modules it
+  imports (`tokenization_glm_vocab.py`, `tokenization_glm_checks.py`).
 - `convert_glm_tokenizer(src, out)`: a THUDM/glm-* folder -> the same files with flavour "glm-chinese"
   (GLMChineseTokenizer, `cog-pretrain.model`: glm-large-chinese, glm-10b-chinese) or "glm-english"
   (GLMGPT2Tokenizer, `vocab.json` + `merges.txt`, or SwissArmyTransformer's `gpt2-vocab.json` +
@@ -22,28 +23,29 @@ transformers 4.57 and 5.x alike. Both functions return the names of the files wr
 
 from __future__ import annotations
 
-import importlib.util
+import importlib
 import sys
+import types
 from pathlib import Path
 
 from .common import REPO_ROOT, ConversionError, read_json
 
 GPT2_FILE_NAMES = [("vocab.json", "merges.txt"), ("gpt2-vocab.json", "gpt2-merges.txt")]
 CHATGLM_SOP_PIECE_ID = 130004  # "<sop>" in ice_text.model; THUDM's bos_token_id minus it = num_image_tokens
+CODE_PACKAGE = "glm_repository_code"  # the package the repository's root modules are imported under
 
 
 def _tokenizer_class():
-    """GLMTokenizer from the repository root, registered under its module name so save_pretrained copies it."""
-    name = "tokenization_glm"
-    if name not in sys.modules:
-        path = REPO_ROOT / "tokenization_glm.py"
-        if not path.is_file():
-            raise ConversionError("repository file tokenization_glm.py is missing: is this a complete checkout?")
-        spec = importlib.util.spec_from_file_location(name, path)
-        module = importlib.util.module_from_spec(spec)
-        sys.modules[name] = module
-        spec.loader.exec_module(module)
-    cls = sys.modules[name].GLMTokenizer
+    """GLMTokenizer from the repository root, imported as a module of a package standing for the root (its sibling
+    imports are relative, as remote code's must be), registered so that save_pretrained writes the auto_map and
+    copies tokenization_glm.py with the root modules it imports."""
+    if not (REPO_ROOT / "tokenization_glm.py").is_file():
+        raise ConversionError("repository file tokenization_glm.py is missing: is this a complete checkout?")
+    if CODE_PACKAGE not in sys.modules:
+        package = types.ModuleType(CODE_PACKAGE)
+        package.__path__ = [str(REPO_ROOT)]
+        sys.modules[CODE_PACKAGE] = package
+    cls = importlib.import_module(f"{CODE_PACKAGE}.tokenization_glm").GLMTokenizer
     cls.register_for_auto_class("AutoTokenizer")
     return cls
 
