@@ -53,6 +53,7 @@ class GLMGenerationMixin:
         inputs_embeds: torch.Tensor | None = None,
         position_ids: torch.Tensor | None = None,
         generation_attention_mask: torch.Tensor | None = None,
+        cache: Cache | None = None,
         **kwargs,
     ) -> dict:
         """Feed the tokens the cache has not seen, with their 2-D positions and mask for this step.
@@ -63,13 +64,14 @@ class GLMGenerationMixin:
         returns them, are sliced to this step instead. Works on transformers 4.57 and 5.x alike: the new tokens
         are found from the cache length (not from `cache_position` / `next_sequence_length`), and GLM inputs that
         generate() expanded for beams / `num_return_sequences` along the wrong dimension (5.x treats 3-D
-        `position_ids` as multimodal [3, B, L]) or not at all are brought back to one row per sequence.
+        `position_ids` as multimodal [3, B, L]) or not at all are brought back to one row per sequence. The cache
+        comes as `past_key_values` or `cache` (5.24+, whose generate() refuses a user's cache the signature lacks).
         """
         if inputs_embeds is not None and input_ids.shape[1] == 0:
             raise ValueError(
                 "GLM generation needs input_ids (the blank and <sop> tokens drive the mask), not inputs_embeds"
             )
-        past_key_values = generation_cache(self.config, past_key_values, kwargs, fixed_size_ok=True)
+        past_key_values = generation_cache(self.config, past_key_values, dict(kwargs, cache=cache), fixed_size_ok=True)
         cache_length = int(past_key_values.get_seq_length()) if past_key_values is not None else 0  # static: 1 sync
         past_length = cache_length - (self.config.pre_seq_len or 0) if cache_length else 0
         batch_size, length = input_ids.shape

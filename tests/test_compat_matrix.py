@@ -80,6 +80,16 @@ LOAD_GENERATE_SAVE_TRAIN = """
         for prompt in prompts:
             ids = model.generate(**tok(prompt, return_tensors="pt"), max_new_tokens=new_tokens, do_sample=False)
             out["greedy_each"].append(ids[0].tolist())
+        # a cache the caller creates (5.24+ passes it on as `cache` only if the model's signature names it), and
+        # GLM's static cache
+        given = transformers.DynamicCache()
+        if model.config.is_encoder_decoder:
+            given = transformers.EncoderDecoderCache(given, transformers.DynamicCache())
+        ids = model.generate(**single, max_new_tokens=new_tokens, do_sample=False, past_key_values=given)
+        out["given_cache"] = dict(ids=ids.tolist(), filled=int(given.get_seq_length()))
+        if name.startswith("glm"):
+            ids = model.generate(**batch, max_new_tokens=new_tokens, do_sample=False, cache_implementation="static")
+            out["static"] = ids.tolist()
         out["logits"] = model(**batch).logits.tolist()
     model.save_pretrained(saved)
     tok.save_pretrained(saved)
@@ -157,6 +167,19 @@ def test_generate_equal_with_and_without_cache(name, mode):
     )
     rows = 2 if mode == "beam" else len(PROMPTS[name]) if mode == "batch" else 1
     assert len(with_cache) == rows
+
+
+@pytest.mark.parametrize("name", per_family(NAMES))
+def test_a_cache_given_to_generate_is_filled_and_used(name):
+    first = report(name)["first"]
+    assert first["given_cache"]["filled"] > 0, f"transformers {transformers.__version__}: the given cache was unused"
+    assert first["given_cache"]["ids"] == first["generate"]["greedy"]["True"]
+
+
+@pytest.mark.parametrize("name", per_family(("glm", "glm-10b")))
+def test_static_cache_generates_the_dynamic_cache_ids(name):
+    first = report(name)["first"]
+    assert first["static"] == first["generate"]["batch"]["True"], f"transformers {transformers.__version__}"
 
 
 @pytest.mark.parametrize("name", per_family(NAMES))
