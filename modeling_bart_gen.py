@@ -20,8 +20,8 @@ BART copy that broke in 5.x):
   `fast_decoding.attention_function`);
 - bad input (ids past the vocabulary, sequences past `max_position_embeddings`, labels without
   `decoder_start_token_id`/`pad_token_id`) raises a ValueError naming the problem;
-- `BartGenText2TextPipeline`, named in the config's `custom_pipelines`, keeps
-  `pipeline("text2text-generation", model=DIR, trust_remote_code=True)` working on 5.x, which removed that task.
+- `BartGenText2TextPipeline` (pipeline_bart_gen.py, exported here), named in the config's `custom_pipelines`,
+  keeps `pipeline("text2text-generation", model=DIR, trust_remote_code=True)` working on 5.x, which removed that task.
 """
 
 from __future__ import annotations
@@ -31,7 +31,7 @@ import math
 import torch
 from torch import nn
 from torch.nn import functional as F
-from transformers import GenerationMixin, Pipeline, PreTrainedModel
+from transformers import GenerationMixin, PreTrainedModel
 from transformers.activations import ACT2FN
 from transformers.cache_utils import Cache, DynamicCache, EncoderDecoderCache
 from transformers.modeling_layers import GradientCheckpointingLayer
@@ -58,6 +58,7 @@ from .model_checks import (
     padding_mask,
     reads_values,
 )
+from .pipeline_bart_gen import BartGenText2TextPipeline  # config.json's custom_pipelines names it here
 from .transformers_compat import (
     cache_field,
     causal_lm_loss,
@@ -850,71 +851,6 @@ class BartGenForConditionalGeneration(BartGenPreTrainedModel, GenerationMixin, C
             encoder_hidden_states=outputs.encoder_hidden_states,
             encoder_attentions=outputs.encoder_attentions,
         )
-
-
-class BartGenText2TextPipeline(Pipeline):
-    """Text-to-text generation with BART-gen, for `pipeline("text2text-generation", model=DIR, trust_remote_code=True)`.
-
-    transformers 5.x removed its text2text-generation, summarization and translation tasks (4.57 still has them).
-    BART-gen's config names this class under `custom_pipelines`, which `pipeline()` reads before its own task table
-    on both versions, so the same call works on 4.57 and 5.x and gives the same output on both. Results have the
-    format of 4.57's `Text2TextGenerationPipeline`: one `{"generated_text": ...}` per returned sequence
-    (`{"generated_token_ids": ...}` with `return_tensors=True`); a list of strings gives one result per string.
-    Generation settings come from the model's `generation_config.json`; keyword arguments go to `generate()`.
-    """
-
-    _load_tokenizer = True
-    _load_processor = False
-    _load_image_processor = False
-    _load_feature_extractor = False
-
-    def _sanitize_parameters(
-        self,
-        return_tensors: bool | None = None,
-        clean_up_tokenization_spaces: bool | None = None,
-        truncation: bool | str | None = None,
-        **generate_kwargs,
-    ) -> tuple[dict, dict, dict]:
-        preprocess_params = {} if truncation is None else {"truncation": truncation}
-        postprocess_params = {}
-        if return_tensors is not None:
-            postprocess_params["return_tensors"] = return_tensors
-        if clean_up_tokenization_spaces is not None:
-            postprocess_params["clean_up_tokenization_spaces"] = clean_up_tokenization_spaces
-        return preprocess_params, generate_kwargs, postprocess_params
-
-    def __call__(self, inputs: str | list[str], **kwargs) -> list[dict] | list[list[dict]]:
-        result = super().__call__(inputs, **kwargs)
-        if isinstance(inputs, list) and all(len(records) == 1 for records in result):
-            return [records[0] for records in result]  # one sequence per input: a flat list, as 4.57 returns
-        return result
-
-    def preprocess(self, text: str, truncation: bool | str = False) -> dict[str, torch.Tensor]:
-        if not isinstance(text, str):
-            raise ValueError(
-                f"the text2text-generation pipeline takes a str or a list of str, got {type(text).__name__}"
-            )
-        encoded = self.tokenizer(text, truncation=truncation, return_tensors="pt")
-        return {"input_ids": encoded["input_ids"], "attention_mask": encoded["attention_mask"]}
-
-    def _forward(self, model_inputs: dict[str, torch.Tensor], **generate_kwargs) -> dict[str, torch.Tensor]:
-        batch_size = model_inputs["input_ids"].shape[0]
-        output_ids = self.model.generate(**model_inputs, **generate_kwargs)  # (B * num_return_sequences, T)
-        return {"output_ids": output_ids.view(batch_size, -1, output_ids.shape[-1])}  # (B, n, T)
-
-    def postprocess(
-        self, model_outputs: dict[str, torch.Tensor], return_tensors: bool = False, clean_up_tokenization_spaces=False
-    ) -> list[dict]:
-        if return_tensors:
-            return [{"generated_token_ids": ids} for ids in model_outputs["output_ids"][0]]
-        return [
-            {
-                "generated_text": self.tokenizer.decode(
-                    ids, skip_special_tokens=True, clean_up_tokenization_spaces=clean_up_tokenization_spaces
-                )
-            }
-            for ids in model_outputs["output_ids"][0]
-        ]
 
 
 __all__ = ["BartGenPreTrainedModel", "BartGenModel", "BartGenForConditionalGeneration", "BartGenText2TextPipeline"]
