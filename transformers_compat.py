@@ -12,9 +12,10 @@ and the model files read like plain models:
   warns once about the rest, so that a future rename fails loudly instead of decoding without history;
 - generate()'s cache: `generation_cache` refuses a generation step that arrives without one (`use_cache=True`),
   which is how a rename on generate()'s side would otherwise show: wrong tokens, no error;
-- the outputs a caller asks for (`LayerOutputs`): 5.x collects per-layer hidden states and attention weights with
-  hooks (`capture_outputs`, a decorator that changes between releases), 4.57 by hand; the layer loops here collect
-  them themselves. A head passes its base model's outputs on with `base_outputs` (the cache under its current name);
+- the outputs a caller asks for (`LayerOutputs`): transformers' own models collect per-layer hidden states and
+  attention weights with hooks installed by decorators that change between releases (`check_model_inputs` in 4.57,
+  `capture_outputs` in 5.x); the layer loops here collect them themselves. A head passes its base model's outputs
+  on with `base_outputs` (the cache under its current name);
   an encoder-decoder takes a precomputed encoder output as a `BaseModelOutput` or a tuple (`as_encoder_output`);
 - the attention-function registry (`registered_attention`): indexed in 4.x, `get_interface` in 5.x;
 - Trainer's loss convention (`causal_lm_loss`): a model whose `forward` takes `**kwargs` is handed
