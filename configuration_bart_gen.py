@@ -52,7 +52,8 @@ DEFAULT_AUTO_MAP = {
 }
 
 # `pipeline()` reads this before its own task table (4.57 and 5.x alike), so "text2text-generation", which 5.x
-# removed, resolves to the pipeline class shipped in modeling_bart_gen.py on both versions.
+# removed, resolves to the repository's pipeline class on both versions (defined in pipeline_bart_gen.py,
+# exported by modeling_bart_gen.py, whose import makes the remote-code loader copy it).
 DEFAULT_CUSTOM_PIPELINES = {
     "text2text-generation": {
         "impl": "modeling_bart_gen.BartGenText2TextPipeline",

@@ -209,6 +209,14 @@ def check_token_ids(ids, name: str) -> None:
         )
 
 
+def check_prompt_ids(ids, name: str, vocab_size: int) -> None:
+    """`check_token_ids`, then `check_token_range` (skipped under torch.compile): token ids that enter a model once
+    per call of generate() or per batch (a prompt, a source), where one device sync costs nothing per token."""
+    check_token_ids(ids, name)
+    if not torch.compiler.is_compiling():
+        check_token_range(ids, name, vocab_size)
+
+
 def check_token_range(ids: torch.Tensor, name: str, vocab_size: int) -> None:
     """ValueError naming `name` and the first id outside [0, vocab_size) (one device sync)."""
     low, high = torch.stack(torch.aminmax(ids)).tolist()
@@ -232,6 +240,27 @@ def check_embeds(embeds, name: str, width: int, dtype: torch.dtype, width_name: 
         )
     if embeds.dtype != dtype:
         raise TypeError(f"{name} has dtype {embeds.dtype} but the model runs in {dtype}: convert with .to({dtype})")
+
+
+def check_encoder_states(states, batch_size: int, d_model: int, dtype: torch.dtype) -> None:
+    """TypeError / ValueError naming `encoder_outputs` unless an encoder-decoder's encoder output (the hidden states
+    its decoder attends to) is a [batch_size, source length, d_model] tensor of the model's dtype (static)."""
+    check_tensor(states, "encoder_outputs", f"[batch, source length, d_model={d_model}]")
+    if states.dim() != 3 or states.shape[0] != batch_size or states.shape[-1] != d_model:
+        raise ValueError(
+            f"encoder_outputs must be [batch={batch_size}, source length, d_model={d_model}], got {list(states.shape)}"
+        )
+    if states.dtype != dtype:
+        raise TypeError(f"encoder_outputs has dtype {states.dtype}, the model runs in {dtype}")
+
+
+def check_max_positions(length: int, max_positions: int, name: str) -> None:
+    """ValueError naming `name` when it needs more positions than a learned position table has rows (static)."""
+    if length > max_positions:
+        raise ValueError(
+            f"{name} needs {length} positions but config.max_position_embeddings is {max_positions}: "
+            f"truncate the input to at most {max_positions} tokens"
+        )
 
 
 def check_finite(values: torch.Tensor, name: str) -> None:
@@ -271,13 +300,14 @@ def check_labels(
     labels, shape: tuple[int, ...] | None, vocab_size: int, expected: str = "", read_values: bool = True
 ) -> None:
     """TypeError / ValueError naming `labels` unless they are int64/int32 ids of `shape` (when given; `expected`
-    says which shape in words) in [0, vocab_size) or -100 (ignored; the range check only when `read_values`)."""
+    says which shape in words) in [0, vocab_size) or -100 (ignored; the range check, one device sync, only when
+    `read_values` and not under torch.compile)."""
     check_tensor(labels, "labels", "integer token ids, -100 = ignored")
     if labels.dtype not in INDEX_DTYPES:
         raise TypeError(f"labels must be an integer tensor of token ids (-100 = ignored), got dtype {labels.dtype}")
     if shape is not None and tuple(labels.shape) != tuple(shape):
         raise ValueError(f"labels must have {expected} {list(shape)}, got {list(labels.shape)}")
-    if read_values:
+    if read_values and not torch.compiler.is_compiling():
         bad = ((labels < 0) | (labels >= vocab_size)) & (labels != -100)
         if bool(bad.any()):
             raise ValueError(
@@ -383,9 +413,7 @@ def check_generate_inputs(
             "pass input_ids or inputs_embeds to generate(), not both: the embeddings would be silently ignored"
         )
     if ids is not None:
-        check_token_ids(ids, ids_name)
-        if not torch.compiler.is_compiling():
-            check_token_range(ids, ids_name, vocab_size)
+        check_prompt_ids(ids, ids_name, vocab_size)
     mask = kwargs.get("attention_mask")
     if mask is None:
         return

@@ -20,8 +20,8 @@ BART copy that broke in 5.x):
   `fast_decoding.attention_function`);
 - bad input (ids past the vocabulary, sequences past `max_position_embeddings`, labels without
   `decoder_start_token_id`/`pad_token_id`) raises a ValueError naming the problem;
-- `BartGenText2TextPipeline`, named in the config's `custom_pipelines`, keeps
-  `pipeline("text2text-generation", model=DIR, trust_remote_code=True)` working on 5.x, which removed that task.
+- `BartGenText2TextPipeline` (pipeline_bart_gen.py, exported here), named in the config's `custom_pipelines`,
+  keeps `pipeline("text2text-generation", model=DIR, trust_remote_code=True)` working on 5.x, which removed that task.
 """
 
 from __future__ import annotations
@@ -31,7 +31,7 @@ import math
 import torch
 from torch import nn
 from torch.nn import functional as F
-from transformers import GenerationMixin, Pipeline, PreTrainedModel
+from transformers import GenerationMixin, PreTrainedModel
 from transformers.activations import ACT2FN
 from transformers.cache_utils import Cache, DynamicCache, EncoderDecoderCache
 from transformers.modeling_layers import GradientCheckpointingLayer
@@ -47,18 +47,22 @@ from .configuration_bart_gen import BartGenConfig
 from .fast_decoding import CompiledDecoding, attention_function, fast_cpu_gemv, use_growing_kv_layers
 from .model_checks import (
     CheckedLoading,
+    check_encoder_states,
     check_generate_inputs,
     check_half_overflow,
     check_input_values,
     check_inputs,
     check_labels,
-    check_tensor,
-    check_token_ids,
-    check_token_range,
+    check_max_positions,
+    check_prompt_ids,
     padding_mask,
     reads_values,
 )
+from .pipeline_bart_gen import BartGenText2TextPipeline  # config.json's custom_pipelines names it here
 from .transformers_compat import (
+    LayerOutputs,
+    as_encoder_output,
+    base_outputs,
     cache_field,
     causal_lm_loss,
     check_unused_kwargs,
@@ -70,6 +74,7 @@ from .transformers_compat import (
 logger = logging.get_logger(__name__)
 
 
+# Adapted from transformers.models.bart.modeling_bart.shift_tokens_right
 def shift_tokens_right(input_ids: torch.Tensor, pad_token_id: int | None, decoder_start_token_id: int | None):
     """Decoder inputs from labels: prepend `decoder_start_token_id`, drop the last token, -100 -> pad."""
     if decoder_start_token_id is None:
@@ -88,14 +93,6 @@ def shift_tokens_right(input_ids: torch.Tensor, pad_token_id: int | None, decode
     return shifted.masked_fill_(shifted == -100, pad_token_id)
 
 
-def _check_length(length: int, max_positions: int, name: str) -> None:
-    if length > max_positions:
-        raise ValueError(
-            f"{name} needs {length} positions but config.max_position_embeddings is {max_positions}: "
-            f"truncate the input to at most {max_positions} tokens"
-        )
-
-
 def _to_backend_mask(allowed: torch.Tensor, dtype: torch.dtype, attn_implementation: str | None) -> torch.Tensor:
     """bool "may attend" mask -> what the attention function wants: bool for sdpa, additive float otherwise."""
     if attn_implementation == "sdpa":
@@ -103,6 +100,18 @@ def _to_backend_mask(allowed: torch.Tensor, dtype: torch.dtype, attn_implementat
     return torch.zeros(allowed.shape, dtype=dtype, device=allowed.device).masked_fill_(~allowed, torch.finfo(dtype).min)
 
 
+def _key_padding_mask(
+    attention_mask, name: str, shape: tuple[int, int], dtype: torch.dtype, attn_implementation: str | None, read: bool
+) -> torch.Tensor | None:
+    """[B, 1, 1, S] hiding padded keys from every query (queries at padding still attend), from a 0/1 padding mask
+    checked by `model_checks.padding_mask` as `name` of `shape`; None without padding."""
+    if attention_mask is None:
+        return None
+    padding = padding_mask(attention_mask, name, shape, read)
+    return None if padding is None else _to_backend_mask(padding[:, None, None, :], dtype, attn_implementation)
+
+
+# Adapted from transformers.models.bart.modeling_bart.BartLearnedPositionalEmbedding (takes lengths, not ids)
 class BartGenLearnedPositionalEmbedding(nn.Embedding):
     """Learned absolute positions; row `p + 2` holds position p (BART's fairseq offset)."""
 
@@ -116,6 +125,7 @@ class BartGenLearnedPositionalEmbedding(nn.Embedding):
         return self.weight[start : start + seq_length]  # (T, C)
 
 
+# Adapted from transformers.models.bart.modeling_bart.BartScaledWordEmbedding
 class BartGenScaledWordEmbedding(nn.Embedding):
     """Token embedding multiplied by `embed_scale` (sqrt(d_model) when config.scale_embedding, else 1)."""
 
@@ -127,6 +137,7 @@ class BartGenScaledWordEmbedding(nn.Embedding):
         return super().forward(input_ids) * self.embed_scale
 
 
+# Adapted from transformers.models.bart.modeling_bart.eager_attention_forward
 def eager_attention_forward(
     module: nn.Module,
     query: torch.Tensor,
@@ -183,18 +194,13 @@ class BartGenAttention(nn.Module):
         is_cross_attention = key_value_states is not None
         query = self.q_proj(hidden_states).view(B, T, -1, self.head_dim).transpose(1, 2)  # (B, nh, T, hs)
 
-        cache = None
-        if past_key_values is not None:
-            if isinstance(past_key_values, EncoderDecoderCache):
-                cache = (
-                    past_key_values.cross_attention_cache
-                    if is_cross_attention
-                    else past_key_values.self_attention_cache
-                )
-            elif is_cross_attention:
-                raise ValueError("cross-attention needs an EncoderDecoderCache, got " + type(past_key_values).__name__)
-            else:
-                cache = past_key_values
+        cache = past_key_values  # this attention's half of an EncoderDecoderCache, or a decoder-only cache
+        if isinstance(past_key_values, EncoderDecoderCache):
+            cache = (
+                past_key_values.cross_attention_cache if is_cross_attention else past_key_values.self_attention_cache
+            )
+        elif is_cross_attention and past_key_values is not None:
+            raise ValueError("cross-attention needs an EncoderDecoderCache, got " + type(past_key_values).__name__)
 
         if is_cross_attention and cache is not None and past_key_values.is_updated.get(self.layer_idx):
             # encoder K/V were projected on the first step of this generation: reuse them
@@ -224,6 +230,7 @@ class BartGenAttention(nn.Module):
         return attn_output, attn_weights
 
 
+# Adapted from transformers.models.bart.modeling_bart.BartEncoderLayer (returns its attention weights)
 class BartGenEncoderLayer(GradientCheckpointingLayer):
     """Post-LN block: x = LN(x + SelfAttn(x)); x = LN(x + FFN(x))."""
 
@@ -260,6 +267,7 @@ class BartGenEncoderLayer(GradientCheckpointingLayer):
         return hidden_states, attn_weights
 
 
+# Adapted from transformers.models.bart.modeling_bart.BartDecoderLayer (returns its attention weights)
 class BartGenDecoderLayer(GradientCheckpointingLayer):
     """Post-LN block: x = LN(x + CausalSelfAttn(x)); x = LN(x + CrossAttn(x, enc)); x = LN(x + FFN(x))."""
 
@@ -313,6 +321,7 @@ class BartGenDecoderLayer(GradientCheckpointingLayer):
         return hidden_states, self_attn_weights, cross_attn_weights
 
 
+# Adapted from transformers.models.bart.modeling_bart.BartPreTrainedModel
 class BartGenPreTrainedModel(CheckedLoading, PreTrainedModel):
     config_class = BartGenConfig
     base_model_prefix = "model"
@@ -343,6 +352,7 @@ class BartGenPreTrainedModel(CheckedLoading, PreTrainedModel):
             nn.init.zeros_(module.final_logits_bias)
 
 
+# Adapted from transformers.models.bart.modeling_bart.BartEncoder (inputs checked, padding mask built here)
 class BartGenEncoder(BartGenPreTrainedModel):
     """The encoder: token + position embeddings, LayerNorm, `config.encoder_layers` post-LN layers."""
 
@@ -374,50 +384,36 @@ class BartGenEncoder(BartGenPreTrainedModel):
         **kwargs,
     ) -> BaseModelOutput:
         check_unused_kwargs(kwargs, type(self).__name__)
-        output_attentions = output_attentions if output_attentions is not None else self.config.output_attentions
-        output_hidden_states = (
-            output_hidden_states if output_hidden_states is not None else self.config.output_hidden_states
-        )
+        collected = LayerOutputs(self.config, output_hidden_states, output_attentions)
         read = not torch.compiler.is_compiling()  # the encoder runs once per source: never a decode step
         B, S = check_inputs(input_ids, inputs_embeds, self.embed_tokens, width_name="d_model")
         if read:
             check_input_values(input_ids, inputs_embeds, self.embed_tokens, "input_ids", "inputs_embeds")
         if inputs_embeds is None:
             inputs_embeds = self.embed_tokens(input_ids)  # (B, S, C)
-        _check_length(S, self.config.max_position_embeddings, "input_ids (encoder)")
+        check_max_positions(S, self.config.max_position_embeddings, "input_ids (encoder)")
 
         hidden_states = inputs_embeds + self.embed_positions(S)
         hidden_states = self.layernorm_embedding(hidden_states)
         hidden_states = F.dropout(hidden_states, p=self.dropout, training=self.training)
 
-        # mask built once for every layer: padded keys are hidden, queries at padding still attend
-        mask = None
-        if attention_mask is not None:
-            padding = padding_mask(attention_mask, "attention_mask", (B, S), read)
-            if padding is not None:
-                mask = _to_backend_mask(
-                    padding[:, None, None, :], inputs_embeds.dtype, self.config._attn_implementation
-                )
+        impl = self.config._attn_implementation
+        mask = _key_padding_mask(attention_mask, "attention_mask", (B, S), inputs_embeds.dtype, impl, read)
 
-        all_hidden_states = () if output_hidden_states else None
-        all_attentions = () if output_attentions else None
         for layer in self.layers:
-            if output_hidden_states:
-                all_hidden_states += (hidden_states,)
+            collected.add_hidden_state(hidden_states)
             if self.training and self.layerdrop > 0.0 and torch.rand([]) < self.layerdrop:
-                if output_attentions:
-                    all_attentions += (None,)
+                collected.add_attentions(None)
                 continue  # LayerDrop
             hidden_states, attn_weights = layer(hidden_states, mask)
-            if output_attentions:
-                all_attentions += (attn_weights,)
-        if output_hidden_states:
-            all_hidden_states += (hidden_states,)
+            collected.add_attentions(attn_weights)
+        collected.add_hidden_state(hidden_states)
         return BaseModelOutput(
-            last_hidden_state=hidden_states, hidden_states=all_hidden_states, attentions=all_attentions
+            last_hidden_state=hidden_states, hidden_states=collected.hidden_states, attentions=collected.attentions
         )
 
 
+# Adapted from transformers.models.bart.modeling_bart.BartDecoder (masks built here, see above)
 class BartGenDecoder(BartGenPreTrainedModel):
     """The decoder: causal self-attention with a KV cache, cross-attention to the encoder output."""
 
@@ -448,23 +444,14 @@ class BartGenDecoder(BartGenPreTrainedModel):
             use_cache = False
         return use_cache
 
-    def _check_encoder_states(self, encoder_hidden_states, batch_size: int) -> None:
-        if encoder_hidden_states is None:
-            return
-        d_model = self.config.d_model
-        check_tensor(encoder_hidden_states, "encoder_outputs", f"[batch, source length, d_model={d_model}]")
-        if (
-            encoder_hidden_states.dim() != 3
-            or encoder_hidden_states.shape[0] != batch_size
-            or encoder_hidden_states.shape[-1] != d_model
-        ):
-            raise ValueError(
-                f"encoder_outputs must be [batch={batch_size}, source length, d_model={d_model}], got "
-                f"{list(encoder_hidden_states.shape)}"
-            )
-        dtype = self.embed_tokens.weight.dtype
-        if encoder_hidden_states.dtype != dtype:
-            raise TypeError(f"encoder_outputs has dtype {encoder_hidden_states.dtype}, the model runs in {dtype}")
+    def _prepare_cache(self, past_key_values: Cache | None, use_cache: bool, cross_attention: bool) -> Cache | None:
+        """The caller's cache, or a new one when `use_cache` (an `EncoderDecoderCache` when the decoder attends to an
+        encoder output), with fast_decoding's growing layers installed."""
+        if use_cache and past_key_values is None:
+            past_key_values = EncoderDecoderCache(DynamicCache(), DynamicCache()) if cross_attention else DynamicCache()
+        if past_key_values is not None:
+            use_growing_kv_layers(past_key_values)
+        return past_key_values
 
     def _self_attention_mask(
         self,
@@ -493,16 +480,14 @@ class BartGenDecoder(BartGenPreTrainedModel):
         return _to_backend_mask(allowed, dtype, impl)
 
     def _cross_attention_mask(
-        self, encoder_hidden_states: torch.Tensor, encoder_attention_mask: torch.Tensor | None, dtype, read: bool
+        self, encoder_hidden_states: torch.Tensor | None, encoder_attention_mask: torch.Tensor | None, dtype, read: bool
     ) -> torch.Tensor | None:
-        """[B, 1, 1, S] hiding the source's padding from every query; None without padding."""
-        if encoder_attention_mask is None:
+        """[B, 1, 1, S] hiding the source's padding from every query; None without an encoder output or padding."""
+        if encoder_hidden_states is None:
             return None
         shape = tuple(encoder_hidden_states.shape[:2])
-        padding = padding_mask(encoder_attention_mask, "attention_mask (encoder)", shape, read)
-        if padding is None:
-            return None
-        return _to_backend_mask(padding[:, None, None, :], dtype, self.config._attn_implementation)
+        impl = self.config._attn_implementation
+        return _key_padding_mask(encoder_attention_mask, "attention_mask (encoder)", shape, dtype, impl, read)
 
     @can_return_tuple
     def forward(
@@ -520,45 +505,33 @@ class BartGenDecoder(BartGenPreTrainedModel):
     ) -> BaseModelOutputWithPastAndCrossAttentions:
         past_key_values = take_cache(past_key_values, kwargs)
         check_unused_kwargs(kwargs, type(self).__name__)
-        output_attentions = output_attentions if output_attentions is not None else self.config.output_attentions
-        output_hidden_states = (
-            output_hidden_states if output_hidden_states is not None else self.config.output_hidden_states
-        )
+        has_encoder = encoder_hidden_states is not None  # cross-attention in every layer
+        collected = LayerOutputs(self.config, output_hidden_states, output_attentions, cross=has_encoder)
         use_cache = self._use_cache(use_cache)
         names = ("decoder_input_ids", "decoder_inputs_embeds")
         B, T = check_inputs(input_ids, inputs_embeds, self.embed_tokens, *names, width_name="d_model")
-        self._check_encoder_states(encoder_hidden_states, B)
-        if use_cache and past_key_values is None:
-            past_key_values = (
-                EncoderDecoderCache(DynamicCache(), DynamicCache())
-                if encoder_hidden_states is not None
-                else DynamicCache()
-            )
-        if past_key_values is not None:
-            use_growing_kv_layers(past_key_values)
+        if has_encoder:
+            check_encoder_states(encoder_hidden_states, B, self.config.d_model, self.embed_tokens.weight.dtype)
+        past_key_values = self._prepare_cache(past_key_values, use_cache, has_encoder)
         past_length = past_key_values.get_seq_length() if past_key_values is not None else 0
         read = reads_values(past_length, T)  # data-dependent checks: not on decode steps
         if read:
             check_input_values(input_ids, inputs_embeds, self.embed_tokens, *names)
         if inputs_embeds is None:
             inputs_embeds = self.embed_tokens(input_ids)  # (B, T, C)
-        _check_length(past_length + T, self.config.max_position_embeddings, "the decoder sequence (cache + new tokens)")
+        check_max_positions(
+            past_length + T, self.config.max_position_embeddings, "the decoder sequence (cache + new tokens)"
+        )
         dtype, device = inputs_embeds.dtype, inputs_embeds.device
         self_mask = self._self_attention_mask(attention_mask, T, past_length, dtype, device, read, B)
-        cross_mask = None
-        if encoder_hidden_states is not None:
-            cross_mask = self._cross_attention_mask(encoder_hidden_states, encoder_attention_mask, dtype, read)
+        cross_mask = self._cross_attention_mask(encoder_hidden_states, encoder_attention_mask, dtype, read)
 
         hidden_states = inputs_embeds + self.embed_positions(T, past_length)
         hidden_states = self.layernorm_embedding(hidden_states)
         hidden_states = F.dropout(hidden_states, p=self.dropout, training=self.training)
 
-        all_hidden_states = () if output_hidden_states else None
-        all_self_attns = () if output_attentions else None
-        all_cross_attns = () if (output_attentions and encoder_hidden_states is not None) else None
         for layer in self.layers:
-            if output_hidden_states:
-                all_hidden_states += (hidden_states,)
+            collected.add_hidden_state(hidden_states)
             if self.training and self.layerdrop > 0.0 and torch.rand([]) < self.layerdrop:
                 continue  # LayerDrop
             hidden_states, self_weights, cross_weights = layer(
@@ -569,22 +542,19 @@ class BartGenDecoder(BartGenPreTrainedModel):
                 past_key_values=past_key_values,
                 use_cache=use_cache,
             )
-            if output_attentions:
-                all_self_attns += (self_weights,)
-                if encoder_hidden_states is not None:
-                    all_cross_attns += (cross_weights,)
-        if output_hidden_states:
-            all_hidden_states += (hidden_states,)
+            collected.add_attentions(self_weights, cross_weights)
+        collected.add_hidden_state(hidden_states)
 
         return BaseModelOutputWithPastAndCrossAttentions(
             last_hidden_state=hidden_states,
             **cache_field(past_key_values if use_cache else None),
-            hidden_states=all_hidden_states,
-            attentions=all_self_attns,
-            cross_attentions=all_cross_attns,
+            hidden_states=collected.hidden_states,
+            attentions=collected.attentions,
+            cross_attentions=collected.cross_attentions,
         )
 
 
+# Adapted from transformers.models.bart.modeling_bart.BartModel
 class BartGenModel(BartGenPreTrainedModel):
     """Encoder + decoder sharing one token embedding (`shared`); outputs the decoder's hidden states."""
 
@@ -646,15 +616,21 @@ class BartGenModel(BartGenPreTrainedModel):
         if decoder_input_ids is None and decoder_inputs_embeds is None:
             if input_ids is None:
                 raise ValueError("pass decoder_input_ids (or decoder_inputs_embeds), or input_ids to shift right")
-            check_token_ids(input_ids, "input_ids")
-            if not torch.compiler.is_compiling():
-                check_token_range(input_ids, "input_ids", self.shared.num_embeddings)
+            check_prompt_ids(input_ids, "input_ids", self.shared.num_embeddings)
             decoder_input_ids = shift_tokens_right(
                 input_ids, self.config.pad_token_id, self.config.decoder_start_token_id
             )
-        encoder_outputs = self._encode(
-            input_ids, attention_mask, inputs_embeds, encoder_outputs, output_attentions, output_hidden_states
-        )
+        if encoder_outputs is None:
+            encoder_outputs = self.encoder(
+                input_ids=input_ids,
+                attention_mask=attention_mask,
+                inputs_embeds=inputs_embeds,
+                output_attentions=output_attentions,
+                output_hidden_states=output_hidden_states,
+                return_dict=True,
+            )
+        else:
+            encoder_outputs = as_encoder_output(encoder_outputs)
         decoder_outputs = self.decoder(
             input_ids=decoder_input_ids,
             attention_mask=decoder_attention_mask,
@@ -678,33 +654,8 @@ class BartGenModel(BartGenPreTrainedModel):
             encoder_attentions=encoder_outputs.attentions,
         )
 
-    def _encode(
-        self, input_ids, attention_mask, inputs_embeds, encoder_outputs, output_attentions, output_hidden_states
-    ) -> BaseModelOutput:
-        """The encoder's output: computed, or the precomputed one (a BaseModelOutput or a tuple) as given."""
-        if encoder_outputs is None:
-            return self.encoder(
-                input_ids=input_ids,
-                attention_mask=attention_mask,
-                inputs_embeds=inputs_embeds,
-                output_attentions=output_attentions,
-                output_hidden_states=output_hidden_states,
-                return_dict=True,
-            )
-        if isinstance(encoder_outputs, BaseModelOutput):
-            return encoder_outputs
-        if not isinstance(encoder_outputs, (tuple, list)) or not encoder_outputs:
-            raise TypeError(
-                "encoder_outputs must be a BaseModelOutput or a tuple (last_hidden_state, ...), got "
-                f"{type(encoder_outputs).__name__}"
-            )
-        return BaseModelOutput(
-            last_hidden_state=encoder_outputs[0],
-            hidden_states=encoder_outputs[1] if len(encoder_outputs) > 1 else None,
-            attentions=encoder_outputs[2] if len(encoder_outputs) > 2 else None,
-        )
 
-
+# Adapted from transformers.models.bart.modeling_bart.BartForConditionalGeneration
 class BartGenForConditionalGeneration(BartGenPreTrainedModel, GenerationMixin, CompiledDecoding):
     """BART with its LM head (tied to `model.shared`) and `final_logits_bias`: summarisation, translation, ..."""
 
@@ -799,12 +750,10 @@ class BartGenForConditionalGeneration(BartGenPreTrainedModel, GenerationMixin, C
         """
         past_key_values = take_cache(past_key_values, kwargs)
         if labels is not None:
-            check_labels(labels, None, self.config.vocab_size, read_values=not torch.compiler.is_compiling())
+            check_labels(labels, None, self.config.vocab_size)
             use_cache = False  # training on full target sequences: nothing to cache
             if decoder_input_ids is None and decoder_inputs_embeds is None:
-                decoder_input_ids = shift_tokens_right(
-                    labels, self.config.pad_token_id, self.config.decoder_start_token_id
-                )
+                decoder_input_ids = self.prepare_decoder_input_ids_from_labels(labels)
 
         decoder_tokens = decoder_input_ids if decoder_input_ids is not None else decoder_inputs_embeds
         cached = past_key_values is not None and past_key_values.get_seq_length() > 0  # before this step fills it
@@ -830,91 +779,16 @@ class BartGenForConditionalGeneration(BartGenPreTrainedModel, GenerationMixin, C
         if logits.dtype == torch.float16 and not self.training and (not cached or hidden_states.shape[1] > 1):
             check_half_overflow(logits)  # once per source (the encoder just ran) or decoder prompt, not per token
 
-        loss = None
-        if labels is not None:
-            if labels.shape != logits.shape[:2]:
-                raise ValueError(
-                    f"labels must have the decoder's shape [batch, length] = {list(logits.shape[:2])}, got "
-                    f"{list(labels.shape)}"
-                )
-            loss = causal_lm_loss(logits, labels, num_items_in_batch, shift=False)
+        loss = self._loss(logits, labels, num_items_in_batch) if labels is not None else None
+        return Seq2SeqLMOutput(loss=loss, logits=logits, **base_outputs(outputs))
 
-        return Seq2SeqLMOutput(
-            loss=loss,
-            logits=logits,
-            **cache_field(output_cache(outputs)),
-            decoder_hidden_states=outputs.decoder_hidden_states,
-            decoder_attentions=outputs.decoder_attentions,
-            cross_attentions=outputs.cross_attentions,
-            encoder_last_hidden_state=outputs.encoder_last_hidden_state,
-            encoder_hidden_states=outputs.encoder_hidden_states,
-            encoder_attentions=outputs.encoder_attentions,
-        )
-
-
-class BartGenText2TextPipeline(Pipeline):
-    """Text-to-text generation with BART-gen, for `pipeline("text2text-generation", model=DIR, trust_remote_code=True)`.
-
-    transformers 5.x removed its text2text-generation, summarization and translation tasks (4.57 still has them).
-    BART-gen's config names this class under `custom_pipelines`, which `pipeline()` reads before its own task table
-    on both versions, so the same call works on 4.57 and 5.x and gives the same output on both. Results have the
-    format of 4.57's `Text2TextGenerationPipeline`: one `{"generated_text": ...}` per returned sequence
-    (`{"generated_token_ids": ...}` with `return_tensors=True`); a list of strings gives one result per string.
-    Generation settings come from the model's `generation_config.json`; keyword arguments go to `generate()`.
-    """
-
-    _load_tokenizer = True
-    _load_processor = False
-    _load_image_processor = False
-    _load_feature_extractor = False
-
-    def _sanitize_parameters(
-        self,
-        return_tensors: bool | None = None,
-        clean_up_tokenization_spaces: bool | None = None,
-        truncation: bool | str | None = None,
-        **generate_kwargs,
-    ) -> tuple[dict, dict, dict]:
-        preprocess_params = {} if truncation is None else {"truncation": truncation}
-        postprocess_params = {}
-        if return_tensors is not None:
-            postprocess_params["return_tensors"] = return_tensors
-        if clean_up_tokenization_spaces is not None:
-            postprocess_params["clean_up_tokenization_spaces"] = clean_up_tokenization_spaces
-        return preprocess_params, generate_kwargs, postprocess_params
-
-    def __call__(self, inputs: str | list[str], **kwargs) -> list[dict] | list[list[dict]]:
-        result = super().__call__(inputs, **kwargs)
-        if isinstance(inputs, list) and all(len(records) == 1 for records in result):
-            return [records[0] for records in result]  # one sequence per input: a flat list, as 4.57 returns
-        return result
-
-    def preprocess(self, text: str, truncation: bool | str = False) -> dict[str, torch.Tensor]:
-        if not isinstance(text, str):
-            raise ValueError(
-                f"the text2text-generation pipeline takes a str or a list of str, got {type(text).__name__}"
-            )
-        encoded = self.tokenizer(text, truncation=truncation, return_tensors="pt")
-        return {"input_ids": encoded["input_ids"], "attention_mask": encoded["attention_mask"]}
-
-    def _forward(self, model_inputs: dict[str, torch.Tensor], **generate_kwargs) -> dict[str, torch.Tensor]:
-        batch_size = model_inputs["input_ids"].shape[0]
-        output_ids = self.model.generate(**model_inputs, **generate_kwargs)  # (B * num_return_sequences, T)
-        return {"output_ids": output_ids.view(batch_size, -1, output_ids.shape[-1])}  # (B, n, T)
-
-    def postprocess(
-        self, model_outputs: dict[str, torch.Tensor], return_tensors: bool = False, clean_up_tokenization_spaces=False
-    ) -> list[dict]:
-        if return_tensors:
-            return [{"generated_token_ids": ids} for ids in model_outputs["output_ids"][0]]
-        return [
-            {
-                "generated_text": self.tokenizer.decode(
-                    ids, skip_special_tokens=True, clean_up_tokenization_spaces=clean_up_tokenization_spaces
-                )
-            }
-            for ids in model_outputs["output_ids"][0]
-        ]
+    def _loss(
+        self, logits: torch.Tensor, labels: torch.Tensor, num_items_in_batch: int | torch.Tensor | None
+    ) -> torch.Tensor:
+        """Cross-entropy of the logits against `labels` (checked: the decoder's shape), unshifted: labels[:, i] is the
+        target of decoder position i, whose input is labels[:, i - 1] when the decoder inputs come from the labels."""
+        check_labels(labels, logits.shape[:2], self.config.vocab_size, "the decoder's shape [batch, length] =", False)
+        return causal_lm_loss(logits, labels, num_items_in_batch, shift=False)
 
 
 __all__ = ["BartGenPreTrainedModel", "BartGenModel", "BartGenForConditionalGeneration", "BartGenText2TextPipeline"]

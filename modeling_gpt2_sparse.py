@@ -64,11 +64,12 @@ from .model_checks import (
 )
 from .sparse_attention import SparsePlan, plan_sparse_attention, sparse_window_attention
 from .transformers_compat import (
+    LayerOutputs,
+    base_outputs,
     cache_field,
     causal_lm_loss,
     check_unused_kwargs,
     generation_cache,
-    output_cache,
     take_cache,
 )
 
@@ -291,6 +292,13 @@ def _count(mems) -> str:
     return str(len(mems)) if isinstance(mems, (list, tuple)) else type(mems).__name__
 
 
+def _past_length(mems: list[torch.Tensor] | None, cache: Cache | None) -> int:
+    """Positions before this call's tokens: those of the KV cache or of the Transformer-XL memory (never both)."""
+    if cache is not None:
+        return cache.get_seq_length()
+    return mems[0].shape[1] if mems is not None else 0
+
+
 class GPT2SparseModel(GPT2SparsePreTrainedModel):
     """The CogView transformer: word + position embeddings, `num_layers` blocks, final LayerNorm."""
 
@@ -346,77 +354,55 @@ class GPT2SparseModel(GPT2SparsePreTrainedModel):
             positions (`generate` passes it).
         generator: a torch.Generator that makes pivot sampling reproducible.
         """
-        config = self.config
         past_key_values = take_cache(past_key_values, kwargs)
         check_unused_kwargs(kwargs, type(self).__name__)
-        if output_attentions is None:
-            output_attentions = getattr(config, "output_attentions", False)
-        if output_hidden_states is None:
-            output_hidden_states = getattr(config, "output_hidden_states", False)
-        use_cache = config.use_cache if use_cache is None else use_cache
-        if self.gradient_checkpointing and self.training and use_cache:
-            use_cache = False  # resolved first: the checkpointed layers warn about a cache they are handed
-        mode = check_mode_flag(is_sparse, "is_sparse", SPARSE_MODES, config.is_sparse)
+        collected = LayerOutputs(self.config, output_hidden_states, output_attentions)
+        mode = check_mode_flag(is_sparse, "is_sparse", SPARSE_MODES, self.config.is_sparse)
         bsz, q_len = check_inputs(input_ids, inputs_embeds, self.word_embeddings)
         mems, past_key_values, use_cache = self._memory_or_cache(mems, past_key_values, use_cache, mode, bsz)
-        past_len = mems[0].shape[1] if mems is not None else 0
-        past_len = past_key_values.get_seq_length() if past_key_values is not None else past_len
-        read = reads_values(past_len, q_len)  # data-dependent checks: not on decode steps
+        past_len = _past_length(mems, past_key_values)
         position_ids, key_mask, sep = self._check_step(
-            input_ids, inputs_embeds, attention_mask, position_ids, sep, mode, past_len, read
+            input_ids, inputs_embeds, attention_mask, position_ids, sep, mode, past_len
         )
         if input_ids is not None:
             inputs_embeds = self.word_embeddings(input_ids)
-        device = inputs_embeds.device
-
-        dense_mask, sparse = None, None
-        if mode == 0:
-            dense_mask = self._dense_mask(q_len, past_len, key_mask, sep, device)
-        else:
-            sparse = plan_sparse_attention(
-                config, mode, input_ids, bsz, q_len, past_len, key_mask, pivot_idx, image_mask, generator, device
-            )
+        dense_mask, sparse = self._mask_or_sparse_plan(
+            mode, input_ids, bsz, q_len, past_len, key_mask, sep, pivot_idx, image_mask, generator, inputs_embeds.device
+        )
         hidden_states = inputs_embeds + self.position_embeddings(position_ids)
         hidden_states = self.embedding_dropout(hidden_states)
 
-        keep_mems = config.max_memory_length > 0
-        mem_layers = [hidden_states.detach()] if keep_mems else []
-        all_hidden_states = () if output_hidden_states else None
-        all_attentions = () if output_attentions else None
-        for i, layer in enumerate(self.layers):
-            if output_hidden_states:
-                all_hidden_states += (hidden_states,)
+        mem_layers = [hidden_states.detach()] if self.config.max_memory_length > 0 else None  # layer inputs
+        for layer, mem in zip(self.layers, mems if mems is not None else [None] * len(self.layers)):
+            collected.add_hidden_state(hidden_states)
             hidden_states, attn_weights = layer(
-                hidden_states,
-                attention_mask=dense_mask,
-                sparse=sparse,
-                past_key_values=past_key_values,
-                mem=mems[i] if mems is not None else None,
-                use_cache=use_cache,
+                hidden_states, dense_mask, sparse, past_key_values=past_key_values, mem=mem, use_cache=use_cache
             )
-            if keep_mems:
+            collected.add_attentions(attn_weights)
+            if mem_layers is not None:
                 mem_layers.append(hidden_states.detach())
-            if output_attentions:
-                all_attentions += (attn_weights,)
         hidden_states = self.final_layernorm(hidden_states)
-        if output_hidden_states:
-            all_hidden_states += (hidden_states,)
+        collected.add_hidden_state(hidden_states)
 
-        new_mems = self._update_mems(mem_layers, mems) if keep_mems else None
         return GPT2SparseModelOutput(
             last_hidden_state=hidden_states,
             **cache_field(past_key_values if use_cache else None),
-            hidden_states=all_hidden_states,
-            attentions=all_attentions,
-            mems=new_mems,
+            hidden_states=collected.hidden_states,
+            attentions=collected.attentions,
+            mems=self._update_mems(mem_layers, mems) if mem_layers is not None else None,
         )
 
     def _memory_or_cache(
-        self, mems, past_key_values: Cache | None, use_cache: bool, mode: int, bsz: int
+        self, mems, past_key_values: Cache | None, use_cache: bool | None, mode: int, bsz: int
     ) -> tuple[list[torch.Tensor] | None, Cache | None, bool]:
         """Transformer-XL memory (checked: one [batch, mem_len, hidden] tensor per layer, all of one length and of
-        the model's dtype) or the KV cache (created when `use_cache`), and whether the cache is used."""
+        the model's dtype) or the KV cache (created when `use_cache`), and whether the cache is used: `use_cache`
+        (None: config.use_cache), never with memory, nor with gradient checkpointing in training (no warning here:
+        the checkpointed layers warn about a cache they are handed)."""
         config = self.config
+        use_cache = config.use_cache if use_cache is None else use_cache
+        if self.gradient_checkpointing and self.training and use_cache:
+            use_cache = False
         if mems is None or len(mems) == 0:
             if use_cache and past_key_values is None:
                 past_key_values = DynamicCache(config=config)
@@ -443,14 +429,15 @@ class GPT2SparseModel(GPT2SparsePreTrainedModel):
         return mems, None, False
 
     def _check_step(
-        self, input_ids, inputs_embeds, attention_mask, position_ids, sep, mode: int, past_len: int, read: bool
+        self, input_ids, inputs_embeds, attention_mask, position_ids, sep, mode: int, past_len: int
     ) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
-        """This call's positions, padding mask (None: no padding) and `sep` lengths, checked. `read`: also run the
-        data-dependent checks (value ranges, NaN, a 0/1 mask); off on decode steps (`model_checks.reads_values`)."""
+        """This call's positions, padding mask (None: no padding) and `sep` lengths, checked. The data-dependent
+        checks (value ranges, NaN, a 0/1 mask) are skipped on decode steps (`model_checks.reads_values`)."""
         config = self.config
         tokens = input_ids if input_ids is not None else inputs_embeds
         bsz, q_len = tokens.shape[:2]
         k_len = past_len + q_len
+        read = reads_values(past_len, q_len)
         if mode == 1 and past_len > 0:
             raise ValueError(
                 "is_sparse=1 (sparse training) needs the whole sequence in one call, without a cache or memory; "
@@ -475,6 +462,29 @@ class GPT2SparseModel(GPT2SparsePreTrainedModel):
             if mode != 0 and read and bool(sep.ne(0).any()):
                 raise ValueError(f"sep (a bidirectional prefix) is only supported with is_sparse=0, got {mode}")
         return position_ids, key_mask, sep
+
+    def _mask_or_sparse_plan(
+        self,
+        mode: int,
+        input_ids,
+        bsz: int,
+        q_len: int,
+        past_len: int,
+        key_mask,
+        sep,
+        pivot_idx,
+        image_mask,
+        generator,
+        device,
+    ) -> tuple[torch.Tensor | None, SparsePlan | None]:
+        """What every layer's attention uses in this call: the dense mask (`_dense_mask`, mode 0), or the sparse plan
+        (window, pivots per layer, their bias; `sparse_attention.plan_sparse_attention`, modes 1 and 2)."""
+        if mode == 0:
+            return self._dense_mask(q_len, past_len, key_mask, sep, device), None
+        plan = plan_sparse_attention(
+            self.config, mode, input_ids, bsz, q_len, past_len, key_mask, pivot_idx, image_mask, generator, device
+        )
+        return None, plan
 
     def _dense_mask(
         self,
@@ -628,18 +638,9 @@ class GPT2SparseLMHeadModel(GPT2SparsePreTrainedModel, GenerationMixin, Compiled
 
         loss = None
         if labels is not None:
-            read = not torch.compiler.is_compiling()
-            check_labels(labels, hidden_states.shape[:2], self.config.vocab_size, "the input's shape", read)
+            check_labels(labels, hidden_states.shape[:2], self.config.vocab_size, "the input's shape")
             loss = causal_lm_loss(logits, labels, num_items_in_batch)
-
-        return GPT2SparseCausalLMOutput(
-            loss=loss,
-            logits=logits,
-            **cache_field(output_cache(outputs)),
-            hidden_states=outputs.hidden_states,
-            attentions=outputs.attentions,
-            mems=outputs.mems,
-        )
+        return GPT2SparseCausalLMOutput(loss=loss, logits=logits, **base_outputs(outputs))
 
 
 __all__ = ["GPT2SparseLMHeadModel", "GPT2SparseModel", "GPT2SparsePreTrainedModel"]

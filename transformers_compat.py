@@ -12,6 +12,11 @@ and the model files read like plain models:
   warns once about the rest, so that a future rename fails loudly instead of decoding without history;
 - generate()'s cache: `generation_cache` refuses a generation step that arrives without one (`use_cache=True`),
   which is how a rename on generate()'s side would otherwise show: wrong tokens, no error;
+- the outputs a caller asks for (`LayerOutputs`): transformers' own models collect per-layer hidden states and
+  attention weights with hooks installed by decorators that change between releases (`check_model_inputs` in 4.57,
+  `capture_outputs` in 5.x); the layer loops here collect them themselves. A head passes its base model's outputs
+  on with `base_outputs` (the cache under its current name);
+  an encoder-decoder takes a precomputed encoder output as a `BaseModelOutput` or a tuple (`as_encoder_output`);
 - the attention-function registry (`registered_attention`): indexed in 4.x, `get_interface` in 5.x;
 - Trainer's loss convention (`causal_lm_loss`): a model whose `forward` takes `**kwargs` is handed
   `num_items_in_batch` and must divide by it, or gradient accumulation scales the gradients;
@@ -32,9 +37,9 @@ import transformers
 from packaging.version import Version
 from torch import nn
 from transformers.cache_utils import Cache
-from transformers.modeling_outputs import CausalLMOutputWithPast
+from transformers.modeling_outputs import BaseModelOutput, CausalLMOutputWithPast
 from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
-from transformers.utils import logging
+from transformers.utils import ModelOutput, logging
 
 logger = logging.get_logger(__name__)
 
@@ -162,6 +167,59 @@ def generation_cache(config, past_key_values: Cache | None, kwargs: dict, fixed_
             "and produce wrong tokens; this model's code needs updating for this transformers release."
         )
     return cache
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Outputs
+# ---------------------------------------------------------------------------------------------------------------
+class LayerOutputs:
+    """The per-layer outputs a model's forward returns when asked: the hidden states entering every layer plus the
+    final one (`output_hidden_states`), and every layer's attention weights (`output_attentions`; with `cross`, an
+    encoder-decoder's cross-attention weights too). None asks the config. Each field is a tuple, or None when not
+    asked for, as transformers' output dataclasses hold them."""
+
+    def __init__(self, config, output_hidden_states: bool | None, output_attentions: bool | None, cross: bool = False):
+        if output_hidden_states is None:
+            output_hidden_states = getattr(config, "output_hidden_states", False)
+        if output_attentions is None:
+            output_attentions = getattr(config, "output_attentions", False)
+        self.hidden_states = () if output_hidden_states else None
+        self.attentions = () if output_attentions else None
+        self.cross_attentions = () if output_attentions and cross else None
+
+    def add_hidden_state(self, hidden_states: torch.Tensor) -> None:
+        if self.hidden_states is not None:
+            self.hidden_states += (hidden_states,)
+
+    def add_attentions(self, weights: torch.Tensor | None, cross_weights: torch.Tensor | None = None) -> None:
+        if self.attentions is not None:
+            self.attentions += (weights,)
+        if self.cross_attentions is not None:
+            self.cross_attentions += (cross_weights,)
+
+
+def as_encoder_output(encoder_outputs) -> BaseModelOutput:
+    """A precomputed encoder output passed to an encoder-decoder: a `BaseModelOutput` (what generate() passes) as it
+    is, or the tuple (last_hidden_state, hidden_states, attentions) of a `return_dict=False` call as one."""
+    if isinstance(encoder_outputs, BaseModelOutput):
+        return encoder_outputs
+    if not isinstance(encoder_outputs, (tuple, list)) or not encoder_outputs:
+        raise TypeError(
+            "encoder_outputs must be a BaseModelOutput or a tuple (last_hidden_state, ...), got "
+            f"{type(encoder_outputs).__name__}"
+        )
+    return BaseModelOutput(
+        last_hidden_state=encoder_outputs[0],
+        hidden_states=encoder_outputs[1] if len(encoder_outputs) > 1 else None,
+        attentions=encoder_outputs[2] if len(encoder_outputs) > 2 else None,
+    )
+
+
+def base_outputs(outputs: ModelOutput) -> dict:
+    """The fields of a base model's output that its head returns unchanged: all but `last_hidden_state` (which the
+    head turned into logits), by name, the cache under the running transformers' name. A head returns
+    `CausalLMOutputWithPast(loss=loss, logits=logits, **base_outputs(outputs))`, so no field is dropped."""
+    return {name: value for name, value in outputs.items() if name != "last_hidden_state"}
 
 
 # ---------------------------------------------------------------------------------------------------------------
