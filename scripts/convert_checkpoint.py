@@ -2,11 +2,14 @@
 """Convert a published checkpoint into a folder that this repository's code loads.
 
     python scripts/convert_checkpoint.py --arch ARCH --src SRC --dst DST [--dtype float32|bfloat16|float16]
+        [--keep-quantized (chatglm-6b)]
 
 ARCH is one of the names registered by the modules in scripts/converters/ (chatglm-6b, glm, cogview,
 gpt2, bart). DST becomes a folder that `Auto*.from_pretrained(DST, trust_remote_code=True)` loads:
 config.json with auto_map, safetensors weights, the model code files, tokenizer files where SRC had
 them and generation_config.json. It is written to a temporary folder and renamed at the end.
+`--keep-quantized` (chatglm-6b only) saves the weights torchao int8 weight-only instead; see
+scripts/converters/glm.py.
 """
 
 from __future__ import annotations
@@ -59,6 +62,9 @@ def main(argv: list[str] | None = None) -> int:
             module.add_arguments(parser)
     args = parser.parse_args(argv)
     try:
+        for module in modules:
+            if hasattr(module, "check_arguments"):
+                module.check_arguments(args)  # refuse flags that cannot work before DST is touched
         dtype = parse_dtype(args.dtype)
         if not args.src.is_dir():
             raise ConversionError(f"--src {args.src} is not a folder")

@@ -8,8 +8,10 @@ interrupted conversion never leaves a folder that looks complete.
 A family module (`scripts/converters/<family>.py`) defines `ARCHS = {"arch-name": convert_fn}` with
 `convert_fn(src: Path, out: Path, dtype: torch.dtype | None, args: argparse.Namespace) -> None`, which
 writes everything into `out` (already a fresh temporary folder), and optionally
-`add_arguments(parser)` for its own flags (e.g. `--num-attention-heads`). Raise `ConversionError`
-for anything the user must fix; the command prints it and exits with status 2.
+`add_arguments(parser)` for its own flags (e.g. `--num-attention-heads`) and `check_arguments(args)`, called
+for every module before DST is touched, to refuse a flag that cannot work (e.g. `--keep-quantized` with an
+--arch that lacks it). Raise `ConversionError` for anything the user must fix; the command prints it and exits
+with status 2.
 
 API used by the family modules:
 - `ConversionError`: a ValueError subclass; its message is shown to the user as is.

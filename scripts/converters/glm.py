@@ -12,15 +12,51 @@ Our state-dict keys are THUDM's, so tensors are copied, not renamed; what the co
 - THUDM's int4/int8 checkpoints (THUDM/chatglm-6b-int4, -int8: config `quantization_bit` 4 or 8) are
   dequantized: see `dequantize_thudm` for their storage format. The output is an ordinary float checkpoint
   (bfloat16 unless `--dtype` says otherwise; `--dtype float32` holds int * scale exactly, `float16` equals
-  the half-precision product THUDM's CUDA kernel computes). With `--keep-quantized` the dequantized model
-  is re-quantized by torchao (int8 weight-only, through transformers' TorchAoConfig) and saved that way,
-  so loading it needs torchao but little memory (README "Quantized models");
+  the half-precision product THUDM's CUDA kernel computes). With `--keep-quantized` the result is instead
+  saved quantized, torchao int8 weight-only (see below);
 - weights: every tensor's name and shape is checked against the model; the per-layer rotary `inv_freq`
   buffers are dropped (recomputed on load), `lm_head.weight` is dropped because THUDM's code ties it to the
   word embeddings on load (a differing copy is reported); anything else that has no place is an error;
 - tokenizer: `convert_chatglm_tokenizer` writes `tokenizer.model` (ice_text.model) and our GLMTokenizer's
   tokenizer_config.json when SRC has ice_text.model;
 - generation_config.json with `<sop>`/`<eop>`/`<pad>` ids, and the model code files.
+
+`--arch chatglm-6b --keep-quantized`: DST holds the model quantized by torchao, int8 weight-only with one scale per
+output row (transformers' `TorchAoConfig(Int8WeightOnlyConfig())`), as safetensors, with `quantization_config` in
+config.json, so `AutoModelForCausalLM.from_pretrained(DST, trust_remote_code=True)` loads it quantized with no
+further argument (torchao must be installed where it is loaded, with transformers 5.x: 4.57's torchao loader
+cannot read it). The flow:
+1. the ordinary conversion above is written into a subfolder of the temporary output folder (for a THUDM int4/int8
+   source, THUDM's row scales are kept aside as the weights are dequantized);
+2. the repository's own GLMForConditionalGeneration (imported from this checkout, the same files DST gets, so no
+   trust_remote_code, dynamic-module cache or network is involved) loads that subfolder with
+   `quantization_config`: transformers' torchao quantizer quantizes every nn.Linear of the body; the word
+   embeddings and the head tied to them stay in the converted dtype (TorchAoConfig's default);
+3. for a THUDM int4/int8 source, each int8 weight then gets THUDM's own integers and row scales back: torchao
+   chooses absmax(row) / 127.5 (range -128..127), THUDM absmax(row) / 127, so torchao's own choice would shrink
+   every weight by 1/255 (half a step at the row's largest weight; measured 1% of the largest logit on the tiny test
+   model). The integers are recovered exactly as round(converted weight / THUDM scale), also from bfloat16: an int8
+   value (at most 127) times the scale, rounded to bfloat16 (relative error at most 2^-8), stays within 0.4961 of a
+   step, and every layer is checked to give the converted weight back bit for bit. int4 values (-8..7) are stored
+   one per int8 byte: twice THUDM's int4 bytes, half of bfloat16. The output then computes with exactly THUDM's
+   weights; a float16 source keeps torchao's own scales (ordinary int8 weight-only quantization);
+4. `save_pretrained` writes the quantized weights (torchao's tensors flattened into safetensors:
+   `<layer>._weight_qdata` int8, `_weight_scale` float32, `_weight_zero_point`) and config.json with
+   `quantization_config`;
+5. everything else (code files, tokenizer files, generation_config.json) is copied from the ordinary conversion, so
+   those files are byte for byte what a conversion without the flag writes; the subfolder is deleted.
+Why this way: the ordinary conversion stays the one path from THUDM's format to ours (every check above applies),
+and transformers' own quantizer and writer produce the layout its loader reads, instead of an imitation of
+torchao's serialisation that each release could break; only the integers and scales of step 3 are ours, written into
+torchao's tensors in place, and if the installed torchao lays its int8 tensors out otherwise, a note says so and
+torchao's own scales are saved. `set_inductor_config=False`: torchao would otherwise change torch.compile's inductor
+settings process-wide while quantizing; loading a saved folder never applies it either way. The cost: disk space for
+the ordinary conversion while it runs, and memory for transformers' quantizing load (measured for a 109M-parameter
+model, 218 MB in bfloat16, from a THUDM int8 source: the conversion peaked at 0.99 GB RSS, 0.75 GB without the flag).
+Refused up front, before DST or a temporary folder is made: transformers 4.x (it saves a torchao model only as a
+pickle, `safe_serialization=False`, which this project never writes or loads; convert without the flag and pass
+`quantization_config` at load time, or use transformers 5.x), a missing torchao (the `quant` extra), and any other
+`--arch` (quantize at load time instead). A float16 ChatGLM-6B source works too: DST is int8 of its conversion.
 
 `--arch glm`: a THUDM/glm-* folder (glm-10b, glm-10b-chinese, glm-large-chinese, glm-2b; `model_type` "glm",
 weights under GLM's `glm.` prefix, `pytorch_model*.bin` shards or safetensors) -> the GLM variant:
@@ -41,10 +77,13 @@ weights under GLM's `glm.` prefix, `pytorch_model*.bin` shards or safetensors) -
 from __future__ import annotations
 
 import argparse
+import contextlib
 import importlib.util
 import math
+import re
 import shutil
 import sys
+import types
 from pathlib import Path
 
 import torch
@@ -57,6 +96,7 @@ from .common import (
     code_files,
     copy_code_files,
     iter_tensors,
+    list_weight_files,
     read_json,
     write_json,
 )
@@ -257,9 +297,10 @@ def _is_quantized_linear(name: str) -> bool:
     )
 
 
-def _thudm_tensors(src: Path, shapes: dict, bits: int):
+def _thudm_tensors(src: Path, shapes: dict, bits: int, scales: dict | None = None):
     """(name, raw_name, tensor) of a THUDM checkpoint with every quantized linear weight already dequantized to float32:
-    a weight waits for its `weight_scale` (they may sit in different shards)."""
+    a weight waits for its `weight_scale` (they may sit in different shards). `scales`, when given, receives each
+    dequantized weight's `weight_scale` under the weight's name."""
     pending: dict[str, dict[str, tuple[str, torch.Tensor]]] = {}
     for raw_name, tensor in iter_tensors(src):
         name = _thudm_name(raw_name)
@@ -284,6 +325,8 @@ def _thudm_tensors(src: Path, shapes: dict, bits: int):
             if not in_features:
                 yield module + ".weight", weight_name, weight  # no place in the model: reported by the caller
                 continue
+            if scales is not None:
+                scales[module + ".weight"] = scale.clone()
             yield module + ".weight", weight_name, dequantize_thudm(weight_name, weight, scale, bits, in_features)
     for module, parts in pending.items():
         missing = "weight_scale" if "weight" in parts else "weight"
@@ -293,11 +336,13 @@ def _thudm_tensors(src: Path, shapes: dict, bits: int):
         )
 
 
-def convert_chatglm_weights(src: Path, out: Path, config, dtype: torch.dtype | None, bits: int = 0) -> None:
+def convert_chatglm_weights(
+    src: Path, out: Path, config, dtype: torch.dtype | None, bits: int = 0, scales: dict | None = None
+) -> None:
     shapes = expected_shapes(config)
     writer = SafetensorsWriter(out, dtype)
     unplaced, lm_head, embeddings = [], None, None
-    for name, raw_name, tensor in _thudm_tensors(src, shapes, bits):
+    for name, raw_name, tensor in _thudm_tensors(src, shapes, bits, scales):
         if name.endswith(".rotary_emb.inv_freq"):
             continue  # a buffer THUDM saved by accident; ours is recomputed (fp16-rounded) on load
         if name == "lm_head.weight":
@@ -346,13 +391,168 @@ def convert_chatglm_tokenizer(src: Path, out: Path) -> list[str]:
     return ["tokenizer.model"]
 
 
+KEEP_QUANTIZED_ARCHS = ("chatglm-6b",)
+LOAD_TIME_QUANTIZATION = (
+    "from_pretrained(DST, trust_remote_code=True, quantization_config=TorchAoConfig(Int8WeightOnlyConfig())) "
+    '(README "Quantized models")'
+)
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--keep-quantized",
+        action="store_true",
+        help="chatglm-6b: save DST quantized, torchao int8 weight-only, as safetensors (needs transformers 5.x and "
+        "torchao: pip install -e '.[quant]')",
+    )
+
+
+def check_arguments(args: argparse.Namespace) -> None:
+    """Refuse `--keep-quantized` before any folder is made: on an --arch without it, on transformers 4.x, without torchao."""
+    if not getattr(args, "keep_quantized", False):
+        return
+    if args.arch not in KEEP_QUANTIZED_ARCHS:
+        raise ConversionError(
+            f"--keep-quantized is implemented for --arch {', '.join(KEEP_QUANTIZED_ARCHS)} only, not {args.arch}; "
+            f"convert without it and quantize when loading: {LOAD_TIME_QUANTIZATION}"
+        )
+    keep_quantized_config()
+
+
+def keep_quantized_config():
+    """transformers' TorchAoConfig for int8 weight-only, or a ConversionError saying why `--keep-quantized` cannot work."""
+    import transformers
+
+    version = transformers.__version__
+    if int(version.split(".")[0]) < 5:
+        raise ConversionError(
+            f"--keep-quantized needs transformers 5.x (installed: {version}): transformers 4.x saves a "
+            "torchao-quantized model only as a pickle (save_pretrained(safe_serialization=False)), which this project "
+            "never writes or loads. Run the converter with transformers 5.x (.venv/tf5), or convert without "
+            f"--keep-quantized and quantize when loading: {LOAD_TIME_QUANTIZATION}"
+        )
+    try:
+        from torchao.quantization import Int8WeightOnlyConfig
+    except ImportError as err:
+        raise ConversionError(
+            f"--keep-quantized needs torchao, which cannot be imported ({type(err).__name__}: {err}); install the "
+            "`quant` extra (pip install -e '.[quant]', torchao>=0.17,<0.19), or convert without --keep-quantized"
+        ) from err
+    from transformers import TorchAoConfig
+
+    try:
+        return TorchAoConfig(Int8WeightOnlyConfig(set_inductor_config=False))  # see the module docstring
+    except (ImportError, ValueError) as err:  # e.g. a torchao release this transformers does not accept
+        raise ConversionError(
+            f"--keep-quantized: transformers {version} refuses the installed torchao ({type(err).__name__}: {err}); "
+            "install the `quant` extra's torchao (pip install -e '.[quant]', torchao>=0.17,<0.19)"
+        ) from err
+
+
+def _glm_model_class():
+    """GLMForConditionalGeneration from this checkout (imported as a package: modeling_glm.py imports relatively)."""
+    name = "glm_repo"
+    if name not in sys.modules:
+        pkg = types.ModuleType(name)
+        pkg.__path__ = [str(REPO_ROOT)]
+        sys.modules[name] = pkg
+    from glm_repo.modeling_glm import GLMForConditionalGeneration
+
+    return GLMForConditionalGeneration
+
+
+WEIGHT_FILES = re.compile(r"model(-\d+-of-\d+)?\.safetensors(\.index\.json)?")
+
+
+def _restore_thudm_scales(model, plain: Path, scales: dict[str, torch.Tensor]) -> bool:
+    """Give torchao's int8 weights THUDM's own integers and row scales (module docstring); False, changing nothing,
+    when the installed torchao's int8 tensors are not laid out as `qdata` [out, in] + `scale` [out, 1]."""
+    from safetensors import safe_open
+
+    handles = {}
+    with contextlib.ExitStack() as stack:
+        for path in list_weight_files(plain):
+            f = stack.enter_context(safe_open(str(path), framework="pt"))
+            handles.update(dict.fromkeys(f.keys(), f))
+        layers = {name: model.get_submodule(name.removesuffix(".weight")).weight for name in scales}
+        for name, weight in layers.items():
+            rows, columns = handles[name].get_slice(name).get_shape()
+            qdata, scale = getattr(weight, "qdata", None), getattr(weight, "scale", None)
+            zero_point = getattr(weight, "zero_point", None)
+            if not (
+                isinstance(qdata, torch.Tensor) and qdata.dtype == torch.int8 and tuple(qdata.shape) == (rows, columns)
+                and isinstance(scale, torch.Tensor) and tuple(scale.shape) == (rows, 1)
+                and (zero_point is None or not bool(zero_point.any()))
+            ):  # fmt: skip
+                return False
+        with torch.no_grad():
+            for name, weight in layers.items():
+                stored = handles[name].get_tensor(name)  # int * scale as the ordinary conversion wrote it
+                row_scale = scales[name].to(torch.float32)[:, None]
+                safe_scale = torch.where(row_scale == 0, torch.ones_like(row_scale), row_scale)
+                integers = torch.round(stored.to(torch.float32) / safe_scale)  # exact: see the module docstring
+                if (
+                    not torch.equal((integers * row_scale).to(stored.dtype), stored)
+                    or not -128 <= integers.min() <= integers.max() <= 127
+                ):
+                    raise ConversionError(
+                        f"{name}: THUDM's integers cannot be recovered from the converted weight (internal error)"
+                    )
+                weight.qdata.copy_(integers.to(torch.int8))
+                weight.scale.copy_(row_scale)
+    return True
+
+
+def save_quantized(plain: Path, out: Path, quantization_config, scales: dict[str, torch.Tensor]) -> None:
+    """The converted folder `plain` -> `out`, int8 weight-only (module docstring, `--keep-quantized`): quantized
+    weights and config.json from transformers' save_pretrained, every other file copied from `plain` unchanged.
+    `scales`: THUDM's row scale of each weight that was dequantized (empty for a float16 source)."""
+    model = _glm_model_class().from_pretrained(str(plain), dtype="auto", quantization_config=quantization_config)
+    body = {
+        name: type(module.weight).__name__
+        for name, module in model.named_modules()
+        if isinstance(module, torch.nn.Linear) and name != "lm_head"  # the head is the tied word embeddings
+    }
+    float_weights = sorted(name for name, kind in body.items() if kind in ("Tensor", "Parameter"))
+    if not body or float_weights:
+        raise ConversionError(
+            f"--keep-quantized: torchao left {len(float_weights)} of {len(body)} linear layers unquantized "
+            f"({', '.join(float_weights[:5])}); is the installed torchao one the `quant` extra names (>=0.17,<0.19)?"
+        )
+    if scales and not _restore_thudm_scales(model, plain, scales):
+        print(
+            "convert_checkpoint.py: note: the installed torchao's int8 weights are not laid out as qdata + per-row "
+            "scale, so THUDM's integers and scales could not be kept; torchao's own (absmax / 127.5) are saved, "
+            "which moves each weight by up to half an int8 step",
+            file=sys.stderr,
+        )
+    model.save_pretrained(str(out))
+    del model
+    for path in sorted(plain.iterdir()):
+        if path.name != "config.json" and not WEIGHT_FILES.fullmatch(path.name):
+            shutil.copy2(path, out / path.name)  # code, tokenizer and generation_config.json as converted
+
+
 def convert_chatglm(src: Path, out: Path, dtype: torch.dtype | None, args: argparse.Namespace) -> None:
     src, out = Path(src), Path(out)
+    if not getattr(args, "keep_quantized", False):
+        _convert_chatglm(src, out, dtype)
+        return
+    quantization_config = keep_quantized_config()  # refuses before anything is read
+    plain, scales = out / "dequantized", {}
+    plain.mkdir()
+    _convert_chatglm(src, plain, dtype, scales)
+    save_quantized(plain, out, quantization_config, scales)
+    shutil.rmtree(plain)
+
+
+def _convert_chatglm(src: Path, out: Path, dtype: torch.dtype | None, scales: dict | None = None) -> None:
+    """The ordinary conversion; `scales` receives THUDM's row scales of the weights it dequantizes."""
     bits = quantization_bits(src)
     if bits and dtype is None:
         dtype = torch.bfloat16  # the dequantized weights are written in bfloat16 unless --dtype says otherwise
     config = chatglm_config(src, dtype)
-    convert_chatglm_weights(src, out, config, dtype, bits)
+    convert_chatglm_weights(src, out, config, dtype, bits, scales)
     config.save_pretrained(str(out))
     write_json(
         out / "generation_config.json",
