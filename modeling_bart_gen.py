@@ -60,6 +60,7 @@ from .model_checks import (
 )
 from .pipeline_bart_gen import BartGenText2TextPipeline  # config.json's custom_pipelines names it here
 from .transformers_compat import (
+    CACHE_NAMES,
     LayerOutputs,
     as_encoder_output,
     base_outputs,
@@ -383,6 +384,7 @@ class BartGenEncoder(BartGenPreTrainedModel):
         output_hidden_states: bool | None = None,
         **kwargs,
     ) -> BaseModelOutput:
+        kwargs = {k: v for k, v in kwargs.items() if k not in CACHE_NAMES}  # the decoder's (4.57 passes it on)
         check_unused_kwargs(kwargs, type(self).__name__)
         collected = LayerOutputs(self.config, output_hidden_states, output_attentions)
         read = not torch.compiler.is_compiling()  # the encoder runs once per source: never a decode step
@@ -705,11 +707,11 @@ class BartGenForConditionalGeneration(BartGenPreTrainedModel, GenerationMixin, C
         return super().generate(inputs, *args, **kwargs)
 
     def prepare_inputs_for_generation(
-        self, decoder_input_ids: torch.LongTensor, past_key_values: Cache | None = None, **kwargs
+        self, decoder_input_ids: torch.LongTensor, past_key_values: Cache | None = None, cache=None, **kwargs
     ) -> dict:
         """transformers' own, with the cache taken under either name and refused when missing (see
         `transformers_compat.generation_cache`)."""
-        cache = generation_cache(self.config, past_key_values, kwargs)
+        cache = generation_cache(self.config, past_key_values, dict(kwargs, cache=cache))  # 5.24+: `cache`
         return super().prepare_inputs_for_generation(decoder_input_ids, **cache_field(cache), **kwargs)
 
     @can_return_tuple

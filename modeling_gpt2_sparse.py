@@ -563,9 +563,9 @@ class GPT2SparseLMHeadModel(GPT2SparsePreTrainedModel, GenerationMixin, Compiled
         return super().generate(inputs, *args, **kwargs)
 
     def prepare_inputs_for_generation(
-        self, input_ids: torch.LongTensor, past_key_values: Cache | None = None, **kwargs
+        self, input_ids: torch.LongTensor, past_key_values: Cache | None = None, cache: Cache | None = None, **kwargs
     ) -> dict:
-        past = generation_cache(self.config, past_key_values, kwargs)
+        past = generation_cache(self.config, past_key_values, dict(kwargs, cache=cache))  # 5.24+: `cache`
         model_inputs = super().prepare_inputs_for_generation(input_ids, **cache_field(past), **kwargs)
         mode = model_inputs.get("is_sparse")
         mode = self.config.is_sparse if mode is None else mode
