@@ -81,11 +81,12 @@ from .model_checks import (
     resolve_use_cache,
 )
 from .transformers_compat import (
+    LayerOutputs,
+    base_outputs,
     cache_field,
     causal_lm_loss,
     check_unused_kwargs,
     is_fixed_size,
-    output_cache,
     sequence_classification_loss,
     take_cache,
 )
@@ -421,8 +422,7 @@ class GLMModel(GLMPreTrainedModel):
         cache_position: [S], the slots of a `StaticCache` this call writes (generate() passes them).
         """
         config = self.config
-        output_attentions = output_attentions if output_attentions is not None else config.output_attentions
-        output_hidden_states = output_hidden_states if output_hidden_states is not None else config.output_hidden_states
+        collected = LayerOutputs(config, output_hidden_states, output_attentions)
         return_dict = return_dict if return_dict is not None else config.return_dict
         past_key_values = take_cache(past_key_values, kwargs, fixed_size_ok=True)
         refuse_mems(kwargs)
@@ -442,26 +442,21 @@ class GLMModel(GLMPreTrainedModel):
         )  # fmt: skip
         hidden_states, position_embeddings = self._embed_positions(inputs_embeds, position_ids)
 
-        all_hidden_states = () if output_hidden_states else None
-        all_attentions = () if output_attentions else None
         for layer, prefix_key_value in zip(self.layers, prefix_key_values or [None] * len(self.layers)):
-            if output_hidden_states:
-                all_hidden_states += (hidden_states,)
+            collected.add_hidden_state(hidden_states)
             hidden_states, weights = layer(
                 hidden_states, attention_mask, position_embeddings, past_key_values, prefix_key_value,
-                output_attentions=output_attentions, cache_position=cache_position,
+                output_attentions=collected.attentions is not None, cache_position=cache_position,
             )  # fmt: skip
-            if output_attentions:
-                all_attentions += (weights,)
+            collected.add_attentions(weights)
         hidden_states = self.final_layernorm(hidden_states)
-        if output_hidden_states:
-            all_hidden_states += (hidden_states,)
+        collected.add_hidden_state(hidden_states)
 
         output = BaseModelOutputWithPast(
             last_hidden_state=hidden_states,
             **cache_field(past_key_values if use_cache else None),
-            hidden_states=all_hidden_states,
-            attentions=all_attentions,
+            hidden_states=collected.hidden_states,
+            attentions=collected.attentions,
         )
         return output if return_dict else output.to_tuple()
 
@@ -608,17 +603,10 @@ class GLMForConditionalGeneration(GLMPreTrainedModel, GLMGenerationMixin, Genera
 
         loss = None
         if labels is not None:
-            read = not torch.compiler.is_compiling()
-            check_labels(labels, hidden_states.shape[:2], self.config.vocab_size, "the shape of input_ids", read)
+            check_labels(labels, hidden_states.shape[:2], self.config.vocab_size, "the shape of input_ids")
             loss = causal_lm_loss(logits, labels, num_items_in_batch)  # in fp32, like THUDM
 
-        output = CausalLMOutputWithPast(
-            loss=loss,
-            logits=logits,
-            **cache_field(output_cache(outputs)),
-            hidden_states=outputs.hidden_states,
-            attentions=outputs.attentions,
-        )
+        output = CausalLMOutputWithPast(loss=loss, logits=logits, **base_outputs(outputs))
         return output if return_dict else output.to_tuple()
 
 
