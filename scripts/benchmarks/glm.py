@@ -1,7 +1,7 @@
 """GLM speed against transformers' native GlmForCausalLM (GLM-4) of the same sizes.
 
     python scripts/benchmark.py --only glm [--quick]
-    python scripts/benchmarks/glm.py [--quick] [--device cpu|cuda]
+    python scripts/benchmarks/glm.py [--quick] [--device cpu|cuda] [--beam-only]
 
 Models are built in this process with random weights and sdpa attention: hidden 768, 12 layers, 12 heads
 (head_dim 64), MLP width 3072, vocabulary 32000 (~110M parameters for ours; GLM-4's gated MLP makes the native
@@ -13,7 +13,9 @@ family: learned 2-D position embeddings), each in fp32 and bf16. Cases:
 - `decode b=1, equal params`: batch 1 against a GLM-4 with MLP width 2048, which holds as many weights as ours
   (decode at batch 1 reads every weight once per token, so this is the bandwidth-fair comparison);
 - `decode b=1 after 1024` (ChatGLM variant): batch 1 after a 1024-token prompt, 64 new tokens;
-- `prefill N`: one forward over an N-token prompt (batch 1), ms per call.
+- `prefill N`: one forward over an N-token prompt (batch 1), ms per call;
+- with `--beam-only`, instead: `beam4 b=N` (fp32, 4 beams, batch 1 and 8, ChatGLM variant) against native, and
+  `beam4 b=N vs greedy b=4N` against our own greedy decoding of as many rows.
 Ours and native alternate within every round; medians and the interquartile spread are reported, with
 `ratio` = ours / native (below 1.0: ours is faster). Our prompts end with `[gMASK] <sop>` as the tokenizer's do;
 the native model gets the same ids.
@@ -76,26 +78,52 @@ def prompt(batch: int, length: int, device: str):
     return ids.to(device)
 
 
-def generator_for(model, ids):
-    """`make(n)` -> a callable that greedily generates exactly n tokens after `ids`."""
+def generator_for(model, ids, num_beams: int = 1):
+    """`make(n)` -> a callable that generates exactly n tokens after `ids` (greedy, or beam search)."""
     import torch
 
     def make(n: int):
         kwargs = dict(do_sample=False, max_new_tokens=n, min_new_tokens=n, pad_token_id=PAD, eos_token_id=EOP)
+        if num_beams > 1:
+            kwargs.update(num_beams=num_beams, early_stopping=False)
         return lambda: model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), **kwargs)
 
     return make
+
+
+def run_beams(device: str, new_tokens: int, repeats: int, batches: tuple[int, ...] = (1, 8)) -> list[dict]:
+    """fp32 beam search (4 beams) of the ChatGLM variant: ours against native at batch N (`beam4 b=N`), and ours
+    against our own greedy decoding of the 4N rows the beams amount to (`beam4 b=N vs greedy b=4N`, ratio below
+    1.0: a beam row costs no more than a greedy row; the beam bookkeeping and cache reorder are the difference)."""
+    import torch
+
+    rows, native, ours = [], build_native(torch.float32, device), build_ours("chatglm", torch.float32, device)
+    common = dict(variant="chatglm", dtype="fp32", device=device, unit="ms/token")
+    for batch in batches:
+        ids = prompt(batch, PROMPT, device)
+        ms = decode_ms_per_token(
+            {"ours": generator_for(ours, ids, 4), "native": generator_for(native, ids, 4),
+             "ours greedy": generator_for(ours, ids.repeat_interleave(4, dim=0))},
+            new_tokens, repeats, device,
+        )  # fmt: skip
+        rows.append(ratio_row("glm", f"beam4 b={batch}", ms["ours"], ms["native"], **common))
+        row = ratio_row("glm", f"beam4 b={batch} vs greedy b={4 * batch}", ms["ours"], ms["ours greedy"], **common)
+        rows.append({**row, "greedy_ms": row.pop("native_ms"), "spread_greedy": row.pop("spread_native")})
+    return rows
 
 
 def params(model) -> int:
     return sum(p.numel() for p in model.parameters())
 
 
-def run(quick: bool = False, device: str | None = None) -> list[dict]:
+def run(quick: bool = False, device: str | None = None, beam_only: bool = False) -> list[dict]:
+    """`beam_only`: only the fp32 beam-search cases (what `--beam-only` runs)."""
     import torch
 
     device = device or default_device()
     new_tokens, repeats = (8, 3) if quick else (128, 5)
+    if beam_only:
+        return run_beams(device, new_tokens, repeats, (1, 2) if quick else (1, 8))
     batches = (1, 4) if quick else (1, 4, 16)
     dtypes = {"fp32": torch.float32} if quick else {"fp32": torch.float32, "bf16": torch.bfloat16}
     rows = []
@@ -159,7 +187,7 @@ def run(quick: bool = False, device: str | None = None) -> list[dict]:
 
 
 def main(argv: list[str] | None = None) -> None:
-    cli(run, __doc__, argv)
+    cli(run, __doc__, argv, ("--beam-only", dict(action="store_true", help="only the fp32 beam-search cases")))
 
 
 if __name__ == "__main__":
