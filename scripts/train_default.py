@@ -374,10 +374,9 @@ def main(argv: list[str] | None = None) -> int:
         data_collator=BlankInfillingCollator(tokenizer, args.max_gen_length),
         callbacks=[loss_log_callback(out / "loss_log.jsonl")] if is_main else [],
     )
-    # The model's loss is a mean over its own label tokens and it ignores Trainer's `num_items_in_batch`; its
-    # forward takes **kwargs, so Trainer would otherwise assume it does and scale the loss by the number of
-    # processes (DDP) and skip the division by gradient-accumulation steps.
-    trainer.model_accepts_loss_kwargs = False
+    # The model's loss honours Trainer's `num_items_in_batch` (transformers_compat.causal_lm_loss: a sum over the
+    # label tokens divided by those of the whole accumulation step), so gradient accumulation and DDP weigh every
+    # label token alike; Trainer sees that from the forward's signature.
     t0 = time.time()
     trainer.train(resume_from_checkpoint=True if args.resume else None)
     train_seconds = time.time() - t0
