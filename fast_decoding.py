@@ -5,7 +5,8 @@ Three measured speed-ups of the per-token step, none of which changes a result b
 
 - `GrowingKVLayer`: transformers' `DynamicLayer` appends each step's keys and values with `torch.cat`, copying the
   whole layer cache every step (O(length) per token and per layer). This layer writes into a buffer with spare
-  room instead, and gathers a beam search's reorder into a second buffer (one copy per step, not two).
+  room instead, and reorders beams copying only what changes (on the CPU: the moved rows, after the prompt that
+  the beams of a group share), not the whole cache twice.
   `use_growing_kv_layers` installs it into the caches generate() creates.
 - `BeamSharedKVLayer` (an encoder-decoder's cross-attention cache): skips the beam reorders that cannot change
   it, the rows of a beam group being identical copies of the encoder output.
@@ -42,10 +43,18 @@ class GrowingKVLayer(DynamicLayer):
     (`get_seq_length`, attention) sees exactly what a `DynamicLayer` holds. Growth is by a quarter (at least 256
     positions), so the spare room costs at most 25% more cache memory.
 
-    The operations generate() applies to a cache keep the buffer, so each costs at most one copy of the cache:
-    beam search's `reorder_cache` gathers the rows into a second buffer of the same size and swaps the two (a
-    `DynamicLayer` copies the cache twice per beam step: the gather, then `torch.cat`; the second buffer exists
-    only once beam search has reordered, so greedy decoding never holds it); `crop` (assisted decoding) only
+    The operations generate() applies to a cache keep the buffer, so each costs at most one copy of the cache.
+    Beam search's `reorder_cache` (a `DynamicLayer` copies the whole cache twice per beam step: the gather, then
+    `torch.cat`):
+    - on the CPU copies only what changes, in place: the rows whose beam now continues another beam, and of them
+      only the positions after the prompt. generate() repeats each prompt for its beams, so the rows of a beam
+      group hold the same prompt keys and values, and a reorder within the groups (all beam search does) leaves
+      them as they are; the layer labels its rows at the first reorder (equal labels: equal bits over the
+      positions held then) and skips those positions while reorders keep the labels. A beam step then costs about
+      what a greedy step costs. (Which rows moved is read on the host: free on the CPU.)
+    - elsewhere gathers the rows into a second buffer of the same size and swaps the two, reading nothing on the
+      host; the second buffer exists only once beam search has reordered, so greedy decoding never holds it.
+    `crop` (assisted decoding) only
     shortens the view; `batch_select_indices` and `batch_repeat_interleave` gather into a new buffer with spare
     room. Because the buffers are reused, a `keys`/`values` tensor taken out of the layer before a reorder or a
     crop may see its contents overwritten by the steps after it (generate() keeps none). Whatever else replaces
@@ -57,6 +66,8 @@ class GrowingKVLayer(DynamicLayer):
     _value_view: torch.Tensor | None = None
     _spare_keys: torch.Tensor | None = None  # the second buffer for beam search's reorders
     _spare_values: torch.Tensor | None = None
+    _labels: torch.Tensor | None = None  # per row; equal labels: rows equal bit for bit over positions [0, _labelled)
+    _labelled: int = 0
 
     def _owns_views(self) -> bool:
         """Whether `keys`/`values` are still the views of this layer's buffers (nothing replaced them)."""
@@ -72,6 +83,8 @@ class GrowingKVLayer(DynamicLayer):
         length = self.get_seq_length()
         new_length = length + key_states.shape[-2]
         if not self._owns_views() or new_length > self._key_buffer.shape[-2]:
+            if not self._owns_views():  # replaced from outside: the labels no longer describe the rows
+                self._labels = None
             capacity = new_length + max(new_length // 4, 256)
             self._key_buffer = _allocate(self.keys if length else None, key_states, capacity)
             self._value_buffer = _allocate(self.values if length else None, value_states, capacity)
@@ -86,20 +99,46 @@ class GrowingKVLayer(DynamicLayer):
         length = self.get_seq_length()
         if not length or not self._owns_views() or torch.compiler.is_compiling():
             return super().reorder_cache(beam_idx)
+        beam_idx = beam_idx.to(self._key_buffer.device)
+        if reorders_in_place(self._key_buffer.device):
+            return self._reorder_in_place(beam_idx, length)
         if self._spare_keys is None:
             self._spare_keys = torch.empty_like(self._key_buffer)
             self._spare_values = torch.empty_like(self._value_buffer)
-        beam_idx = beam_idx.to(self._key_buffer.device)
         torch.index_select(self.keys, 0, beam_idx, out=self._spare_keys[:, :, :length])
         torch.index_select(self.values, 0, beam_idx, out=self._spare_values[:, :, :length])
         self._key_buffer, self._spare_keys = self._spare_keys, self._key_buffer
         self._value_buffer, self._spare_values = self._spare_values, self._value_buffer
         self._set_length(length)
 
+    def _reorder_in_place(self, beam_idx: torch.Tensor, length: int) -> None:
+        """Copy the rows that change (row r takes row beam_idx[r]), after the positions that stay the same."""
+        if self._labels is None:
+            self._labels, self._labelled = row_labels(self.keys, self.values), length
+        start = 0
+        if self._labels is not None:
+            moved_labels = self._labels[beam_idx]
+            if torch.equal(moved_labels, self._labels):
+                start = self._labelled
+            else:  # across the groups: everything moves with its row
+                self._labels = moved_labels
+        moved = (beam_idx != torch.arange(len(beam_idx), device=beam_idx.device)).nonzero().flatten()
+        if len(moved) and start < length:
+            sources = beam_idx[moved]
+            for buffer in (self._key_buffer, self._value_buffer):
+                buffer[moved, :, start:length] = buffer[sources, :, start:length]  # gathered first, then written
+
+    def reset(self) -> None:
+        super().reset()  # 4.57 zeroes the buffer in place (the spare buffer would still hold the old prompt)
+        self._spare_keys = self._spare_values = self._labels = None
+
     def crop(self, *args, **kwargs) -> None:
         super().crop(*args, **kwargs)  # 4.57 and 5.x read the argument differently; both leave a shorter view
         if self._key_view is not None and self.is_initialized and self.keys._base is self._key_buffer:
             self._set_length(self.keys.shape[-2])  # still the buffer: keep writing into it
+            self._labelled = min(self._labelled, self.keys.shape[-2])
+        else:
+            self._labels = None
 
     def batch_select_indices(self, indices: torch.Tensor) -> None:
         if self.get_seq_length() and self._owns_views():
@@ -121,7 +160,7 @@ class GrowingKVLayer(DynamicLayer):
             new = old.new_empty(len(rows), *old.shape[1:])
             torch.index_select(old[:, :, :length], 0, rows, out=new[:, :, :length])
             setattr(self, name, new)
-        self._spare_keys = self._spare_values = None
+        self._spare_keys = self._spare_values = self._labels = None
         self._set_length(length)
 
 
@@ -153,20 +192,43 @@ class BeamSharedKVLayer(DynamicLayer):
         self._labels, self._labelled = labels[beam_idx], (self.keys, self.values)
 
     def _row_labels(self) -> torch.Tensor | None:
-        """A label per batch row, equal exactly where two rows hold the same bits; None for an unusual dtype."""
-        if self._labelled is not None and self._labelled[0] is self.keys and self._labelled[1] is self.values:
-            return self._labels
-        bits = _INTEGER_OF_SIZE.get(self.keys.element_size())
-        if bits is None or self.keys.dtype != self.values.dtype:
-            return None
-        rows = torch.cat((self.keys.flatten(1).view(bits), self.values.flatten(1).view(bits)), dim=1)
-        self._labels = torch.unique(rows, dim=0, return_inverse=True)[1]
-        self._labelled = (self.keys, self.values)
+        if self._labelled is None or self._labelled[0] is not self.keys or self._labelled[1] is not self.values:
+            self._labels, self._labelled = row_labels(self.keys, self.values), (self.keys, self.values)
         return self._labels
+
+
+def reorders_in_place(device: torch.device) -> bool:
+    """Whether `GrowingKVLayer` reorders beams in place (reading on the host which rows moved) on `device`."""
+    return device.type == "cpu"
 
 
 # integer dtypes to compare floating-point values bit for bit (-0.0 is not 0.0, a NaN equals its own bits)
 _INTEGER_OF_SIZE = {1: torch.uint8, 2: torch.int16, 4: torch.int32, 8: torch.int64}
+
+
+def row_labels(keys: torch.Tensor, values: torch.Tensor) -> torch.Tensor | None:
+    """A label per batch row of a layer's keys and values [B, H, S, D]: the first row holding the same bits (at
+    every position, keys and values), so equal labels mean equal rows; None for an unusual dtype. Candidates are
+    found by one key element per position (a Python dict), then compared whole: a few row comparisons per row."""
+    bits = _INTEGER_OF_SIZE.get(keys.element_size())
+    if bits is None or keys.dtype != values.dtype:
+        return None
+    keys, values = keys.view(bits), values.view(bits)
+    seen: dict[tuple, list[int]] = {}  # sample -> the rows with it that differ from each other
+    labels = []
+    for row, sample in enumerate(keys[:, 0, :, 0].tolist()):
+        candidates = seen.setdefault(tuple(sample), [])
+        same = (
+            other
+            for other in candidates
+            if torch.equal(keys[other], keys[row]) and torch.equal(values[other], values[row])
+        )
+        label = next(same, None)
+        if label is None:
+            candidates.append(row)
+            label = row
+        labels.append(label)
+    return torch.tensor(labels, device=keys.device)
 
 
 def _allocate(filled: torch.Tensor | None, new: torch.Tensor, capacity: int) -> torch.Tensor:

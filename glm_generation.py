@@ -21,14 +21,13 @@ from collections.abc import Iterator
 from threading import Thread
 
 import torch
-import torch.nn.functional as F
 from transformers.cache_utils import Cache
 from transformers.generation import LogitsProcessor, LogitsProcessorList, TextIteratorStreamer
 
 from .configuration_glm import GLMConfig
 from .glm_inputs import build_position_ids
 from .model_checks import check_generate_inputs
-from .transformers_compat import fixed_cache_size, generation_cache, is_fixed_size
+from .transformers_compat import fixed_cache_size, generation_cache, is_fixed_size, pad_to_cache
 
 
 class GLMGenerationMixin:
@@ -177,14 +176,6 @@ class GLMGenerationMixin:
         if do_sample:
             gen_kwargs.update(top_p=top_p, temperature=temperature)
         return inputs, gen_kwargs
-
-
-def pad_to_cache(mask: torch.Tensor | None, cache_size: int) -> torch.Tensor | None:
-    """A step's mask over the keys so far, widened to every slot of a fixed-size cache: a 2-D padding mask with
-    1 (the model hides slots after each query causally), a 4-D explicit mask with 0 (nothing to see there)."""
-    if mask is None:
-        return None
-    return F.pad(mask, (0, cache_size - mask.shape[-1]), value=1 if mask.dim() == 2 else 0)
 
 
 def glm_generation_step(

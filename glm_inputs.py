@@ -19,7 +19,7 @@ import torch
 import torch.nn.functional as F
 
 from .configuration_glm import GLMConfig
-from .model_checks import check_prefix_length, check_tensor, padding_mask
+from .model_checks import check_prefix_length, check_static_cache, check_tensor, padding_mask
 from .transformers_compat import fixed_cache_size
 
 
@@ -256,16 +256,12 @@ def positions_and_mask(
 
 
 def check_fixed_size_cache(cache, cache_position: torch.Tensor | None, config: GLMConfig) -> None:
-    """A fixed-size cache (`StaticCache`) the model can fill: the step's slots given, no P-tuning prefix (it would
-    need slots of its own), and no more slots than GLM has positions."""
-    name = type(cache).__name__
-    if not isinstance(cache_position, torch.Tensor) or cache_position.dim() != 1:
-        raise ValueError(f"a {name} needs cache_position, the [seq] slots this step writes (generate() passes it)")
+    """A fixed-size cache (`StaticCache`) the model can fill (`model_checks.check_static_cache`), and no P-tuning
+    prefix (it would need slots of its own)."""
+    check_static_cache(cache, cache_position, config.max_sequence_length, "max_sequence_length")
     if config.pre_seq_len:
-        raise ValueError(f"P-tuning (pre_seq_len={config.pre_seq_len}) needs the default dynamic cache, not a {name}")
-    if fixed_cache_size(cache) > config.max_sequence_length:
         raise ValueError(
-            f"a {name} of {fixed_cache_size(cache)} slots exceeds max_sequence_length={config.max_sequence_length}"
+            f"P-tuning (pre_seq_len={config.pre_seq_len}) needs the default dynamic cache, not a {type(cache).__name__}"
         )
 
 

@@ -23,7 +23,7 @@ import torch
 from torch import nn
 from transformers.utils import logging
 
-from .transformers_compat import retie_lm_head
+from .transformers_compat import fixed_cache_size, retie_lm_head
 
 logger = logging.get_logger(__name__)
 
@@ -177,6 +177,16 @@ def reads_values(past_length: int | None, query_length: int) -> bool:
     `past_length` None: a fixed-size cache, whose fill is not known on the host; one new token is a decode step."""
     decoding = query_length == 1 and (past_length is None or past_length > 0)
     return not torch.compiler.is_compiling() and not decoding
+
+
+def check_static_cache(cache, cache_position, max_positions: int, limit_name: str) -> None:
+    """A fixed-size cache (`StaticCache`, `cache_implementation="static"`) a model can fill: the step's slots given
+    as `cache_position` [seq] (generate() passes them), and no more slots than the model has positions."""
+    name = type(cache).__name__
+    if not isinstance(cache_position, torch.Tensor) or cache_position.dim() != 1:
+        raise ValueError(f"a {name} needs cache_position, the [seq] slots this step writes (generate() passes it)")
+    if fixed_cache_size(cache) > max_positions:
+        raise ValueError(f"a {name} of {fixed_cache_size(cache)} slots exceeds {limit_name}={max_positions}")
 
 
 def _kind(value) -> str:

@@ -24,7 +24,8 @@ Attention modes, chosen per call with `is_sparse` (the config holds the default)
 A `pivot_idx` [batch, n] passed by the caller replaces the sampling in every layer (mode 1 then adds
 `log(s // n)`; in mode 2 positions not reached yet simply stay invisible until they are left of a window).
 The sparse attention itself (a block-sparse FlexAttention pair on CUDA, a blocked kernel with its own backward
-elsewhere; neither builds an s x s matrix), its plan and the pivot sampling live in sparse_attention.py.
+elsewhere; neither builds an s x s matrix; a mode-2 decoding step is a dense softmax under a mask of its window and
+pivots, built on the device), its plan and the pivot sampling live in sparse_attention.py.
 
 Differences from CogView: pivot sampling uses torch (an optional `torch.Generator` makes it reproducible) instead of
 Python's `random`, and is drawn per layer in the model's forward so gradient checkpointing recomputes with the same
@@ -59,6 +60,7 @@ from .model_checks import (
     check_mode_flag,
     check_positions,
     check_prefix_length,
+    check_static_cache,
     padding_mask,
     reads_values,
 )
@@ -69,7 +71,10 @@ from .transformers_compat import (
     cache_field,
     causal_lm_loss,
     check_unused_kwargs,
+    fixed_cache_size,
+    fixed_size_step_inputs,
     generation_cache,
+    is_fixed_size,
     take_cache,
 )
 
@@ -182,6 +187,7 @@ class GPT2SparseAttention(nn.Module):
         sparse: SparsePlan | None = None,
         past_key_values: Cache | None = None,
         mem: torch.Tensor | None = None,
+        cache_position: torch.Tensor | None = None,
         **kwargs,
     ) -> tuple[torch.Tensor, torch.Tensor | None]:
         bsz, q_len, _ = hidden_states.shape
@@ -191,11 +197,14 @@ class GPT2SparseAttention(nn.Module):
         query = query[:, -q_len:].view(bsz, q_len, self.num_heads, self.head_dim).transpose(1, 2)  # [B, H, Q, D]
         key = key.view(bsz, -1, self.num_heads, self.head_dim).transpose(1, 2)  # [B, H, M+Q, D]
         value = value.view(bsz, -1, self.num_heads, self.head_dim).transpose(1, 2)
-        if past_key_values is not None:
-            key, value = past_key_values.update(key, value, self.layer_idx)  # [B, H, K, D]
+        if past_key_values is not None:  # a static cache writes at `cache_position` (transformers 4.57 needs it)
+            slots = {"cache_position": cache_position} if cache_position is not None else None
+            key, value = past_key_values.update(key, value, self.layer_idx, slots)  # [B, H, K, D]
 
         dropout = self.attention_dropout if self.training else 0.0
         attn_weights = None
+        if sparse is not None and sparse.step_masks is not None:  # mode 2, one new token: a dense masked softmax
+            attention_mask, sparse = sparse.step_masks[self.layer_idx], None
         if sparse is None:
             attention_interface = attention_function(self, query, key, eager_attention_forward)
             attn_output, attn_weights = attention_interface(
@@ -269,6 +278,9 @@ class GPT2SparsePreTrainedModel(CheckedLoading, PreTrainedModel):
     _supports_sdpa = True
     _supports_flash_attn = False
     _supports_flex_attn = False
+    _can_compile_fullgraph = (
+        True  # mode 0 with a static cache (cache_implementation="static"): transformers' auto-compile
+    )
 
     def _init_weights(self, module: nn.Module) -> None:
         std = self.config.init_method_std
@@ -292,11 +304,14 @@ def _count(mems) -> str:
     return str(len(mems)) if isinstance(mems, (list, tuple)) else type(mems).__name__
 
 
-def _past_length(mems: list[torch.Tensor] | None, cache: Cache | None) -> int:
-    """Positions before this call's tokens: those of the KV cache or of the Transformer-XL memory (never both)."""
-    if cache is not None:
-        return cache.get_seq_length()
-    return mems[0].shape[1] if mems is not None else 0
+def _step_slots(mems, cache: Cache | None, q_len: int, cache_position, embeddings: nn.Embedding):
+    """(past_len, slots, k_len): the positions before this call's tokens (those of the KV cache or of the
+    Transformer-XL memory, never both), the queries' positions [Q] and the number of keys. A fixed-size cache's
+    fill is not read on the host: past_len None, slots `cache_position`, keys all its slots."""
+    if is_fixed_size(cache):
+        return None, cache_position, fixed_cache_size(cache)
+    past_len = cache.get_seq_length() if cache is not None else mems[0].shape[1] if mems is not None else 0
+    return past_len, torch.arange(past_len, past_len + q_len, device=embeddings.weight.device), past_len + q_len
 
 
 class GPT2SparseModel(GPT2SparsePreTrainedModel):
@@ -338,46 +353,44 @@ class GPT2SparseModel(GPT2SparsePreTrainedModel):
         pivot_idx: torch.LongTensor | None = None,
         image_mask: torch.Tensor | None = None,
         generator: torch.Generator | None = None,
+        cache_position: torch.LongTensor | None = None,
         **kwargs,
     ) -> GPT2SparseModelOutput | tuple:
         r"""
-        mems: Transformer-XL memory returned by the previous call (`outputs.mems`); keys and values of this call
-            are computed over memory + input. Exclusive with `past_key_values`.
-        is_sparse: attention mode for this call, 0 dense, 1 sparse training, 2 sparse inference (default
-            `config.is_sparse`).
+        mems: Transformer-XL memory returned by the previous call (`outputs.mems`); exclusive with the cache.
+        is_sparse: this call's attention: 0 dense, 1 sparse training, 2 sparse inference (default config.is_sparse).
         sep: mode 0 only; the first `sep` tokens of this call attend to each other both ways (an int, or a
             LongTensor [batch] for one prefix length per row).
         pivot_idx: LongTensor [batch, n] of absolute key positions used as pivots by every layer instead of
             sampling. Mode 1 adds log(seq_len // n) to their logits; mode 2 uses those left of each query's window.
-        image_mask: bool [batch, key_length], True where a key (cache or memory included) is an image token;
-            defaults to `input_ids < config.num_image_tokens`. Mode 2 needs it when it samples pivots among cached
-            positions (`generate` passes it).
+        image_mask: bool [batch, key_length], True where a key (cache or memory included) is an image token
+            (default `input_ids < config.num_image_tokens`); mode 2 samples pivots among cached keys with it.
         generator: a torch.Generator that makes pivot sampling reproducible.
+        cache_position: [seq], the slots of a `StaticCache` (mode 0) this call writes (generate() passes them).
         """
-        past_key_values = take_cache(past_key_values, kwargs)
+        past_key_values = take_cache(past_key_values, kwargs, fixed_size_ok=True)
         check_unused_kwargs(kwargs, type(self).__name__)
         collected = LayerOutputs(self.config, output_hidden_states, output_attentions)
         mode = check_mode_flag(is_sparse, "is_sparse", SPARSE_MODES, self.config.is_sparse)
         bsz, q_len = check_inputs(input_ids, inputs_embeds, self.word_embeddings)
-        mems, past_key_values, use_cache = self._memory_or_cache(mems, past_key_values, use_cache, mode, bsz)
-        past_len = _past_length(mems, past_key_values)
+        mems, cache, use_cache = self._memory_or_cache(mems, past_key_values, use_cache, mode, bsz, cache_position)
+        past_len, slots, k_len = _step_slots(mems, cache, q_len, cache_position, self.word_embeddings)
         position_ids, key_mask, sep = self._check_step(
-            input_ids, inputs_embeds, attention_mask, position_ids, sep, mode, past_len
+            input_ids, inputs_embeds, attention_mask, position_ids, sep, mode, past_len, slots, k_len
         )
         if input_ids is not None:
             inputs_embeds = self.word_embeddings(input_ids)
         dense_mask, sparse = self._mask_or_sparse_plan(
-            mode, input_ids, bsz, q_len, past_len, key_mask, sep, pivot_idx, image_mask, generator, inputs_embeds.device
+            mode, input_ids, bsz, slots, k_len, past_len, key_mask, sep, pivot_idx, image_mask, generator
         )
         hidden_states = inputs_embeds + self.position_embeddings(position_ids)
         hidden_states = self.embedding_dropout(hidden_states)
 
         mem_layers = [hidden_states.detach()] if self.config.max_memory_length > 0 else None  # layer inputs
+        cache_kwargs = dict(past_key_values=cache, use_cache=use_cache, cache_position=cache_position)
         for layer, mem in zip(self.layers, mems if mems is not None else [None] * len(self.layers)):
             collected.add_hidden_state(hidden_states)
-            hidden_states, attn_weights = layer(
-                hidden_states, dense_mask, sparse, past_key_values=past_key_values, mem=mem, use_cache=use_cache
-            )
+            hidden_states, attn_weights = layer(hidden_states, dense_mask, sparse, mem=mem, **cache_kwargs)
             collected.add_attentions(attn_weights)
             if mem_layers is not None:
                 mem_layers.append(hidden_states.detach())
@@ -386,14 +399,14 @@ class GPT2SparseModel(GPT2SparsePreTrainedModel):
 
         return GPT2SparseModelOutput(
             last_hidden_state=hidden_states,
-            **cache_field(past_key_values if use_cache else None),
+            **cache_field(cache if use_cache else None),
             hidden_states=collected.hidden_states,
             attentions=collected.attentions,
             mems=self._update_mems(mem_layers, mems) if mem_layers is not None else None,
         )
 
     def _memory_or_cache(
-        self, mems, past_key_values: Cache | None, use_cache: bool | None, mode: int, bsz: int
+        self, mems, past_key_values: Cache | None, use_cache: bool | None, mode: int, bsz: int, cache_position=None
     ) -> tuple[list[torch.Tensor] | None, Cache | None, bool]:
         """Transformer-XL memory (checked: one [batch, mem_len, hidden] tensor per layer, all of one length and of
         the model's dtype) or the KV cache (created when `use_cache`), and whether the cache is used: `use_cache`
@@ -406,7 +419,15 @@ class GPT2SparseModel(GPT2SparsePreTrainedModel):
         if mems is None or len(mems) == 0:
             if use_cache and past_key_values is None:
                 past_key_values = DynamicCache(config=config)
-            if past_key_values is not None:
+            if is_fixed_size(past_key_values):
+                if mode != 0:  # the window and the sampled pivots follow the cache length, read on the host
+                    raise ValueError(
+                        f"is_sparse={mode} needs the default dynamic cache; a StaticCache takes is_sparse=0"
+                    )
+                check_static_cache(
+                    past_key_values, cache_position, config.max_position_embeddings, "max_position_embeddings"
+                )
+            elif past_key_values is not None:
                 use_growing_kv_layers(past_key_values)
             return None, past_key_values, use_cache
         if past_key_values is not None:
@@ -429,16 +450,16 @@ class GPT2SparseModel(GPT2SparsePreTrainedModel):
         return mems, None, False
 
     def _check_step(
-        self, input_ids, inputs_embeds, attention_mask, position_ids, sep, mode: int, past_len: int
+        self, input_ids, inputs_embeds, attention_mask, position_ids, sep, mode: int, past_len, slots, k_len: int
     ) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
         """This call's positions, padding mask (None: no padding) and `sep` lengths, checked. The data-dependent
-        checks (value ranges, NaN, a 0/1 mask) are skipped on decode steps (`model_checks.reads_values`)."""
+        checks (value ranges, NaN, a 0/1 mask) are skipped on decode steps (`model_checks.reads_values`). `slots`
+        [Q]: the queries' positions; `k_len`: the keys (a static cache: all its slots, `past_len` None)."""
         config = self.config
         tokens = input_ids if input_ids is not None else inputs_embeds
         bsz, q_len = tokens.shape[:2]
-        k_len = past_len + q_len
         read = reads_values(past_len, q_len)
-        if mode == 1 and past_len > 0:
+        if mode == 1 and past_len != 0:
             raise ValueError(
                 "is_sparse=1 (sparse training) needs the whole sequence in one call, without a cache or memory; "
                 "use is_sparse=2 or 0 to decode"
@@ -446,17 +467,19 @@ class GPT2SparseModel(GPT2SparsePreTrainedModel):
         if read:
             check_input_values(input_ids, inputs_embeds, self.word_embeddings, "input_ids", "inputs_embeds")
         if position_ids is None:
-            if k_len > config.max_position_embeddings:
+            if past_len is not None and k_len > config.max_position_embeddings:
                 raise ValueError(
                     f"sequence length {k_len} (including {past_len} cached/memory positions) exceeds "
                     f"max_position_embeddings={config.max_position_embeddings}"
                 )
-            position_ids = torch.arange(past_len, k_len, device=tokens.device).unsqueeze(0)
+            position_ids = slots.to(tokens.device).unsqueeze(0)
         else:
             check_positions(position_ids, "position_ids", (bsz, q_len), config.max_position_embeddings, read)
         key_mask = None
         if attention_mask is not None:
             key_mask = padding_mask(attention_mask, "attention_mask", (bsz, k_len), read)
+        if sep is not None and past_len is None:
+            raise ValueError("sep (a bidirectional prefix) needs the default dynamic cache, not a StaticCache")
         if sep is not None:
             sep = check_prefix_length(sep, "sep", bsz, read)
             if mode != 0 and read and bool(sep.ne(0).any()):
@@ -468,44 +491,42 @@ class GPT2SparseModel(GPT2SparsePreTrainedModel):
         mode: int,
         input_ids,
         bsz: int,
-        q_len: int,
-        past_len: int,
+        slots,
+        k_len: int,
+        past_len,
         key_mask,
         sep,
         pivot_idx,
         image_mask,
         generator,
-        device,
     ) -> tuple[torch.Tensor | None, SparsePlan | None]:
         """What every layer's attention uses in this call: the dense mask (`_dense_mask`, mode 0), or the sparse plan
         (window, pivots per layer, their bias; `sparse_attention.plan_sparse_attention`, modes 1 and 2)."""
         if mode == 0:
-            return self._dense_mask(q_len, past_len, key_mask, sep, device), None
+            return self._dense_mask(slots, k_len, past_len, key_mask, sep), None
         plan = plan_sparse_attention(
-            self.config, mode, input_ids, bsz, q_len, past_len, key_mask, pivot_idx, image_mask, generator, device
-        )
+            self.config, mode, input_ids, bsz, len(slots), past_len, key_mask, pivot_idx, image_mask, generator,
+            slots.device,
+        )  # fmt: skip
         return None, plan
 
     def _dense_mask(
-        self,
-        q_len: int,
-        past_len: int,
-        key_mask: torch.Tensor | None,
-        sep: int | torch.Tensor | None,
-        device: torch.device,
+        self, slots: torch.Tensor, k_len: int, past_len: int | None, key_mask: torch.Tensor | None, sep
     ) -> torch.Tensor | None:
-        """Bool mask [B|1, 1, Q, K] (True = attend): causal, plus the first `sep` tokens of this call visible to all
-        of its queries (CogView's prefix), minus padding. None when sdpa's own causal path is exact."""
+        """Bool mask [B|1, 1, Q, K] (True = attend): causal (query positions `slots`, K = k_len keys), plus the first
+        `sep` tokens of this call visible to all of its queries (CogView's prefix), minus padding. None when sdpa's
+        own causal path is exact (never with a static cache: its empty slots must be hidden)."""
+        q_len, device = len(slots), slots.device
         has_sep = sep is not None
         if (
             key_mask is None
             and not has_sep
+            and past_len is not None
             and (past_len == 0 or q_len == 1)
             and self.config._attn_implementation == "sdpa"
         ):
             return None
-        k_len = past_len + q_len
-        q_pos = torch.arange(past_len, k_len, device=device).view(1, q_len, 1)
+        q_pos = slots.view(1, q_len, 1)
         k_pos = torch.arange(k_len, device=device).view(1, 1, k_len)
         allowed = k_pos <= q_pos  # [1, Q, K]
         if has_sep:
@@ -565,7 +586,9 @@ class GPT2SparseLMHeadModel(GPT2SparsePreTrainedModel, GenerationMixin, Compiled
     def prepare_inputs_for_generation(
         self, input_ids: torch.LongTensor, past_key_values: Cache | None = None, cache: Cache | None = None, **kwargs
     ) -> dict:
-        past = generation_cache(self.config, past_key_values, dict(kwargs, cache=cache))  # 5.24+: `cache`
+        past = generation_cache(self.config, past_key_values, dict(kwargs, cache=cache), fixed_size_ok=True)
+        if is_fixed_size(past):
+            return fixed_size_step_inputs(input_ids, past, kwargs)
         model_inputs = super().prepare_inputs_for_generation(input_ids, **cache_field(past), **kwargs)
         mode = model_inputs.get("is_sparse")
         mode = self.config.is_sparse if mode is None else mode
@@ -610,7 +633,7 @@ class GPT2SparseLMHeadModel(GPT2SparsePreTrainedModel, GenerationMixin, Compiled
         >>> model.generate(ids, max_new_tokens=8, do_sample=False, is_sparse=2)
         ```
         """
-        past_key_values = take_cache(past_key_values, kwargs)
+        past_key_values = take_cache(past_key_values, kwargs, fixed_size_ok=True)
         tokens = input_ids if input_ids is not None else inputs_embeds
         with fast_cpu_gemv(tokens, past_key_values, self.lm_head.weight, mems):
             outputs = self.model(

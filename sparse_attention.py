@@ -16,7 +16,10 @@ Two implementations, chosen by `sparse_window_attention` (the one dispatch point
   window and pivots. Flex computes its own backward (recomputing probabilities, as flash attention does), so
   nothing quadratic is stored. Both calls use one mask function (the same code, tensors as data), and the block
   masks are built once per forward and reused by every layer (the pivot part once per distinct pivot tensor).
-- Everywhere else (the CPU, attention dropout, decoding steps): a kernel that never builds an s x s matrix either.
+- A decoding step of mode 2 (one new query against a cache): a plain masked softmax. The window and the pivots
+  become one bool mask over the keys per layer (`decode_step_masks`), computed on the device from the pivot count,
+  so nothing on the step waits for the device; the model then runs its dense attention with that mask.
+- Everywhere else (the CPU, attention dropout, several queries): a kernel that never builds an s x s matrix either.
   Each (batch, head) row goes a step of query blocks at a time, every block against its own key window (an
   overlapping strided view of the keys, so each product is one plain GEMM with no copies) plus the pivots left of
   it (pivots are sorted, so a step scores only the prefix it can see). The only transient is one step's scores
@@ -55,6 +58,7 @@ class SparsePlan:
     key_mask: torch.Tensor | None
     pivots: list[torch.Tensor]
     block_masks: dict = field(default_factory=dict)
+    step_masks: list[torch.Tensor] | None = None  # a mode-2 decode step: per layer, bool [B, 1, 1, K] (True: attend)
 
 
 def sparse_window_attention(
@@ -788,12 +792,16 @@ def sample_pivots(
     is_text / is_image: [B, L] bool (padding in neither). Returns LongTensor [B, num_pivots]. The caller checks
     that every row has enough candidates (see `check_pivot_candidates`).
     """
-    bsz, length = is_text.shape
-    rand_device = generator.device if generator is not None else is_text.device
-    noise = torch.rand(bsz, length, generator=generator, device=rand_device).to(is_text.device)
-    # Text first (key -1), then images in random order, never anything else (key 2).
-    keys = torch.where(is_text, -1.0, torch.where(is_image, noise, 2.0))
+    keys = _pivot_keys(is_text, is_image, generator)
     return keys.topk(num_pivots, dim=-1, largest=False).indices.sort(dim=-1).values
+
+
+def _pivot_keys(is_text: torch.Tensor, is_image: torch.Tensor, generator: torch.Generator | None) -> torch.Tensor:
+    """[B, L] sort keys, the pivots first: text (-1), then images in random order (noise in [0, 1)), never anything
+    else (2)."""
+    rand_device = generator.device if generator is not None else is_text.device
+    noise = torch.rand(is_text.shape, generator=generator, device=rand_device).to(is_text.device)
+    return torch.where(is_text, -1.0, torch.where(is_image, noise, 2.0))
 
 
 def check_pivot_candidates(is_text: torch.Tensor, is_image: torch.Tensor, num_pivots: int, mode: int) -> None:
@@ -845,11 +853,11 @@ def plan_sparse_attention(
         span = -(-(t * w + block - 1) // block) * block  # covers every window of the block, a multiple of it
         pivot_limit = max(0, k_len - t * w)  # keys left of the last query's window
 
+    if mode == 2 and q_len == 1 and past_len > 0:
+        masks = decode_step_masks(config, bsz, k_len, key_mask, pivot_idx, image_mask, generator, device)
+        return SparsePlan(window_start, block, span, 0.0, key_mask, [], step_masks=masks)
     if pivot_idx is not None:
-        if pivot_idx.dim() != 2 or pivot_idx.shape[0] not in (1, bsz):
-            raise ValueError(f"pivot_idx must be a LongTensor [batch={bsz}, n], got shape {tuple(pivot_idx.shape)}")
-        if pivot_idx.dtype not in (torch.int64, torch.int32):
-            raise ValueError(f"pivot_idx must hold integer key positions, got dtype {pivot_idx.dtype}")
+        check_pivot_idx_shape(pivot_idx, bsz)
         # Mode 2 accepts positions not reached yet (a fixed pivot set over a whole generation): they only
         # become visible once they lie left of a query's window.
         upper = k_len if mode == 1 else config.max_position_embeddings
@@ -873,6 +881,56 @@ def plan_sparse_attention(
     return SparsePlan(window_start, block, span, pivot_bias, key_mask, per_layer)
 
 
+def check_pivot_idx_shape(pivot_idx: torch.Tensor, bsz: int) -> None:
+    if pivot_idx.dim() != 2 or pivot_idx.shape[0] not in (1, bsz):
+        raise ValueError(f"pivot_idx must be a LongTensor [batch={bsz}, n], got shape {tuple(pivot_idx.shape)}")
+    if pivot_idx.dtype not in (torch.int64, torch.int32):
+        raise ValueError(f"pivot_idx must hold integer key positions, got dtype {pivot_idx.dtype}")
+
+
+def decode_step_masks(
+    config,
+    bsz: int,
+    k_len: int,
+    key_mask: torch.Tensor | None,
+    pivot_idx: torch.Tensor | None,
+    image_mask: torch.Tensor | None,
+    generator: torch.Generator | None,
+    device: torch.device,
+) -> list[torch.Tensor]:
+    """Mode 2's attention for one new query (position k_len - 1) as a bool mask [B, 1, 1, k_len] per layer: the
+    last t*w keys plus the pivots left of them, padding excluded. Built on the device with no host read.
+
+    The pivots are the caller's `pivot_idx` (the positions it lists, its range checked on the prompt's call) or
+    sampled as `_sample_pivots` samples them, with the same random numbers, so the same generator picks the same
+    keys: every text token and the image tokens of lowest noise, as many as CogView's count, which is computed
+    here as a tensor. The one difference: where a row has fewer candidates than that count (text and image tokens
+    together), it takes them all; the prompt's call raises instead (a check here would wait for the device)."""
+    limit = max(0, k_len - config.query_window * config.key_window_times)
+    keys = torch.arange(k_len, device=device)
+    visible = (keys >= limit).expand(bsz, k_len)
+    own = keys == k_len - 1  # the query's own key, visible even if marked as padding (no row is empty)
+    if limit and pivot_idx is not None:
+        check_pivot_idx_shape(pivot_idx, bsz)
+        chosen = (pivot_idx.to(device)[:, :, None] == keys[:limit]).any(1)  # [B|1, limit]
+        visible = visible | F.pad(chosen, (0, k_len - limit))
+    valid = key_mask if key_mask is not None else torch.ones(bsz, k_len, dtype=torch.bool, device=device)
+    if not limit or pivot_idx is not None:
+        return [(visible & valid | own)[:, None, None]] * config.num_layers
+    is_image = _image_positions(config, image_mask, None, bsz, limit, 0, device)
+    is_text, is_image = valid[:, :limit] & ~is_image, valid[:, :limit] & is_image
+    max_text, n_left = is_text.sum(-1).max(), valid[:, :limit].sum(-1).min()
+    ratio = config.num_pivot / config.max_position_embeddings
+    count = max_text + ((n_left - max_text) * ratio).floor().clamp(min=0).long()  # CogView's; see _sample_pivots
+    masks = []
+    for _ in range(config.num_layers):
+        order = _pivot_keys(is_text, is_image, generator).argsort(dim=-1)
+        ranks = torch.empty_like(order).scatter_(1, order, torch.arange(limit, device=device).expand_as(order))
+        pivots = (ranks < count) & (is_text | is_image)
+        masks.append(((visible | F.pad(pivots, (0, k_len - limit))) & valid | own)[:, None, None])
+    return masks
+
+
 def _sample_pivots(
     config,
     mode: int,
@@ -890,20 +948,7 @@ def _sample_pivots(
     empty = torch.zeros(bsz, 0, dtype=torch.long, device=device)
     if limit <= 0:
         return [empty] * config.num_layers, 0
-    if image_mask is not None:
-        if image_mask.dim() != 2 or image_mask.shape[0] != bsz or image_mask.shape[1] < limit:
-            raise ValueError(
-                f"image_mask must be a bool tensor [batch={bsz}, key_length] covering the cached positions too, "
-                f"got shape {tuple(image_mask.shape)}"
-            )
-        is_image = image_mask[:, :limit].to(device=device, dtype=torch.bool)
-    elif input_ids is not None and past_len == 0:
-        is_image = input_ids[:, :limit] < config.num_image_tokens
-    else:
-        raise ValueError(
-            f"is_sparse={mode} samples pivots among positions whose tokens are unknown here (cached positions or "
-            f"inputs_embeds): pass image_mask [batch, key_length] or pivot_idx"
-        )
+    is_image = _image_positions(config, image_mask, input_ids, bsz, limit, past_len, device, mode)
     valid = key_mask[:, :limit] if key_mask is not None else torch.ones_like(is_image)
     is_text, is_image = valid & ~is_image, valid & is_image
     if mode == 1:
@@ -921,3 +966,20 @@ def _sample_pivots(
         return [empty] * config.num_layers, 0
     per_layer = [sample_pivots(is_text, is_image, n_pivots, generator) for _ in range(config.num_layers)]
     return per_layer, n_pivots
+
+
+def _image_positions(config, image_mask, input_ids, bsz: int, limit: int, past_len: int, device, mode: int = 2):
+    """bool [B, limit]: which of the first `limit` keys are image tokens (`image_mask`, or the prompt's ids)."""
+    if image_mask is not None:
+        if image_mask.dim() != 2 or image_mask.shape[0] != bsz or image_mask.shape[1] < limit:
+            raise ValueError(
+                f"image_mask must be a bool tensor [batch={bsz}, key_length] covering the cached positions too, "
+                f"got shape {tuple(image_mask.shape)}"
+            )
+        return image_mask[:, :limit].to(device=device, dtype=torch.bool)
+    if input_ids is not None and past_len == 0:
+        return input_ids[:, :limit] < config.num_image_tokens
+    raise ValueError(
+        f"is_sparse={mode} samples pivots among positions whose tokens are unknown here (cached positions or "
+        f"inputs_embeds): pass image_mask [batch, key_length] or pivot_idx"
+    )

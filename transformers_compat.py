@@ -99,6 +99,39 @@ def fixed_cache_size(cache: Cache) -> int:
     return cache.layers[0].max_cache_len
 
 
+def pad_to_cache(mask: torch.Tensor | None, cache_size: int) -> torch.Tensor | None:
+    """A step's mask over the keys so far, widened to every slot of a fixed-size cache: a 2-D padding mask with
+    1 (the model hides slots after each query causally), a 4-D explicit mask with 0 (nothing to see there)."""
+    if mask is None:
+        return None
+    return F.pad(mask, (0, cache_size - mask.shape[-1]), value=1 if mask.dim() == 2 else 0)
+
+
+def fixed_size_step_inputs(input_ids: torch.Tensor, cache: Cache, kwargs: dict) -> dict:
+    """A decoder-only model's inputs for one generate() step with a fixed-size cache (`StaticCache`), built here
+    rather than by transformers (whose versions differ in how they slice, position and mask such a step): the new
+    ids, their slots `cache_position`, positions counted over the real tokens of the 2-D padding mask (as generate()
+    counts them), and that mask widened to every slot. Every shape is the same on every decode step. The cache's
+    fill is read once per step, outside the model's forward."""
+    past_length = int(cache.get_seq_length())
+    length = input_ids.shape[1]
+    mask = kwargs.get("attention_mask")
+    positions = kwargs.get("position_ids")
+    if positions is None:
+        positions = mask.long().cumsum(-1) - 1 if mask is not None else torch.arange(length, device=input_ids.device)
+        positions = positions.clamp(min=0).expand(input_ids.shape[0], -1)
+    inputs = {
+        "input_ids": input_ids[:, past_length:].contiguous(),
+        "position_ids": positions[:, past_length:].contiguous(),
+        "cache_position": torch.arange(past_length, length, device=input_ids.device),
+        "attention_mask": pad_to_cache(mask, fixed_cache_size(cache)),
+        CACHE_NAME: cache,
+    }
+    skipped = {"cache_position", "next_sequence_length", "is_first_iteration", "labels", *CACHE_NAMES}
+    inputs.update({k: v for k, v in kwargs.items() if k not in skipped and k not in inputs})
+    return inputs
+
+
 def cache_field(cache: Cache | None) -> dict:
     """`{CACHE_NAME: cache}`, to be splatted into a model output, `CausalLMOutputWithPast(logits=x,
     **cache_field(cache))`, or into transformers' own `prepare_inputs_for_generation`, which takes the cache under

@@ -55,24 +55,42 @@ def _same(growing, plain, msg: str) -> None:
         assert torch.equal(growing.keys.signbit(), plain.keys.signbit()), msg  # -0.0 is not 0.0 here
 
 
-@pytest.mark.parametrize("layer_class", ["GrowingKVLayer", "BeamSharedKVLayer"])
+@pytest.mark.parametrize("layer_class", ["GrowingKVLayer", "GrowingKVLayer-two-buffers", "BeamSharedKVLayer"])
 @pytest.mark.parametrize("seed", range(6))
-def test_growing_layer_holds_what_dynamic_layer_holds(seed, layer_class):
+def test_growing_layer_holds_what_dynamic_layer_holds(seed, layer_class, monkeypatch):
+    if layer_class.endswith("-two-buffers"):  # how a GPU reorders beams
+        monkeypatch.setattr(fast_decoding(), "reorders_in_place", lambda device: False)
     generator = torch.Generator().manual_seed(seed)
-    growing, plain = getattr(fast_decoding(), layer_class)(), DynamicLayer()
+    growing, plain = getattr(fast_decoding(), layer_class.split("-")[0])(), DynamicLayer()
     batch, heads, dim = 3, 2, 4
     history = []
     for step in range(80):
-        op = ["update"] * 6 + ["reorder"] * 3 + ["crop", "select", "select-mask", "repeat", "reset"]
+        op = ["update"] * 6 + [
+            "reorder",
+            "reorder-pairs",
+            "reorder-pairs",
+            "crop",
+            "select",
+            "select-mask",
+            "repeat",
+            "reset",
+        ]
         op = op[int(torch.randint(len(op), (1,), generator=generator))] if step else "update"
         length = plain.get_seq_length()
         if op == "update":
             new = int(torch.randint(1, 5 if step % 7 else 300, (1,), generator=generator))  # now and then > spare room
             k, v = torch.randn(2, batch, heads, new, dim, generator=generator)
+            if not length:  # a prompt repeated for pairs of beams, as generate() repeats it
+                k[1::2], v[1::2] = k[: batch // 2 * 2 : 2], v[: batch // 2 * 2 : 2]
             out_growing, out_plain = growing.update(k, v), plain.update(k, v)
             assert torch.equal(out_growing[0], out_plain[0]) and torch.equal(out_growing[1], out_plain[1])
         elif op == "reorder" and length:
             beam_idx = torch.randint(batch, (batch,), generator=generator)
+            growing.reorder_cache(beam_idx), plain.reorder_cache(beam_idx)
+        elif op == "reorder-pairs" and length:  # within pairs of rows, as beam search reorders within its groups
+            beam_idx = (torch.arange(batch) // 2 * 2 + torch.randint(2, (batch,), generator=generator)).clamp(
+                max=batch - 1
+            )
             growing.reorder_cache(beam_idx), plain.reorder_cache(beam_idx)
         elif op == "crop" and length > 1:
             remove = -int(torch.randint(1, length, (1,), generator=generator))
@@ -107,9 +125,12 @@ def test_growing_layer_writes_in_place_until_the_spare_room_is_used():
     assert layer.keys.untyped_storage().data_ptr() != storage and layer.get_seq_length() == 357
 
 
-def test_beam_reorders_gather_into_a_second_buffer_once_per_step():
-    """Beam search: reorder then write one position, step after step. The layer keeps two buffers and alternates
-    between them (one copy per step, spare room kept), and holds what a `DynamicLayer` holds."""
+@pytest.mark.parametrize("in_place", [True, False], ids=["cpu", "elsewhere"])
+def test_beam_reorders_keep_the_buffers(in_place, monkeypatch):
+    """Beam search: reorder then write one position, step after step. On the CPU the layer reorders in place (one
+    buffer); elsewhere it keeps two buffers and alternates between them (one copy per step, spare room kept). Either
+    way it holds what a `DynamicLayer` holds."""
+    monkeypatch.setattr(fast_decoding(), "reorders_in_place", lambda device: in_place)
     layer, plain = fast_decoding().GrowingKVLayer(), DynamicLayer()
     generator = torch.Generator().manual_seed(0)
     k, v = torch.randn(2, 4, 2, 10, 8, generator=generator)
@@ -122,7 +143,38 @@ def test_beam_reorders_gather_into_a_second_buffer_once_per_step():
         layer.update(k, v), plain.update(k, v)
         storages.add(layer.keys.untyped_storage().data_ptr())
         _same(layer, plain, "beam step")
-    assert len(storages) == 2
+    assert len(storages) == (1 if in_place else 2)
+
+
+def test_cpu_beam_reorders_copy_only_moved_rows_after_the_shared_prompt(monkeypatch):
+    """Rows repeated per beam group over the prompt (as generate() repeats it): a reorder within the groups copies
+    the rows whose beam moved and only the positions after the prompt; one across the groups copies the moved rows
+    whole. What each reorder writes is recorded; the layer holds what a `DynamicLayer` holds."""
+    layer, plain = fast_decoding().GrowingKVLayer(), DynamicLayer()
+    generator = torch.Generator().manual_seed(2)
+    k, v = torch.randn(2, 2, 3, 10, 8, generator=generator).repeat_interleave(3, dim=1)  # 2 groups of 3 beams
+    layer.update(k, v), plain.update(k, v)
+    writes, recording = [], [False]
+    setitem = torch.Tensor.__setitem__
+
+    def recorded(tensor, index, value):
+        if recording[0]:
+            writes[-1].append((value.shape[0], value.shape[2]))  # (rows, positions)
+        return setitem(tensor, index, value)
+
+    monkeypatch.setattr(torch.Tensor, "__setitem__", recorded)
+    orders = [[0, 0, 2, 3, 5, 5], [1, 1, 2, 3, 3, 4], [3, 4, 5, 0, 1, 2], [0, 1, 2, 3, 4, 5], [0, 0, 2, 3, 5, 5]]
+    for step, beam_idx in enumerate(orders):
+        writes.append([])
+        recording[0] = True
+        layer.reorder_cache(torch.tensor(beam_idx))
+        recording[0] = False
+        plain.reorder_cache(torch.tensor(beam_idx))
+        k, v = torch.randn(2, 6, 3, 1, 8, generator=generator)
+        layer.update(k, v), plain.update(k, v)
+        _same(layer, plain, f"step {step}")
+    # lengths 10..14 at the reorders; keys and values written alike
+    assert writes == [[], [(3, 1)] * 2, [(6, 12)] * 2, [], [(2, 4)] * 2]
 
 
 def test_crop_keeps_writing_into_the_buffer():

@@ -345,6 +345,69 @@ def test_sampled_pivots_text_first_exact_count_and_deterministic():
         sa.check_pivot_candidates(is_text, is_img, 2, 1)
 
 
+def _cogview_config(w: int, t: int, num_pivot: int, layers: int = 3):
+    return types.SimpleNamespace(
+        query_window=w, key_window_times=t, num_pivot=num_pivot, max_position_embeddings=64, num_layers=layers,
+        num_image_tokens=100,
+    )  # fmt: skip
+
+
+@pytest.mark.parametrize("seed", range(6))
+def test_decode_step_masks_see_what_the_sampled_plan_lets_the_last_query_see(seed):
+    """A mode-2 decode step (one query at position K-1) builds its masks on the device; with the same generator they
+    hold, per layer, exactly the window and the pivots that the sampler picks for the last query of a full call
+    (the reference's allowed set), minus padding, plus the query's own key."""
+    rng = random.Random(seed)
+    w, t, bsz = rng.choice([2, 3, 4]), rng.choice([1, 2]), rng.choice([1, 3])
+    k_len = t * w + rng.randint(4, 20)
+    config = _cogview_config(w, t, num_pivot=rng.choice([8, 32]))
+    generator = torch.Generator().manual_seed(seed)
+    image_mask = torch.rand(bsz, k_len, generator=generator) < 0.8
+    key_mask = torch.ones(bsz, k_len, dtype=torch.bool)
+    key_mask[-1, : rng.randint(0, 3)] = False  # left padding in the last row
+    plan = sa.plan_sparse_attention(
+        config, 2, None, bsz, k_len, 0, key_mask, None, image_mask, torch.Generator().manual_seed(seed), "cpu"
+    )
+    masks = sa.decode_step_masks(
+        config, bsz, k_len, key_mask, None, image_mask, torch.Generator().manual_seed(seed), "cpu"
+    )
+    assert len(masks) == config.num_layers
+    own = torch.arange(k_len) == k_len - 1
+    for layer, (mask, pivots) in enumerate(zip(masks, plan.pivots)):
+        allowed, _ = allowed_and_bias(2, 1, k_len, w, t, pivots)
+        assert mask.shape == (bsz, 1, 1, k_len) and mask.dtype == torch.bool
+        assert torch.equal(mask[:, 0, 0], allowed[:, 0] & key_mask | own), f"layer {layer}"
+    # a plan for one new query against a cache carries these masks instead of pivots
+    step = sa.plan_sparse_attention(
+        config, 2, None, bsz, 1, k_len - 1, key_mask, None, image_mask, torch.Generator().manual_seed(seed), "cpu"
+    )
+    assert step.pivots == [] and all(torch.equal(a, b) for a, b in zip(step.step_masks, masks))
+
+
+def test_decode_step_masks_with_given_pivots_and_too_few_candidates():
+    """Given pivots: those left of the window count, the others (not reached yet, up to max_position_embeddings)
+    stay invisible. Sampled: a row with fewer candidates than CogView's count takes them all (the full call would
+    raise; a decode step cannot read the count without waiting for the device)."""
+    config = _cogview_config(w=2, t=2, num_pivot=64)
+    k_len = 12  # limit = 8
+    pivots = torch.tensor([[0, 5, 9, 40], [1, 2, 7, 63]])
+    masks = sa.decode_step_masks(config, 2, k_len, None, pivots, None, None, "cpu")
+    expected = torch.zeros(2, k_len, dtype=torch.bool)
+    expected[:, 8:] = True
+    expected[0, [0, 5]] = expected[1, [1, 2, 7]] = True
+    assert all(torch.equal(m[:, 0, 0], expected) for m in masks)
+
+    image_mask = torch.ones(2, k_len, dtype=torch.bool)
+    image_mask[0, :6] = False  # of the first 8 keys, row 0: 6 text, 2 image; row 1: 2 text, 3 padding, 3 image
+    image_mask[1, :2] = False
+    key_mask = torch.ones(2, k_len, dtype=torch.bool)
+    key_mask[1, 2:5] = False  # count = 6 text + max(0, (5 - 6) * 1) = 6; row 1 has 5 candidates: all
+    masks = sa.decode_step_masks(config, 2, k_len, key_mask, None, image_mask, torch.Generator().manual_seed(0), "cpu")
+    for m in masks:
+        assert m[0, 0, 0, :8].sum() == 6 and torch.equal(m[0, 0, 0, :6], torch.ones(6, dtype=torch.bool))
+        assert torch.equal(m[1, 0, 0, :8], key_mask[1, :8])
+
+
 # ---------------------------------------------------------------------------------------------------------------
 # CUDA: the FlexAttention path itself (pytest -m gpu). In order of compile cost (scripts/benchmarks/gpu_sparse.sh
 # runs them under a time limit): bf16 at the benchmark's shapes first (its kernels warm the compile cache for the

@@ -1,18 +1,19 @@
-"""A fixed-size KV cache for GLM (`generate(..., cache_implementation="static")` or a `StaticCache` passed in):
-the same tokens as the default dynamic cache, and a decode step that compiles to one graph.
+"""A fixed-size KV cache (`generate(..., cache_implementation="static")` or a `StaticCache` passed in) for GLM and
+sparse GPT-2 (mode 0): the same tokens as the default dynamic cache, and a decode step that compiles to one graph.
 
-With a static cache the keys and values live in buffers of `max_cache_len` slots; the prefix-LM mask is built
-over all of them from `cache_position` (the step's slots), so every decode step has the same shapes and
-`torch.compile(fullgraph=True)` (what transformers' auto-compile uses, with CUDA graphs on a GPU) traces it once.
-Here the compile runs on the CPU with the `eager` backend (no C++ toolchain needed): the graph count is what a
-GPU run would capture. Sparse GPT-2 and BART-gen refuse a static cache clearly (tests/test_transformers_compat.py).
+With a static cache the keys and values live in buffers of `max_cache_len` slots; the mask (GLM's prefix-LM mask,
+sparse GPT-2's causal one) is built over all of them from `cache_position` (the step's slots), so every decode step
+has the same shapes and `torch.compile(fullgraph=True)` (what transformers' auto-compile uses, with CUDA graphs on a
+GPU) traces it once. Here the compile runs on the CPU with the `eager` backend (no C++ toolchain needed): the graph
+count is what a GPU run would capture. Sparse GPT-2's sparse modes (their window and pivots follow the cache length)
+and BART-gen refuse a static cache clearly (here and in tests/test_transformers_compat.py).
 """
 
 from __future__ import annotations
 
 import pytest
 import torch
-from fixtures import left_pad, prompt, repo_module
+from fixtures import left_pad, prompt, repo_module, sparse_config, spread_weights
 from fixtures import spread_glm as tiny_model
 from torch._dynamo.utils import counters
 from transformers import CompileConfig
@@ -32,6 +33,33 @@ def batch(context_lengths=(4, 2)):
     return left_pad([prompt(list(range(5, 5 + n))) + [9] for n in context_lengths])
 
 
+def sparse_model(attn: str = "sdpa", **overrides):
+    """A tiny sparse GPT-2 with spread weights (varied tokens)."""
+    torch.manual_seed(0)
+    config = sparse_config(**overrides)
+    config._attn_implementation = attn
+    model = repo_module("modeling_gpt2_sparse").GPT2SparseLMHeadModel(config).eval()
+    with torch.no_grad():
+        return spread_weights(model, seed=11)
+
+
+def sparse_batch(lengths=(9, 5)):
+    generator = torch.Generator().manual_seed(sum(lengths))
+    return left_pad([torch.randint(1, 120, (n,), generator=generator).tolist() for n in lengths])
+
+
+# family -> (model builder taking the attention implementation, batch builder taking prompt lengths, two lengths)
+FAMILIES = {
+    "glm-chatglm": (
+        lambda attn="sdpa": tiny_model(variant="chatglm", attn_implementation=attn),
+        batch,
+        ((4, 2), (9, 1)),
+    ),
+    "glm-glm": (lambda attn="sdpa": tiny_model(variant="glm", attn_implementation=attn), batch, ((4, 2), (9, 1))),
+    "gpt2_sparse": (sparse_model, sparse_batch, ((9, 5), (3, 12))),
+}
+
+
 def generate(model, ids, mask, mode: str, **kwargs):
     torch.manual_seed(0)
     return model.generate(
@@ -41,15 +69,17 @@ def generate(model, ids, mask, mode: str, **kwargs):
 
 @pytest.mark.parametrize("attn", ["sdpa", "eager"])
 @pytest.mark.parametrize("mode", list(MODES))
-@pytest.mark.parametrize("variant", VARIANTS)
-def test_static_cache_generates_the_dynamic_cache_tokens(variant, mode, attn):
-    model = tiny_model(variant=variant, attn_implementation=attn)
-    ids, mask = batch()
+@pytest.mark.parametrize("family", list(FAMILIES))
+def test_static_cache_generates_the_dynamic_cache_tokens(family, mode, attn):
+    build, make_batch, (lengths, _) = FAMILIES[family]
+    model = build(attn)
+    ids, mask = make_batch(lengths)
     dynamic = generate(model, ids, mask, mode)
     static = generate(model, ids, mask, mode, cache_implementation="static", return_dict_in_generate=True)
     cache = output_cache(static)
     assert isinstance(cache, StaticCache), f"generate() used {type(cache).__name__}, not a StaticCache"
-    assert torch.equal(static.sequences, dynamic), f"{variant} {mode} {attn}: static cache tokens differ"
+    assert torch.equal(static.sequences, dynamic), f"{family} {mode} {attn}: static cache tokens differ"
+    assert len(set(dynamic[:, -8:].flatten().tolist())) > 2, "constant tokens would prove little"
 
 
 @pytest.mark.parametrize("variant", VARIANTS)
@@ -73,16 +103,17 @@ def compile_on_cpu(model) -> None:
     counters.clear()
 
 
-@pytest.mark.parametrize("variant", VARIANTS)
-def test_compiled_static_decode_is_one_graph_for_every_token_and_prompt_length(variant):
-    model = tiny_model(variant=variant)
-    expected = {lengths: generate(model, *batch(lengths), "greedy") for lengths in ((4, 2), (9, 1))}
+@pytest.mark.parametrize("family", list(FAMILIES))
+def test_compiled_static_decode_is_one_graph_for_every_token_and_prompt_length(family):
+    build, make_batch, all_lengths = FAMILIES[family]
+    model = build()
+    expected = {lengths: generate(model, *make_batch(lengths), "greedy") for lengths in all_lengths}
     compile_on_cpu(model)
     cache = StaticCache(config=model.config, max_cache_len=40)
     for lengths, dynamic in expected.items():
         cache.reset()
-        compiled = generate(model, *batch(lengths), "greedy", past_key_values=cache)
-        assert torch.equal(compiled, dynamic), f"{variant} {lengths}: the compiled static decode's tokens differ"
+        compiled = generate(model, *make_batch(lengths), "greedy", past_key_values=cache)
+        assert torch.equal(compiled, dynamic), f"{family} {lengths}: the compiled static decode's tokens differ"
     assert counters["stats"]["unique_graphs"] == 1, f"decode steps compiled {dict(counters['stats'])} graphs"
     assert counters["stats"]["calls_captured"] > 0, "nothing was compiled: the test would prove nothing"
 
@@ -142,3 +173,21 @@ def test_static_forward_by_hand_matches_the_dynamic_forward():
         cache_position=torch.tensor([ids.shape[1]]),
     )  # fmt: skip
     torch.testing.assert_close(static_step.logits, dynamic_step.logits, atol=1e-5, rtol=1e-5)
+
+
+def test_sparse_gpt2_static_cache_refusals_name_the_problem():
+    model = sparse_model()
+    ids, mask = sparse_batch()
+    cache = StaticCache(config=model.config, max_cache_len=32)
+    with pytest.raises(ValueError, match="needs cache_position"):
+        model(input_ids=ids, attention_mask=F_pad(mask, 32), past_key_values=cache)
+    with pytest.raises(ValueError, match="exceeds max_position_embeddings"):
+        too_long = StaticCache(config=model.config, max_cache_len=model.config.max_position_embeddings + 1)
+        model(input_ids=ids, past_key_values=too_long, cache_position=torch.arange(ids.shape[1]))
+    for mode in (1, 2):  # a fresh model each: 4.57's generate() cannot reuse the static cache of a failed call
+        with pytest.raises(ValueError, match=f"is_sparse={mode} needs the default dynamic cache"):
+            sparse_model().generate(
+                ids, attention_mask=mask, max_new_tokens=2, is_sparse=mode, cache_implementation="static"
+            )
+    with pytest.raises(ValueError, match="sep .* needs the default dynamic cache"):
+        model(input_ids=ids, past_key_values=cache, cache_position=torch.arange(ids.shape[1]), sep=2)
