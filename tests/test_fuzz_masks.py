@@ -133,7 +133,8 @@ def test_sparse_dense_mask_matches_the_rule(batch, query, past, sep, data):
     keys = past + query
     padding = data.draw(st.lists(st.lists(st.booleans(), min_size=keys, max_size=keys), min_size=batch, max_size=batch))
     key_mask = torch.tensor(padding) if not all(map(all, padding)) else None
-    mask = model._dense_mask(query, past, key_mask, sep_value, torch.device("cpu"))
+    slots = torch.arange(past, keys)
+    mask = model._dense_mask(slots, keys, past, key_mask, sep_value)
     for b in range(batch):
         for q in range(query):
             qa = past + q
