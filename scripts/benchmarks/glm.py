@@ -15,7 +15,8 @@ family: learned 2-D position embeddings), each in fp32 and bf16. Cases:
 - `decode b=1 after 1024` (ChatGLM variant): batch 1 after a 1024-token prompt, 64 new tokens;
 - `prefill N`: one forward over an N-token prompt (batch 1), ms per call;
 - with `--beam-only`, instead: `beam4 b=N` (fp32, 4 beams, batch 1 and 8, ChatGLM variant) against native, and
-  `beam4 b=N vs greedy b=4N` against our own greedy decoding of as many rows.
+  `beam4 b=N vs greedy b=4N` against our own greedy decoding of as many rows (and `native beam4 b=N vs greedy
+  b=4N`, the same for GLM-4: what transformers' beam bookkeeping itself costs over greedy decoding).
 Ours and native alternate within every round; medians and the interquartile spread are reported, with
 `ratio` = ours / native (below 1.0: ours is faster). Our prompts end with `[gMASK] <sop>` as the tokenizer's do;
 the native model gets the same ids.
@@ -94,7 +95,8 @@ def generator_for(model, ids, num_beams: int = 1):
 def run_beams(device: str, new_tokens: int, repeats: int, batches: tuple[int, ...] = (1, 8)) -> list[dict]:
     """fp32 beam search (4 beams) of the ChatGLM variant: ours against native at batch N (`beam4 b=N`), and ours
     against our own greedy decoding of the 4N rows the beams amount to (`beam4 b=N vs greedy b=4N`, ratio below
-    1.0: a beam row costs no more than a greedy row; the beam bookkeeping and cache reorder are the difference)."""
+    1.0: a beam row costs no more than a greedy row; the beam bookkeeping and cache reorder are the difference), and
+    native's beam against native's greedy for comparison."""
     import torch
 
     rows, native, ours = [], build_native(torch.float32, device), build_ours("chatglm", torch.float32, device)
@@ -103,13 +105,16 @@ def run_beams(device: str, new_tokens: int, repeats: int, batches: tuple[int, ..
         ids = prompt(batch, PROMPT, device)
         ms = decode_ms_per_token(
             {"ours": generator_for(ours, ids, 4), "native": generator_for(native, ids, 4),
-             "ours greedy": generator_for(ours, ids.repeat_interleave(4, dim=0))},
+             "ours greedy": generator_for(ours, ids.repeat_interleave(4, dim=0)),
+             "native greedy": generator_for(native, ids.repeat_interleave(4, dim=0))},
             new_tokens, repeats, device,
         )  # fmt: skip
         rows.append(ratio_row("glm", f"beam4 b={batch}", ms["ours"], ms["native"], **common))
-        row = ratio_row("glm", f"beam4 b={batch} vs greedy b={4 * batch}", ms["ours"], ms["ours greedy"], **common)
-        row["greedy_ms"], row["spread_greedy"] = row.pop("native_ms"), row.pop("spread_native")
-        rows.append(row)
+        for who, beam, greedy in (("", "ours", "ours greedy"), ("native ", "native", "native greedy")):
+            row = ratio_row("glm", f"{who}beam4 b={batch} vs greedy b={4 * batch}", ms[beam], ms[greedy], **common)
+            row["beam_ms"], row["spread_beam"] = row.pop("ours_ms"), row.pop("spread_ours")
+            row["greedy_ms"], row["spread_greedy"] = row.pop("native_ms"), row.pop("spread_native")
+            rows.append(row)
     return rows
 
 
