@@ -362,16 +362,25 @@ class CompiledDecoding:
         Why not a plain `torch.compile(model.forward)`: the batch-1 bf16 CPU step switches oneDNN off
         (`fast_cpu_gemv`), a process-wide flag that a compiled graph cannot set; here it is set around the graph.
         (On the 110M bf16 GLM, compiling the forward alone was slower than eager: 21.6 vs 15.4 ms per token.)
+        The first compiled call, which traces, keeps oneDNN on: inductor sets up its CPU weight-only int8 lowering
+        (a torchao int8 linear -> torch's int8 matrix-vector kernel) at the first compilation of the process, and
+        only if oneDNN is on then; without it a torchao int8 model runs its eager path, a bf16 copy of every weight
+        per call.
         """
         eager = self.forward
         compiled = torch.compile(eager, **{"dynamic": True, "fullgraph": True, **compile_kwargs})
         weight = self.get_output_embeddings().weight
+        traced = False
 
         @functools.wraps(eager)  # generate() reads forward's signature
         def forward(*args, **kwargs):
+            nonlocal traced
             ids = kwargs.get("decoder_input_ids", kwargs.get("input_ids"))
             if ids is None or ids.shape[1] != 1:
                 return eager(*args, **kwargs)
+            if not traced:  # the trace, with oneDNN on (see above)
+                traced = True
+                return compiled(*args, **kwargs)
             cache = next((kwargs[name] for name in CACHE_NAMES if kwargs.get(name) is not None), None)
             with fast_cpu_gemv(ids, cache, weight, kwargs.get("mems")):
                 return compiled(*args, **kwargs)

@@ -55,6 +55,7 @@ from .model_checks import (
     check_labels,
     check_max_positions,
     check_prompt_ids,
+    check_static_cache,
     padding_mask,
     reads_values,
 )
@@ -67,7 +68,10 @@ from .transformers_compat import (
     cache_field,
     causal_lm_loss,
     check_unused_kwargs,
+    fixed_cache_size,
+    fixed_size_step_inputs,
     generation_cache,
+    is_fixed_size,
     output_cache,
     take_cache,
 )
@@ -120,10 +124,9 @@ class BartGenLearnedPositionalEmbedding(nn.Embedding):
         self.offset = 2
         super().__init__(num_embeddings + self.offset, embedding_dim)
 
-    def forward(self, seq_length: int, past_length: int = 0) -> torch.Tensor:
-        # positions are arange(past, past + seq) for every row of the batch (never derived from a mask)
-        start = past_length + self.offset
-        return self.weight[start : start + seq_length]  # (T, C)
+    def forward(self, slots: torch.Tensor) -> torch.Tensor:
+        # positions are the query slots, arange(past, past + seq), for every row of the batch (never from a mask)
+        return self.weight[slots + self.offset]  # (T, C)
 
 
 # Adapted from transformers.models.bart.modeling_bart.BartScaledWordEmbedding
@@ -190,7 +193,9 @@ class BartGenAttention(nn.Module):
         key_value_states: torch.Tensor | None = None,
         past_key_values: Cache | None = None,
         attention_mask: torch.Tensor | None = None,
+        cache_position: torch.Tensor | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """`cache_position`: the slots of a fixed-size self-attention cache this step writes (None otherwise)."""
         B, T, _ = hidden_states.shape
         is_cross_attention = key_value_states is not None
         query = self.q_proj(hidden_states).view(B, T, -1, self.head_dim).transpose(1, 2)  # (B, nh, T, hs)
@@ -212,7 +217,8 @@ class BartGenAttention(nn.Module):
             key = self.k_proj(source).view(B, source.shape[1], -1, self.head_dim).transpose(1, 2)  # (B, nh, S, hs)
             value = self.v_proj(source).view(B, source.shape[1], -1, self.head_dim).transpose(1, 2)
             if cache is not None:
-                key, value = cache.update(key, value, self.layer_idx)  # self-attention: (B, nh, past + T, hs)
+                slots = None if cache_position is None or is_cross_attention else {"cache_position": cache_position}
+                key, value = cache.update(key, value, self.layer_idx, slots)  # self-attention: (B, nh, past + T, hs)
                 if is_cross_attention:
                     past_key_values.is_updated[self.layer_idx] = True
 
@@ -294,10 +300,11 @@ class BartGenDecoderLayer(GradientCheckpointingLayer):
         encoder_attention_mask: torch.Tensor | None = None,
         past_key_values: Cache | None = None,
         use_cache: bool | None = None,  # read (and cleared) by GradientCheckpointingLayer while checkpointing
+        cache_position: torch.Tensor | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
         residual = hidden_states
         hidden_states, self_attn_weights = self.self_attn(
-            hidden_states, past_key_values=past_key_values, attention_mask=attention_mask
+            hidden_states, past_key_values=past_key_values, attention_mask=attention_mask, cache_position=cache_position
         )
         hidden_states = F.dropout(hidden_states, p=self.dropout, training=self.training)
         hidden_states = self.self_attn_layer_norm(residual + hidden_states)
@@ -395,7 +402,7 @@ class BartGenEncoder(BartGenPreTrainedModel):
             inputs_embeds = self.embed_tokens(input_ids)  # (B, S, C)
         check_max_positions(S, self.config.max_position_embeddings, "input_ids (encoder)")
 
-        hidden_states = inputs_embeds + self.embed_positions(S)
+        hidden_states = inputs_embeds + self.embed_positions(torch.arange(S, device=inputs_embeds.device))
         hidden_states = self.layernorm_embedding(hidden_states)
         hidden_states = F.dropout(hidden_states, p=self.dropout, training=self.training)
 
@@ -455,28 +462,41 @@ class BartGenDecoder(BartGenPreTrainedModel):
             use_growing_kv_layers(past_key_values)
         return past_key_values
 
+    def _step_slots(self, cache: Cache | None, cache_position, T: int) -> tuple[int | None, torch.Tensor, int]:
+        """(past_length, slots, k_len): the decoder positions before this call (the cache's), the queries' slots [T]
+        and the number of keys. A fixed-size cache's fill is not read on the host: past_length None, slots
+        `cache_position` (checked), keys all its slots."""
+        self_cache = cache.self_attention_cache if isinstance(cache, EncoderDecoderCache) else cache
+        device = self.embed_positions.weight.device
+        if is_fixed_size(self_cache):
+            max_positions = self.config.max_position_embeddings
+            check_static_cache(self_cache, cache_position, max_positions, "max_position_embeddings")
+            return None, cache_position.to(device), fixed_cache_size(self_cache)
+        past_length = cache.get_seq_length() if cache is not None else 0
+        return past_length, torch.arange(past_length, past_length + T, device=device), past_length + T
+
     def _self_attention_mask(
         self,
         attention_mask: torch.Tensor | None,
-        T: int,
-        past_length: int,
+        slots: torch.Tensor,
+        k_len: int,
+        past_length: int | None,
         dtype: torch.dtype,
-        device: torch.device,
         read: bool = True,
         batch_size: int | None = None,
     ) -> torch.Tensor | None:
-        """Causal mask over past + T keys, AND the decoder padding mask (checked: [batch_size, past + T]); None when
-        sdpa's is_causal suffices."""
+        """Causal mask of the queries at `slots` [T] over k_len keys, AND the decoder padding mask (checked:
+        [batch_size, k_len]); None when sdpa's is_causal suffices (never with a fixed-size cache, past_length None:
+        its empty slots must be hidden)."""
         padding = None
         if attention_mask is not None:
             B = batch_size if batch_size is not None else getattr(attention_mask, "shape", (0,))[0]
-            padding = padding_mask(attention_mask, "decoder_attention_mask", (B, past_length + T), read)
-        impl = self.config._attn_implementation
-        if padding is None and (T == 1 or (past_length == 0 and impl == "sdpa")):
+            padding = padding_mask(attention_mask, "decoder_attention_mask", (B, k_len), read)
+        impl, T = self.config._attn_implementation, len(slots)
+        if padding is None and past_length is not None and (T == 1 or (past_length == 0 and impl == "sdpa")):
             return None  # one new token sees the whole cache; a fresh sequence uses sdpa's own causal mask
-        q_pos = torch.arange(past_length, past_length + T, device=device)
-        kv_pos = torch.arange(past_length + T, device=device)
-        allowed = (kv_pos[None, :] <= q_pos[:, None])[None, None]  # (1, 1, T, past + T)
+        kv_pos = torch.arange(k_len, device=slots.device)
+        allowed = (kv_pos[None, :] <= slots[:, None])[None, None]  # (1, 1, T, K)
         if padding is not None:
             allowed = allowed & padding[:, None, None, :]  # (B, 1, T, past + T)
         return _to_backend_mask(allowed, dtype, impl)
@@ -503,9 +523,11 @@ class BartGenDecoder(BartGenPreTrainedModel):
         use_cache: bool | None = None,
         output_attentions: bool | None = None,
         output_hidden_states: bool | None = None,
+        cache_position: torch.Tensor | None = None,
         **kwargs,
     ) -> BaseModelOutputWithPastAndCrossAttentions:
-        past_key_values = take_cache(past_key_values, kwargs)
+        """`cache_position`: the [T] slots this step writes, needed with a fixed-size cache (generate() passes it)."""
+        past_key_values = take_cache(past_key_values, kwargs, fixed_size_ok=True)
         check_unused_kwargs(kwargs, type(self).__name__)
         has_encoder = encoder_hidden_states is not None  # cross-attention in every layer
         collected = LayerOutputs(self.config, output_hidden_states, output_attentions, cross=has_encoder)
@@ -515,20 +537,18 @@ class BartGenDecoder(BartGenPreTrainedModel):
         if has_encoder:
             check_encoder_states(encoder_hidden_states, B, self.config.d_model, self.embed_tokens.weight.dtype)
         past_key_values = self._prepare_cache(past_key_values, use_cache, has_encoder)
-        past_length = past_key_values.get_seq_length() if past_key_values is not None else 0
+        past_length, slots, k_len = self._step_slots(past_key_values, cache_position, T)
         read = reads_values(past_length, T)  # data-dependent checks: not on decode steps
         if read:
             check_input_values(input_ids, inputs_embeds, self.embed_tokens, *names)
         if inputs_embeds is None:
             inputs_embeds = self.embed_tokens(input_ids)  # (B, T, C)
-        check_max_positions(
-            past_length + T, self.config.max_position_embeddings, "the decoder sequence (cache + new tokens)"
-        )
-        dtype, device = inputs_embeds.dtype, inputs_embeds.device
-        self_mask = self._self_attention_mask(attention_mask, T, past_length, dtype, device, read, B)
+        check_max_positions(k_len, self.config.max_position_embeddings, "the decoder sequence (cache + new tokens)")
+        dtype = inputs_embeds.dtype
+        self_mask = self._self_attention_mask(attention_mask, slots, k_len, past_length, dtype, read, B)
         cross_mask = self._cross_attention_mask(encoder_hidden_states, encoder_attention_mask, dtype, read)
 
-        hidden_states = inputs_embeds + self.embed_positions(T, past_length)
+        hidden_states = inputs_embeds + self.embed_positions(slots)
         hidden_states = self.layernorm_embedding(hidden_states)
         hidden_states = F.dropout(hidden_states, p=self.dropout, training=self.training)
 
@@ -543,6 +563,7 @@ class BartGenDecoder(BartGenPreTrainedModel):
                 encoder_attention_mask=cross_mask,
                 past_key_values=past_key_values,
                 use_cache=use_cache,
+                cache_position=slots if past_length is None else None,
             )
             collected.add_attentions(self_weights, cross_weights)
         collected.add_hidden_state(hidden_states)
@@ -613,7 +634,8 @@ class BartGenModel(BartGenPreTrainedModel):
             reads `input_ids` shifted right (starting with `config.decoder_start_token_id`).
         encoder_outputs: a precomputed encoder output (as generate() passes it); the encoder is then skipped.
         """
-        past_key_values = take_cache(past_key_values, kwargs)
+        past_key_values = take_cache(past_key_values, kwargs, fixed_size_ok=True)
+        cache_position = kwargs.pop("cache_position", None)  # the decoder's slots, for a fixed-size cache
         check_unused_kwargs(kwargs, type(self).__name__)
         if decoder_input_ids is None and decoder_inputs_embeds is None:
             if input_ids is None:
@@ -644,6 +666,7 @@ class BartGenModel(BartGenPreTrainedModel):
             output_attentions=output_attentions,
             output_hidden_states=output_hidden_states,
             return_dict=True,
+            cache_position=cache_position,
         )
         return Seq2SeqModelOutput(
             last_hidden_state=decoder_outputs.last_hidden_state,
@@ -662,6 +685,7 @@ class BartGenForConditionalGeneration(BartGenPreTrainedModel, GenerationMixin, C
     """BART with its LM head (tied to `model.shared`) and `final_logits_bias`: summarisation, translation, ..."""
 
     _auto_class = "AutoModelForSeq2SeqLM"  # save_pretrained / push_to_hub copy the code files
+    _can_compile_fullgraph = True  # a static cache (cache_implementation="static") and transformers' auto-compile
     _tied_weights_keys = {"lm_head.weight": "model.shared.weight"}
     _keys_to_ignore_on_load_missing = [r"final_logits_bias"]
 
@@ -710,8 +734,10 @@ class BartGenForConditionalGeneration(BartGenPreTrainedModel, GenerationMixin, C
         self, decoder_input_ids: torch.LongTensor, past_key_values: Cache | None = None, cache=None, **kwargs
     ) -> dict:
         """transformers' own, with the cache taken under either name and refused when missing (see
-        `transformers_compat.generation_cache`)."""
-        cache = generation_cache(self.config, past_key_values, dict(kwargs, cache=cache))  # 5.24+: `cache`
+        `transformers_compat.generation_cache`); a fixed-size cache's step inputs built by `fixed_size_step_inputs`."""
+        cache = generation_cache(self.config, past_key_values, dict(kwargs, cache=cache), fixed_size_ok=True)
+        if is_fixed_size(cache):
+            return fixed_size_step_inputs(decoder_input_ids, cache, kwargs, decoder=True)
         return super().prepare_inputs_for_generation(decoder_input_ids, **cache_field(cache), **kwargs)
 
     @can_return_tuple
@@ -750,7 +776,7 @@ class BartGenForConditionalGeneration(BartGenPreTrainedModel, GenerationMixin, C
         >>> tokenizer.batch_decode(summary_ids, skip_special_tokens=True)
         ```
         """
-        past_key_values = take_cache(past_key_values, kwargs)
+        past_key_values = take_cache(past_key_values, kwargs, fixed_size_ok=True)
         if labels is not None:
             check_labels(labels, None, self.config.vocab_size)
             use_cache = False  # training on full target sequences: nothing to cache
@@ -758,7 +784,10 @@ class BartGenForConditionalGeneration(BartGenPreTrainedModel, GenerationMixin, C
                 decoder_input_ids = self.prepare_decoder_input_ids_from_labels(labels)
 
         decoder_tokens = decoder_input_ids if decoder_input_ids is not None else decoder_inputs_embeds
-        cached = past_key_values is not None and past_key_values.get_seq_length() > 0  # before this step fills it
+        # filled before this step (a fixed-size cache's fill is not read on the host: counted as filled)
+        cached = past_key_values is not None and (
+            is_fixed_size(past_key_values) or past_key_values.get_seq_length() > 0
+        )
         with fast_cpu_gemv(decoder_tokens, past_key_values, self.lm_head.weight):
             outputs = self.model(
                 input_ids,

@@ -36,7 +36,7 @@ import torch.nn.functional as F
 import transformers
 from packaging.version import Version
 from torch import nn
-from transformers.cache_utils import Cache
+from transformers.cache_utils import Cache, EncoderDecoderCache
 from transformers.modeling_outputs import BaseModelOutput, CausalLMOutputWithPast
 from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 from transformers.utils import ModelOutput, logging
@@ -107,26 +107,30 @@ def pad_to_cache(mask: torch.Tensor | None, cache_size: int) -> torch.Tensor | N
     return F.pad(mask, (0, cache_size - mask.shape[-1]), value=1 if mask.dim() == 2 else 0)
 
 
-def fixed_size_step_inputs(input_ids: torch.Tensor, cache: Cache, kwargs: dict) -> dict:
-    """A decoder-only model's inputs for one generate() step with a fixed-size cache (`StaticCache`), built here
-    rather than by transformers (whose versions differ in how they slice, position and mask such a step): the new
-    ids, their slots `cache_position`, positions counted over the real tokens of the 2-D padding mask (as generate()
-    counts them), and that mask widened to every slot. Every shape is the same on every decode step. The cache's
-    fill is read once per step, outside the model's forward."""
+def fixed_size_step_inputs(input_ids: torch.Tensor, cache: Cache, kwargs: dict, decoder: bool = False) -> dict:
+    """A model's inputs for one generate() step with a fixed-size cache (`StaticCache`), built here rather than by
+    transformers (whose versions differ in how they slice, position and mask such a step): the new ids, their slots
+    `cache_position`, positions counted over the real tokens of the 2-D padding mask (as generate() counts them),
+    and that mask widened to every slot. Every shape is the same on every decode step. The cache's fill is read
+    once per step, outside the model's forward. `decoder`: an encoder-decoder's step (`decoder_input_ids`,
+    `decoder_attention_mask`, no position ids: BART's are the slots; the encoder's inputs pass through)."""
     past_length = int(cache.get_seq_length())
     length = input_ids.shape[1]
-    mask = kwargs.get("attention_mask")
-    positions = kwargs.get("position_ids")
-    if positions is None:
-        positions = mask.long().cumsum(-1) - 1 if mask is not None else torch.arange(length, device=input_ids.device)
-        positions = positions.clamp(min=0).expand(input_ids.shape[0], -1)
+    prefix = "decoder_" if decoder else ""
+    mask = kwargs.get(f"{prefix}attention_mask")
+    slots = cache.self_attention_cache if isinstance(cache, EncoderDecoderCache) else cache
     inputs = {
-        "input_ids": input_ids[:, past_length:].contiguous(),
-        "position_ids": positions[:, past_length:].contiguous(),
+        f"{prefix}input_ids": input_ids[:, past_length:].contiguous(),
         "cache_position": torch.arange(past_length, length, device=input_ids.device),
-        "attention_mask": pad_to_cache(mask, fixed_cache_size(cache)),
+        f"{prefix}attention_mask": pad_to_cache(mask, fixed_cache_size(slots)),
         CACHE_NAME: cache,
     }
+    positions = kwargs.get("position_ids")
+    if not decoder and positions is None:
+        positions = mask.long().cumsum(-1) - 1 if mask is not None else torch.arange(length, device=input_ids.device)
+        positions = positions.clamp(min=0).expand(input_ids.shape[0], -1)
+    if positions is not None:
+        inputs["position_ids"] = positions[:, past_length:].contiguous()
     skipped = {"cache_position", "next_sequence_length", "is_first_iteration", "labels", *CACHE_NAMES}
     inputs.update({k: v for k, v in kwargs.items() if k not in skipped and k not in inputs})
     return inputs

@@ -81,15 +81,14 @@ LOAD_GENERATE_SAVE_TRAIN = """
             ids = model.generate(**tok(prompt, return_tensors="pt"), max_new_tokens=new_tokens, do_sample=False)
             out["greedy_each"].append(ids[0].tolist())
         # a cache the caller creates (5.24+ passes it on as `cache` only if the model's signature names it), and
-        # the static cache (GLM, sparse GPT-2)
+        # the static cache
         given = transformers.DynamicCache()
         if model.config.is_encoder_decoder:
             given = transformers.EncoderDecoderCache(given, transformers.DynamicCache())
         ids = model.generate(**single, max_new_tokens=new_tokens, do_sample=False, past_key_values=given)
         out["given_cache"] = dict(ids=ids.tolist(), filled=int(given.get_seq_length()))
-        if name != "bart_gen":
-            ids = model.generate(**batch, max_new_tokens=new_tokens, do_sample=False, cache_implementation="static")
-            out["static"] = ids.tolist()
+        ids = model.generate(**batch, max_new_tokens=new_tokens, do_sample=False, cache_implementation="static")
+        out["static"] = ids.tolist()
         out["logits"] = model(**batch).logits.tolist()
     model.save_pretrained(saved)
     tok.save_pretrained(saved)
@@ -176,7 +175,7 @@ def test_a_cache_given_to_generate_is_filled_and_used(name):
     assert first["given_cache"]["ids"] == first["generate"]["greedy"]["True"]
 
 
-@pytest.mark.parametrize("name", per_family(CAUSAL))
+@pytest.mark.parametrize("name", per_family(NAMES))
 def test_static_cache_generates_the_dynamic_cache_ids(name):
     first = report(name)["first"]
     assert first["static"] == first["generate"]["batch"]["True"], f"transformers {transformers.__version__}"

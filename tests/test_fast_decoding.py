@@ -12,7 +12,8 @@
 - `one_token_attention` computes sdpa's result (masks bool, additive or none; keys and values as cache views),
   `attention_function` picks it only for one-token bf16/fp16 CPU steps with enough work, and every family's
   decoding keeps its greedy ids through it.
-- `compile_decode_step()` sets the oneDNN switch around the compiled graph exactly as the eager steps do, traces
+- `compile_decode_step()` sets the oneDNN switch around the compiled graph exactly as the eager steps do (after the
+  first compiled call, the trace, which keeps oneDNN on: see test_quantization's int8 compile test), traces
   without graph breaks or per-token recompilation, and keeps the ids.
 """
 
@@ -480,10 +481,11 @@ def _fake_compile(seen: list):
 @pytest.mark.parametrize(
     "family, dtype, expected",
     [
-        ("glm", torch.bfloat16, [False] * 3),  # prompt eager, then 3 compiled one-token steps, switched
+        ("glm", torch.bfloat16, [True, False, False]),  # prompt eager, then 3 compiled one-token steps: the trace,
+        # with oneDNN on, then switched
         ("glm", torch.float32, [True] * 3),
-        ("bart", torch.bfloat16, [True, False, False, False]),  # the first step projects the source for the cache
-        ("sparse", torch.bfloat16, [False] * 3),
+        ("bart", torch.bfloat16, [True, False, False, False]),  # the first step (the trace) projects the source
+        ("sparse", torch.bfloat16, [True, False, False]),
     ],
 )
 def test_compiled_decode_steps_switch_onednn_like_the_eager_ones(family, dtype, expected, monkeypatch):

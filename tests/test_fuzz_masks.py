@@ -176,7 +176,7 @@ def test_bart_decoder_mask_matches_the_rule(batch, new, past, data):
     keys = past + new
     rows = data.draw(st.lists(st.lists(st.booleans(), min_size=keys, max_size=keys), min_size=batch, max_size=batch))
     rows = [row[:-1] + [True] for row in rows]  # a row keeps at least one real token
-    mask = decoder._self_attention_mask(torch.tensor(rows).long(), new, past, torch.float32, torch.device("cpu"))
+    mask = decoder._self_attention_mask(torch.tensor(rows).long(), torch.arange(past, keys), keys, past, torch.float32)
     for b in range(batch):
         for q in range(new):
             expected = [k <= past + q and rows[b][k] for k in range(keys)]

@@ -218,3 +218,38 @@ def test_default_model_int8_accuracy_within_one_point_of_fp32():
 
     assert sum(n for _, n in out["int8"]) == 160
     assert abs(accuracy(out["int8"]) - accuracy(out["fp32"])) <= 1.0, out
+
+
+COMPILE_SCRIPT = """
+import json, sys, torch, torch._inductor.config, transformers
+from torch._dynamo.utils import counters
+from torchao.quantization import Int8WeightOnlyConfig, quantize_
+
+torch._inductor.config.force_disable_caches = True  # a cached graph would skip the lowering this test looks for
+path, auto_class, prompt = sys.argv[1:4]
+model = getattr(transformers, auto_class).from_pretrained(path, trust_remote_code=True, dtype=torch.bfloat16).eval()
+quantize_(model, Int8WeightOnlyConfig(), filter_fn=lambda m, name: isinstance(m, torch.nn.Linear) and name != "lm_head")
+tok = transformers.AutoTokenizer.from_pretrained(path, trust_remote_code=True)
+inputs = tok([prompt], return_tensors="pt")
+kwargs = dict(max_new_tokens=6, min_new_tokens=6, do_sample=False)
+with torch.no_grad():
+    eager = model.generate(**inputs, **kwargs)
+    model.compile_decode_step()
+    compiled = model.generate(**inputs, **kwargs)
+print(json.dumps({"same_ids": torch.equal(eager, compiled), "woq": counters["inductor"]["woq_matcher_count"],
+                  "linears": sum(isinstance(m, torch.nn.Linear) for m in model.modules())}))
+"""
+
+
+@pytest.mark.slow
+def test_compiled_int8_decode_step_uses_torchs_int8_kernel_on_cpu():
+    """Batch-1 bf16 decoding on the CPU with torchao int8 weight-only: `compile_decode_step()` lowers every quantized
+    linear layer to torch's int8 matrix-vector kernel (inductor's weight-only pattern; eager torchao converts each
+    int8 weight to bf16 first, which made int8 decode slower than bf16). Inductor sets that lowering up once per
+    process and only while oneDNN is on, and the batch-1 bf16 step turns oneDNN off (fast_cpu_gemv), so the first
+    trace must happen with it on: hence a fresh process, where no earlier compile has done the set-up."""
+    f = folder("glm")
+    out = json.loads(run_fresh_here(COMPILE_SCRIPT, f.path, f.auto_lm, f.prompts[0]).strip().splitlines()[-1])
+    assert out["same_ids"]
+    # one lowering per quantized linear layer (all but the tied head) in each graph compiled (one or two)
+    assert out["woq"] >= out["linears"] - 1 > 0, out

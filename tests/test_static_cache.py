@@ -1,19 +1,21 @@
-"""A fixed-size KV cache (`generate(..., cache_implementation="static")` or a `StaticCache` passed in) for GLM and
-sparse GPT-2 (mode 0): the same tokens as the default dynamic cache, and a decode step that compiles to one graph.
+"""A fixed-size KV cache (`generate(..., cache_implementation="static")` or a `StaticCache` passed in) for GLM,
+sparse GPT-2 (mode 0) and BART-gen: the same tokens as the default dynamic cache, and a decode step that compiles to
+one graph (GLM, sparse GPT-2).
 
 With a static cache the keys and values live in buffers of `max_cache_len` slots; the mask (GLM's prefix-LM mask,
 sparse GPT-2's causal one) is built over all of them from `cache_position` (the step's slots), so every decode step
 has the same shapes and `torch.compile(fullgraph=True)` (what transformers' auto-compile uses, with CUDA graphs on a
 GPU) traces it once. Here the compile runs on the CPU with the `eager` backend (no C++ toolchain needed): the graph
 count is what a GPU run would capture. Sparse GPT-2's sparse modes (their window and pivots follow the cache length)
-and BART-gen refuse a static cache clearly (here and in tests/test_transformers_compat.py).
+refuse a static cache clearly. BART-gen's self-attention cache is static and its cross-attention cache holds the
+source's keys (generate() sizes it to the source).
 """
 
 from __future__ import annotations
 
 import pytest
 import torch
-from fixtures import left_pad, prompt, repo_module, sparse_config, spread_weights
+from fixtures import bart_config, left_pad, prompt, repo_module, sparse_config, spread_weights
 from fixtures import spread_glm as tiny_model
 from torch._dynamo.utils import counters
 from transformers import CompileConfig
@@ -48,6 +50,26 @@ def sparse_batch(lengths=(9, 5)):
     return left_pad([torch.randint(1, 120, (n,), generator=generator).tolist() for n in lengths])
 
 
+def bart_model(attn: str = "sdpa"):
+    """A tiny BART-gen with spread weights (varied tokens)."""
+    torch.manual_seed(0)
+    config = bart_config()
+    config._attn_implementation = attn
+    model = repo_module("modeling_bart_gen").BartGenForConditionalGeneration(config).eval()
+    with torch.no_grad():
+        return spread_weights(model, seed=9)
+
+
+def bart_batch(lengths=(7, 4)):
+    """Sources of different lengths, right-padded (BART's tokenizers pad on the right)."""
+    generator = torch.Generator().manual_seed(sum(lengths))
+    ids = torch.full((len(lengths), max(lengths)), bart_config().pad_token_id)
+    mask = torch.zeros_like(ids)
+    for row, n in enumerate(lengths):
+        ids[row, :n], mask[row, :n] = torch.randint(3, 99, (n,), generator=generator), 1
+    return ids, mask
+
+
 # family -> (model builder taking the attention implementation, batch builder taking prompt lengths, two lengths)
 FAMILIES = {
     "glm-chatglm": (
@@ -57,7 +79,9 @@ FAMILIES = {
     ),
     "glm-glm": (lambda attn="sdpa": tiny_model(variant="glm", attn_implementation=attn), batch, ((4, 2), (9, 1))),
     "gpt2_sparse": (sparse_model, sparse_batch, ((9, 5), (3, 12))),
+    "bart_gen": (bart_model, bart_batch, ((7, 4), (3, 9))),
 }
+COMPILED = [name for name in FAMILIES if name != "bart_gen"]  # BART: its first step also projects the source
 
 
 def generate(model, ids, mask, mode: str, **kwargs):
@@ -77,6 +101,7 @@ def test_static_cache_generates_the_dynamic_cache_tokens(family, mode, attn):
     dynamic = generate(model, ids, mask, mode)
     static = generate(model, ids, mask, mode, cache_implementation="static", return_dict_in_generate=True)
     cache = output_cache(static)
+    cache = getattr(cache, "self_attention_cache", cache)  # BART-gen: an EncoderDecoderCache
     assert isinstance(cache, StaticCache), f"generate() used {type(cache).__name__}, not a StaticCache"
     assert torch.equal(static.sequences, dynamic), f"{family} {mode} {attn}: static cache tokens differ"
     assert len(set(dynamic[:, -8:].flatten().tolist())) > 2, "constant tokens would prove little"
@@ -103,7 +128,7 @@ def compile_on_cpu(model) -> None:
     counters.clear()
 
 
-@pytest.mark.parametrize("family", list(FAMILIES))
+@pytest.mark.parametrize("family", COMPILED)
 def test_compiled_static_decode_is_one_graph_for_every_token_and_prompt_length(family):
     build, make_batch, all_lengths = FAMILIES[family]
     model = build()

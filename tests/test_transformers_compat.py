@@ -29,7 +29,7 @@ from fixtures.hub_folders import FAMILIES, cpu_training_args, load, training_exa
 from helpers import REPO_ROOT, assert_close
 from packaging.version import Version
 from transformers import GenerationMixin, Trainer
-from transformers.cache_utils import DynamicCache, EncoderDecoderCache, StaticCache
+from transformers.cache_utils import DynamicCache, EncoderDecoderCache
 
 compat = repo_module("transformers_compat")
 
@@ -124,17 +124,6 @@ def test_a_future_change_of_the_cache_argument_is_refused(name, change, message,
     monkeypatch.setattr(model, "prepare_inputs_for_generation", changed)
     with refused(message):
         model.generate(**inputs, max_new_tokens=4, do_sample=False)
-
-
-@pytest.mark.parametrize("name", [name for name in FAMILIES if name not in ("glm", "gpt2_sparse")])
-def test_a_static_cache_is_refused_clearly(name):
-    """Not supported yet by BART-gen (its masks are sized to a growing cache): an error naming it, not a deep shape
-    error. GLM and sparse GPT-2 support one (tests/test_static_cache.py)."""
-    model, _, inputs = prompt_batch(name)
-    with pytest.raises(ValueError, match="cache_implementation=.static.*not supported"):
-        model.generate(**inputs, max_new_tokens=4, do_sample=False, cache_implementation="static")
-    with pytest.raises(ValueError, match="StaticCache.*not supported"):
-        model(**inputs, past_key_values=StaticCache(config=model.config, max_cache_len=16))
 
 
 @pytest.mark.parametrize("name", FAMILIES)

@@ -6,8 +6,10 @@
 Both models are built once from the same weights; the int8 one is the bf16 model with `torchao.quantization.quantize_(
 model, Int8WeightOnlyConfig())`, the transform `from_pretrained(..., quantization_config=TorchAoConfig(
 Int8WeightOnlyConfig()))` applies (the tied LM head is left in bf16, as transformers leaves it). Per-token decode
-time after a 128-token prompt, generate() and the plain cached step loop, rounds alternating between the two
-models (scripts/benchmarks/_common.py), so load on a shared machine hits both alike; the spread is reported.
+time after a 128-token prompt: generate(), the plain cached step loop, and (not with --quick) that loop after
+`model.compile_decode_step()`, under which inductor runs torchao's int8 linears through torch's int8
+matrix-vector kernel (eager torchao makes a bf16 copy of each weight per call); rounds alternate between the
+contenders (scripts/benchmarks/_common.py), so load on a shared machine hits all alike; the spread is reported.
 Also the weight bytes of each. Skipped (one row saying so) when torchao is not installed.
 """
 
@@ -49,19 +51,23 @@ def run(quick: bool = False, device: str | None = None) -> list[dict]:
         )
         ids = prompt(1, PROMPT, device)
         positions = bf16.transformer.get_position_ids(ids)
-        times = decode_ms_per_token(
-            {
-                "bf16": generator_for(bf16, ids),
-                "int8": generator_for(int8, ids),
-                "bf16 step": stepper_for(bf16, ids, positions),
-                "int8 step": stepper_for(int8, ids, positions),
-            },
-            new_tokens,
-            repeats,
-            device,
-        )
+        contenders = {
+            "bf16": generator_for(bf16, ids),
+            "int8": generator_for(int8, ids),
+            "bf16 step": stepper_for(bf16, ids, positions),
+            "int8 step": stepper_for(int8, ids, positions),
+        }
+        cases = ["", " step"]
+        if not quick:
+            for name, model in (("bf16", bf16), ("int8", int8)):
+                compiled = copy.deepcopy(model)
+                compiled.compile_decode_step()
+                contenders[f"{name} compiled step"] = stepper_for(compiled, ids, positions)
+                contenders[f"{name} compiled step"](3)()  # compile outside the timed rounds
+            cases.append(" compiled step")
+        times = decode_ms_per_token(contenders, new_tokens, repeats, device)
     rows = []
-    for case in ("", " step"):
+    for case in cases:
         b, q = times[f"bf16{case}"], times[f"int8{case}"]
         rows.append({
             "family": "quant", "case": f"decode{case or ' (generate)'} batch 1, 110M GLM, {device}",
