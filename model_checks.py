@@ -179,6 +179,20 @@ def reads_values(past_length: int | None, query_length: int) -> bool:
     return not torch.compiler.is_compiling() and not decoding
 
 
+def check_shift_ids(pad_token_id: int | None, decoder_start_token_id: int | None) -> None:
+    """ValueError unless the ids that build decoder inputs from labels (BART's shift right) are set."""
+    if decoder_start_token_id is None:
+        raise ValueError(
+            "config.decoder_start_token_id is None: it is needed to build decoder_input_ids from labels "
+            "(set it in config.json, BART uses the eos id 2) or pass decoder_input_ids yourself"
+        )
+    if pad_token_id is None:
+        raise ValueError(
+            "config.pad_token_id is None: it is needed to replace -100 in labels when building decoder_input_ids "
+            "(set it in config.json, BART uses 1) or pass decoder_input_ids yourself"
+        )
+
+
 def check_static_cache(cache, cache_position, max_positions: int, limit_name: str) -> None:
     """A fixed-size cache (`StaticCache`, `cache_implementation="static"`) a model can fill: the step's slots given
     as `cache_position` [seq] (generate() passes them), and no more slots than the model has positions."""

@@ -55,9 +55,11 @@ from .model_checks import (
     check_labels,
     check_max_positions,
     check_prompt_ids,
+    check_shift_ids,
     check_static_cache,
     padding_mask,
     reads_values,
+    resolve_use_cache,
 )
 from .pipeline_bart_gen import BartGenText2TextPipeline  # config.json's custom_pipelines names it here
 from .transformers_compat import (
@@ -82,16 +84,7 @@ logger = logging.get_logger(__name__)
 # Adapted from transformers.models.bart.modeling_bart.shift_tokens_right
 def shift_tokens_right(input_ids: torch.Tensor, pad_token_id: int | None, decoder_start_token_id: int | None):
     """Decoder inputs from labels: prepend `decoder_start_token_id`, drop the last token, -100 -> pad."""
-    if decoder_start_token_id is None:
-        raise ValueError(
-            "config.decoder_start_token_id is None: it is needed to build decoder_input_ids from labels "
-            "(set it in config.json, BART uses the eos id 2) or pass decoder_input_ids yourself"
-        )
-    if pad_token_id is None:
-        raise ValueError(
-            "config.pad_token_id is None: it is needed to replace -100 in labels when building decoder_input_ids "
-            "(set it in config.json, BART uses 1) or pass decoder_input_ids yourself"
-        )
+    check_shift_ids(pad_token_id, decoder_start_token_id)
     shifted = input_ids.new_zeros(input_ids.shape)
     shifted[:, 1:] = input_ids[:, :-1]
     shifted[:, 0] = decoder_start_token_id
@@ -442,20 +435,8 @@ class BartGenDecoder(BartGenPreTrainedModel):
         self.gradient_checkpointing = False
         self.post_init()
 
-    def _use_cache(self, use_cache: bool | None) -> bool:
-        requested = use_cache  # None: config.use_cache decides (and is turned off below without a warning)
-        use_cache = use_cache if use_cache is not None else self.config.use_cache
-        if self.gradient_checkpointing and self.training and use_cache:
-            if requested:
-                logger.warning_once(
-                    "use_cache=True is incompatible with gradient checkpointing; setting use_cache=False"
-                )
-            use_cache = False
-        return use_cache
-
     def _prepare_cache(self, past_key_values: Cache | None, use_cache: bool, cross_attention: bool) -> Cache | None:
-        """The caller's cache, or a new one when `use_cache` (an `EncoderDecoderCache` when the decoder attends to an
-        encoder output), with fast_decoding's growing layers installed."""
+        """The caller's cache or, with `use_cache`, a new one (encoder-decoder with an encoder), growing layers in."""
         if use_cache and past_key_values is None:
             past_key_values = EncoderDecoderCache(DynamicCache(), DynamicCache()) if cross_attention else DynamicCache()
         if past_key_values is not None:
@@ -469,8 +450,8 @@ class BartGenDecoder(BartGenPreTrainedModel):
         self_cache = cache.self_attention_cache if isinstance(cache, EncoderDecoderCache) else cache
         device = self.embed_positions.weight.device
         if is_fixed_size(self_cache):
-            max_positions = self.config.max_position_embeddings
-            check_static_cache(self_cache, cache_position, max_positions, "max_position_embeddings")
+            limit = self.config.max_position_embeddings
+            check_static_cache(self_cache, cache_position, limit, "max_position_embeddings")
             return None, cache_position.to(device), fixed_cache_size(self_cache)
         past_length = cache.get_seq_length() if cache is not None else 0
         return past_length, torch.arange(past_length, past_length + T, device=device), past_length + T
@@ -531,7 +512,7 @@ class BartGenDecoder(BartGenPreTrainedModel):
         check_unused_kwargs(kwargs, type(self).__name__)
         has_encoder = encoder_hidden_states is not None  # cross-attention in every layer
         collected = LayerOutputs(self.config, output_hidden_states, output_attentions, cross=has_encoder)
-        use_cache = self._use_cache(use_cache)
+        use_cache = resolve_use_cache(self, use_cache)
         names = ("decoder_input_ids", "decoder_inputs_embeds")
         B, T = check_inputs(input_ids, inputs_embeds, self.embed_tokens, *names, width_name="d_model")
         if has_encoder:
@@ -713,10 +694,7 @@ class BartGenForConditionalGeneration(BartGenPreTrainedModel, GenerationMixin, C
     ) -> nn.Embedding:
         new_embeddings = super().resize_token_embeddings(new_num_tokens, pad_to_multiple_of, mean_resizing)
         n_old, n_new = self.final_logits_bias.shape[-1], new_embeddings.weight.shape[0]
-        if n_new <= n_old:
-            bias = self.final_logits_bias[:, :n_new]
-        else:
-            bias = F.pad(self.final_logits_bias, (0, n_new - n_old))
+        bias = F.pad(self.final_logits_bias, (0, n_new - n_old))  # zeros for new tokens; a negative pad crops
         self.register_buffer("final_logits_bias", bias.contiguous())
         return new_embeddings
 
@@ -784,10 +762,7 @@ class BartGenForConditionalGeneration(BartGenPreTrainedModel, GenerationMixin, C
                 decoder_input_ids = self.prepare_decoder_input_ids_from_labels(labels)
 
         decoder_tokens = decoder_input_ids if decoder_input_ids is not None else decoder_inputs_embeds
-        # filled before this step (a fixed-size cache's fill is not read on the host: counted as filled)
-        cached = past_key_values is not None and (
-            is_fixed_size(past_key_values) or past_key_values.get_seq_length() > 0
-        )
+        cached = past_key_values is not None and (is_fixed_size(past_key_values) or past_key_values.get_seq_length())
         with fast_cpu_gemv(decoder_tokens, past_key_values, self.lm_head.weight):
             outputs = self.model(
                 input_ids,
