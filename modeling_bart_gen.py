@@ -443,12 +443,11 @@ class BartGenDecoder(BartGenPreTrainedModel):
             use_growing_kv_layers(past_key_values)
         return past_key_values
 
-    def _step_slots(self, cache: Cache | None, cache_position, T: int) -> tuple[int | None, torch.Tensor, int]:
+    def _step_slots(self, cache: Cache | None, cache_position, T: int, device) -> tuple[int | None, torch.Tensor, int]:
         """(past_length, slots, k_len): the decoder positions before this call (the cache's), the queries' slots [T]
         and the number of keys. A fixed-size cache's fill is not read on the host: past_length None, slots
         `cache_position` (checked), keys all its slots."""
         self_cache = cache.self_attention_cache if isinstance(cache, EncoderDecoderCache) else cache
-        device = self.embed_positions.weight.device
         if is_fixed_size(self_cache):
             limit = self.config.max_position_embeddings
             check_static_cache(self_cache, cache_position, limit, "max_position_embeddings")
@@ -518,7 +517,8 @@ class BartGenDecoder(BartGenPreTrainedModel):
         if has_encoder:
             check_encoder_states(encoder_hidden_states, B, self.config.d_model, self.embed_tokens.weight.dtype)
         past_key_values = self._prepare_cache(past_key_values, use_cache, has_encoder)
-        past_length, slots, k_len = self._step_slots(past_key_values, cache_position, T)
+        device = (input_ids if input_ids is not None else inputs_embeds).device  # not the weights' (offloading: meta)
+        past_length, slots, k_len = self._step_slots(past_key_values, cache_position, T, device)
         read = reads_values(past_length, T)  # data-dependent checks: not on decode steps
         if read:
             check_input_values(input_ids, inputs_embeds, self.embed_tokens, *names)
