@@ -210,8 +210,8 @@ class BartGenAttention(nn.Module):
             key = self.k_proj(source).view(B, source.shape[1], -1, self.head_dim).transpose(1, 2)  # (B, nh, S, hs)
             value = self.v_proj(source).view(B, source.shape[1], -1, self.head_dim).transpose(1, 2)
             if cache is not None:
-                slots = None if cache_position is None or is_cross_attention else {"cache_position": cache_position}
-                key, value = cache.update(key, value, self.layer_idx, slots)  # self-attention: (B, nh, past + T, hs)
+                static = None if cache_position is None or is_cross_attention else {"cache_position": cache_position}
+                key, value = cache.update(key, value, self.layer_idx, static)  # self-attention: (B, nh, past + T, hs)
                 if is_cross_attention:
                     past_key_values.is_updated[self.layer_idx] = True
 
@@ -447,11 +447,10 @@ class BartGenDecoder(BartGenPreTrainedModel):
         """(past_length, slots, k_len): the decoder positions before this call (the cache's), the queries' slots [T]
         and the number of keys. A fixed-size cache's fill is not read on the host: past_length None, slots
         `cache_position` (checked), keys all its slots."""
-        self_cache = cache.self_attention_cache if isinstance(cache, EncoderDecoderCache) else cache
-        if is_fixed_size(self_cache):
+        if is_fixed_size(cache):
             limit = self.config.max_position_embeddings
-            check_static_cache(self_cache, cache_position, limit, "max_position_embeddings")
-            return None, cache_position.to(device), fixed_cache_size(self_cache)
+            check_static_cache(cache, cache_position, limit, "max_position_embeddings")
+            return None, cache_position.to(device), fixed_cache_size(cache)
         past_length = cache.get_seq_length() if cache is not None else 0
         return past_length, torch.arange(past_length, past_length + T, device=device), past_length + T
 

@@ -95,7 +95,9 @@ def is_fixed_size(cache: Cache | None) -> bool:
 
 def fixed_cache_size(cache: Cache) -> int:
     """The number of slots of a fixed-size cache (4.57 names it `max_cache_len` on the cache and on each layer, 5.x
-    on each layer only)."""
+    on each layer only); of an `EncoderDecoderCache`, its self-attention half's."""
+    if isinstance(cache, EncoderDecoderCache):
+        cache = cache.self_attention_cache
     return cache.layers[0].max_cache_len
 
 
@@ -118,11 +120,10 @@ def fixed_size_step_inputs(input_ids: torch.Tensor, cache: Cache, kwargs: dict, 
     length = input_ids.shape[1]
     prefix = "decoder_" if decoder else ""
     mask = kwargs.get(f"{prefix}attention_mask")
-    slots = cache.self_attention_cache if isinstance(cache, EncoderDecoderCache) else cache
     inputs = {
         f"{prefix}input_ids": input_ids[:, past_length:].contiguous(),
         "cache_position": torch.arange(past_length, length, device=input_ids.device),
-        f"{prefix}attention_mask": pad_to_cache(mask, fixed_cache_size(slots)),
+        f"{prefix}attention_mask": pad_to_cache(mask, fixed_cache_size(cache)),
         CACHE_NAME: cache,
     }
     positions = kwargs.get("position_ids")
