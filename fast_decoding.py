@@ -16,7 +16,9 @@ Three measured speed-ups of the per-token step, none of which changes a result b
   token, 1.2x (200 keys) to 4.5x (1000 keys, batch 4) slower than two oneDNN matmuls around an fp32 softmax.
   `attention_function` picks it for such steps, and is where every family looks its attention function up.
 
-And `CompiledDecoding.compile_decode_step()`, the supported way to run the decoding step under `torch.compile`.
+And `CompiledDecoding.compile_decode_step()`, the supported way to run the decoding step under `torch.compile` (a
+static cache and CUDA graphs on a GPU; dynamic shapes on the CPU), with generate()'s static caches sized in buckets
+(`static_cache_slots`) so that prompts of every length share a few graphs.
 
 The numbers behind them are in the README's Benchmarks section (`scripts/benchmarks/bandwidth.py`, `glm.py`).
 A sibling module of the model files: transformers' remote-code loader fetches and copies it with them.
@@ -30,6 +32,7 @@ from contextlib import AbstractContextManager, contextmanager, nullcontext
 
 import torch
 from torch import nn
+from transformers import CompileConfig
 from transformers.cache_utils import Cache, DynamicCache, DynamicLayer, EncoderDecoderCache
 
 from .transformers_compat import CACHE_NAMES, is_fixed_size, registered_attention
@@ -351,22 +354,57 @@ def _onednn(enabled: bool) -> Iterator[None]:
         torch.backends.mkldnn.enabled = previous
 
 
+# generate()'s static caches come in these sizes (see `static_cache_slots`)
+STATIC_CACHE_MIN_SLOTS = 256
+
+
+def static_cache_slots(needed: int, limit: int | None) -> int:
+    """How many slots the static cache generate() creates has, for a call that needs `needed` (prompt plus new
+    tokens): the next power of two from 256, at most the model's `limit` of positions (unless more are needed: the
+    model's own check then names the problem). A compiled static decode step has the shape of the cache, so every
+    new size is a new graph: with sizes 256, 512, 1024, 2048 a 2048-position model traces at most four graphs, for
+    every prompt length, instead of one per length; the cost is up to twice the slots the call needs (attention
+    reads them all, masked)."""
+    if limit is not None and needed > limit:
+        return needed
+    slots = max(STATIC_CACHE_MIN_SLOTS, 1 << max(needed - 1, 0).bit_length())
+    return slots if limit is None else min(slots, limit)
+
+
+def decodes_with_static_cache(device: torch.device, config) -> bool:
+    """Whether `compile_decode_step()` takes the static path (a static cache, one graph of fixed shapes, CUDA graphs
+    through transformers' auto-compile) by default: on an accelerator, for a configuration that takes a static cache
+    (not GLM's P-tuning, `pre_seq_len`, nor sparse GPT-2's sparse modes, `is_sparse` 1 or 2). On the CPU the
+    dynamic-shape path is faster (no CUDA graphs to gain; the oneDNN switch of `fast_cpu_gemv` around the graph)."""
+    return device.type != "cpu" and not getattr(config, "pre_seq_len", None) and not getattr(config, "is_sparse", 0)
+
+
 class CompiledDecoding:
-    """Mixin of the generation classes: `model.compile_decode_step()`."""
+    """Mixin of the generation classes (before `GenerationMixin` among the bases): `model.compile_decode_step()`,
+    and generate()'s static caches sized by `static_cache_slots`."""
 
-    def compile_decode_step(self, **compile_kwargs) -> None:
-        """Run every later one-token decoding step (what `generate()` calls per new token) compiled with
-        `torch.compile(dynamic=True, fullgraph=True)`: one graph for all cache lengths, no recompilation per token.
-        Prompts and the first step of an encoder-decoder run eagerly. `compile_kwargs` go to `torch.compile`.
+    def compile_decode_step(self, static: bool | None = None, **compile_kwargs) -> None:
+        """Run every later one-token decoding step (what `generate()` calls per new token) compiled, in one of two ways
+        (`static`; by default the static one on a GPU, see `decodes_with_static_cache`). `compile_kwargs` go to
+        `torch.compile`. Prompts, and the first step of an encoder-decoder, run eagerly.
 
-        Why not a plain `torch.compile(model.forward)`: the batch-1 bf16 CPU step switches oneDNN off
-        (`fast_cpu_gemv`), a process-wide flag that a compiled graph cannot set; here it is set around the graph.
-        (On the 110M bf16 GLM, compiling the forward alone was slower than eager: 21.6 vs 15.4 ms per token.)
-        The first compiled call, which traces, keeps oneDNN on: inductor sets up its CPU weight-only int8 lowering
-        (a torchao int8 linear -> torch's int8 matrix-vector kernel) at the first compilation of the process, and
-        only if oneDNN is on then; without it a torchao int8 model runs its eager path, a bf16 copy of every weight
-        per call.
+        - Static: generate() uses a static cache (`generation_config.cache_implementation = "static"`, sized in
+          buckets by `static_cache_slots`) and transformers' own auto-compile (`generation_config.compile_config`:
+          `fullgraph=True, dynamic=False`, and `mode="reduce-overhead"`, CUDA graphs, with inductor on a GPU). Every
+          decode step has the cache's shapes: one graph per cache size and batch size, none per token.
+        - Dynamic (the CPU's): `torch.compile(dynamic=True, fullgraph=True)` around the forward, one graph for all
+          cache lengths. Why not a plain `torch.compile(model.forward)`: the batch-1 bf16 CPU step switches oneDNN
+          off (`fast_cpu_gemv`), a process-wide flag that a compiled graph cannot set; here it is set around the
+          graph. (On the 110M bf16 GLM, compiling the forward alone was slower than eager: 21.6 vs 15.4 ms per
+          token.) The first compiled call, which traces, keeps oneDNN on: inductor sets up its CPU weight-only int8
+          lowering (a torchao int8 linear -> torch's int8 matrix-vector kernel) at the first compilation of the
+          process, and only if oneDNN is on then; without it a torchao int8 model runs its eager path, a bf16 copy
+          of every weight per call.
         """
+        if static is None:
+            static = decodes_with_static_cache(self.device, self.config)
+        if static:
+            return self._compile_static_decoding(compile_kwargs)
         eager = self.forward
         compiled = torch.compile(eager, **{"dynamic": True, "fullgraph": True, **compile_kwargs})
         weight = self.get_output_embeddings().weight
@@ -386,3 +424,27 @@ class CompiledDecoding:
                 return compiled(*args, **kwargs)
 
         self.forward = forward
+
+    def _compile_static_decoding(self, compile_kwargs: dict) -> None:
+        backend = compile_kwargs.get("backend", "inductor")
+        cuda_graphs = backend == "inductor" and self.device.type == "cuda"
+        defaults = dict(fullgraph=True, dynamic=False, mode="reduce-overhead" if cuda_graphs else None)
+        compile_config = CompileConfig(**{**defaults, **compile_kwargs})
+        compile_config._compile_all_devices = True  # transformers compiles on a GPU only unless told (a forced CPU run)
+        self.generation_config.cache_implementation = "static"
+        self.generation_config.compile_config = compile_config
+
+    # generate()'s static cache, sized by `static_cache_slots`: transformers 4.57-5.4 create it in `_get_cache`, 5.5+
+    # in `_prepare_static_cache`, each given `max_cache_len` by keyword (tests/test_static_cache.py checks the size
+    # on every release the compatibility subset runs)
+    def _get_cache(self, *args, **kwargs) -> Cache:
+        return super()._get_cache(*args, **self._bucketed(kwargs))
+
+    def _prepare_static_cache(self, *args, **kwargs) -> Cache:
+        return super()._prepare_static_cache(*args, **self._bucketed(kwargs))
+
+    def _bucketed(self, kwargs: dict) -> dict:
+        if "max_cache_len" not in kwargs:
+            return kwargs
+        limit = getattr(self.config, "max_position_embeddings", None)
+        return {**kwargs, "max_cache_len": static_cache_slots(kwargs["max_cache_len"], limit)}

@@ -661,7 +661,7 @@ class BartGenModel(BartGenPreTrainedModel):
 
 
 # Adapted from transformers.models.bart.modeling_bart.BartForConditionalGeneration
-class BartGenForConditionalGeneration(BartGenPreTrainedModel, GenerationMixin, CompiledDecoding):
+class BartGenForConditionalGeneration(BartGenPreTrainedModel, CompiledDecoding, GenerationMixin):
     """BART with its LM head (tied to `model.shared`) and `final_logits_bias`: summarisation, translation, ..."""
 
     _auto_class = "AutoModelForSeq2SeqLM"  # save_pretrained / push_to_hub copy the code files

@@ -518,7 +518,7 @@ class GLMModel(GLMPreTrainedModel):
         return self.embedding_dropout(hidden_states), None
 
 
-class GLMForConditionalGeneration(GLMPreTrainedModel, GLMGenerationMixin, GenerationMixin, CompiledDecoding):
+class GLMForConditionalGeneration(GLMPreTrainedModel, GLMGenerationMixin, CompiledDecoding, GenerationMixin):
     """GLM with the LM head tied to the word embeddings; `generate()`, `chat()` and `stream_chat()`."""
 
     _auto_class = "AutoModelForCausalLM"  # save_pretrained copies the code files next to the weights

@@ -551,7 +551,7 @@ class GPT2SparseModel(GPT2SparsePreTrainedModel):
             return tuple(torch.cat([m[:, mem_len - (new_len - q_len) :], h], dim=1) for m, h in zip(mems, hiddens))
 
 
-class GPT2SparseLMHeadModel(GPT2SparsePreTrainedModel, GenerationMixin, CompiledDecoding):
+class GPT2SparseLMHeadModel(GPT2SparsePreTrainedModel, CompiledDecoding, GenerationMixin):
     """CogView's GPT2Model: the transformer plus an output layer tied to the word embeddings."""
 
     _auto_class = "AutoModelForCausalLM"  # save_pretrained copies the code files next to the weights

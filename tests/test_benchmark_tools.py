@@ -145,3 +145,24 @@ def test_model_step_loop_generates_what_generate_does(who):
         generated = generator_for(model, ids)(10)()[:, ids.shape[1] :]
     assert torch.equal(stepped, generated)
     assert len(set(stepped[0].tolist())) > 1  # not a constant run that any position ids would reproduce
+
+
+@pytest.mark.slow
+def test_gpu_benchmark_dry_run_on_the_cpu(tmp_path):
+    """scripts/benchmarks/gpu.py runs once, on a lent GPU, with no time to debug it there: its `--tiny --device cpu`
+    dry run goes through every case (fresh process: it compiles) and writes every row."""
+    script = REPO_ROOT / "scripts" / "benchmarks" / "gpu.py"
+    run = subprocess.run(
+        [sys.executable, str(script), "--tiny", "--device", "cpu", "--out", str(tmp_path)],
+        capture_output=True, text=True, timeout=600, cwd=script.parent,
+    )  # fmt: skip
+    assert run.returncode == 0, run.stderr[-3000:]
+    rows = json.loads((tmp_path / "gpu.json").read_text())["rows"]
+    decode = {(row["case"], row["model"]) for row in rows if row["case"].startswith("decode")}
+    models = ("ours eager", "native eager", "native static+compile", "ours static+compile", "ours compile_decode_step")
+    assert decode == {(f"decode b={b}", model) for b in (1, 2) for model in models}
+    assert all(row["ms_per_token"] > 0 for row in rows if row["case"].startswith("decode"))
+    (sweep,) = [row["after_prompt_length"] for row in rows if row["case"] == "recompiles b=1"]
+    assert list(sweep) == ["37", "100", "200", "247", "300", "500"]
+    assert all(entry["new_graphs"] == 0 for entry in sweep.values()), sweep  # the CPU's dynamic-shape graph
+    assert {row["model"] for row in rows if row["case"].startswith("prefill")} == {"ours", "native"}

@@ -9,7 +9,8 @@ variant), a tiny GLM-10B-family model, sparse GPT-2 and BART-gen (tiny random fo
 fixtures.hub_folders.build_folder, written with the transformers under test). Per family, one fresh process
 loads the folder through the Auto classes and records:
 - greedy, beam (with `num_return_sequences`), seeded sampling and a padded batch through `generate()`, each with
-  and without the cache (a cache-calling change in a release shows up here first: the two must give the same ids);
+  and without the cache (a cache-calling change in a release shows up here first: the two must give the same ids),
+  and with a static cache (the same ids, the cache sized in buckets);
 - logits on the padded batch, then `save_pretrained` into a new folder;
 - the losses of a few `Trainer` steps.
 A second fresh process reloads the saved folder through the Auto classes (same logits expected) and runs the
@@ -57,6 +58,7 @@ LOAD_GENERATE_SAVE_TRAIN = """
     name, path, auto_class, prompts, saved, new_tokens, steps, tests_dir = sys.argv[1:9]
     prompts, new_tokens, steps = json.loads(prompts), int(new_tokens), int(steps)
     sys.path.insert(0, tests_dir)
+    from fixtures import repo_module
     from fixtures.hub_folders import training_examples
 
     model = getattr(transformers, auto_class).from_pretrained(path, trust_remote_code=True).eval()
@@ -87,8 +89,13 @@ LOAD_GENERATE_SAVE_TRAIN = """
             given = transformers.EncoderDecoderCache(given, transformers.DynamicCache())
         ids = model.generate(**single, max_new_tokens=new_tokens, do_sample=False, past_key_values=given)
         out["given_cache"] = dict(ids=ids.tolist(), filled=int(given.get_seq_length()))
-        ids = model.generate(**batch, max_new_tokens=new_tokens, do_sample=False, cache_implementation="static")
-        out["static"] = ids.tolist()
+        static = model.generate(**batch, max_new_tokens=new_tokens, do_sample=False, cache_implementation="static",
+                                return_dict_in_generate=True)
+        out["static"] = static.sequences.tolist()
+        compat = repo_module("transformers_compat")  # the cache's size: generate() sizes it in buckets
+        needed = new_tokens + (1 if model.config.is_encoder_decoder else batch["input_ids"].shape[1])
+        out["static_slots"] = dict(slots=compat.fixed_cache_size(compat.output_cache(static)), needed=needed,
+                                   limit=model.config.max_position_embeddings)
         out["logits"] = model(**batch).logits.tolist()
     model.save_pretrained(saved)
     tok.save_pretrained(saved)
@@ -179,6 +186,15 @@ def test_a_cache_given_to_generate_is_filled_and_used(name):
 def test_static_cache_generates_the_dynamic_cache_ids(name):
     first = report(name)["first"]
     assert first["static"] == first["generate"]["batch"]["True"], f"transformers {transformers.__version__}"
+
+
+@pytest.mark.parametrize("name", per_family(NAMES))
+def test_generate_sizes_its_static_cache_in_buckets(name):
+    """Powers of two from 256 slots, at most the model's positions (fast_decoding.static_cache_slots): the sizing
+    reaches transformers' private cache factory (`_get_cache` / `_prepare_static_cache`), which a release may rename."""
+    static = report(name)["first"]["static_slots"]
+    bucket = next(size for size in (256 << i for i in range(8)) if size >= static["needed"])
+    assert static["slots"] == min(bucket, static["limit"]), f"transformers {transformers.__version__}: {static}"
 
 
 @pytest.mark.parametrize("name", per_family(NAMES))

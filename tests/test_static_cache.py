@@ -9,6 +9,10 @@ GPU) traces it once. Here the compile runs on the CPU with the `eager` backend (
 count is what a GPU run would capture. Sparse GPT-2's sparse modes (their window and pivots follow the cache length)
 refuse a static cache clearly. BART-gen's self-attention cache is static and its cross-attention cache holds the
 source's keys (generate() sizes it to the source).
+
+generate() sizes its own static cache in buckets (`fast_decoding.static_cache_slots`: powers of two from 256, at most
+the model's positions), so prompts of different lengths share a graph; `model.compile_decode_step()` takes this
+static path by default on a GPU (and here, forced, on the CPU): transformers' auto-compile with CUDA graphs.
 """
 
 from __future__ import annotations
@@ -22,6 +26,7 @@ from transformers import CompileConfig
 from transformers.cache_utils import StaticCache
 
 output_cache = repo_module("transformers_compat").output_cache
+fast_decoding = repo_module("fast_decoding")
 VARIANTS = ["chatglm", "glm"]
 MODES = {
     "greedy": dict(do_sample=False),
@@ -81,7 +86,7 @@ FAMILIES = {
     "gpt2_sparse": (sparse_model, sparse_batch, ((9, 5), (3, 12))),
     "bart_gen": (bart_model, bart_batch, ((7, 4), (3, 9))),
 }
-COMPILED = [name for name in FAMILIES if name != "bart_gen"]  # BART: its first step also projects the source
+COMPILED = [name for name in FAMILIES if name != "bart_gen"]  # BART: a graph per source length (cross-attention)
 
 
 def generate(model, ids, mask, mode: str, **kwargs):
@@ -152,6 +157,104 @@ def test_cache_implementation_static_compiles_once_per_generate(variant):
     compile_on_cpu(model)
     assert torch.equal(generate(model, ids, mask, "greedy", cache_implementation="static"), dynamic)
     assert counters["stats"]["unique_graphs"] == 1, f"decode steps compiled {dict(counters['stats'])} graphs"
+
+
+def self_attention_slots(output) -> int:
+    return repo_module("transformers_compat").fixed_cache_size(output_cache(output))
+
+
+def test_static_cache_slots_are_powers_of_two_from_256_within_the_models_positions():
+    slots = fast_decoding.static_cache_slots
+    assert [slots(n, 2048) for n in (1, 20, 256, 257, 600, 1024, 1025, 2048)] == [
+        256,
+        256,
+        256,
+        512,
+        1024,
+        1024,
+        2048,
+        2048,
+    ]
+    assert [slots(n, 300) for n in (20, 256, 257, 300)] == [256, 256, 300, 300]  # capped at the model's positions
+    assert slots(20, 64) == 64 and slots(100, 64) == 100  # more than the model has: its own check names the problem
+    assert slots(20, None) == 256
+
+
+@pytest.mark.parametrize("family", list(FAMILIES))
+def test_generate_sizes_its_static_cache_to_the_bucket(family):
+    """The tiny models have fewer positions (40-96) than the smallest bucket: every call gets them all, one size."""
+    build, make_batch, all_lengths = FAMILIES[family]
+    model = build()
+    for lengths in all_lengths:
+        output = generate(
+            model, *make_batch(lengths), "greedy", cache_implementation="static", return_dict_in_generate=True
+        )
+        assert self_attention_slots(output) == model.config.max_position_embeddings, f"{family} {lengths}"
+
+
+def test_generate_grows_its_static_cache_a_bucket_at_a_time():
+    """A GLM with 600 positions: 15 and 20 positions needed share 256 slots, 280 takes 512, and a short prompt after
+    it keeps the 512 (transformers reuses a large enough cache: no new graph)."""
+    model = tiny_model(max_sequence_length=600)
+    slots = []
+    for context in (4, 9, 270, 4):
+        ids, mask = left_pad([prompt([5 + i % 50 for i in range(context)])])
+        output = generate(model, ids, mask, "greedy", cache_implementation="static", return_dict_in_generate=True)
+        slots.append(self_attention_slots(output))
+    assert slots == [256, 256, 512, 512]
+
+
+@pytest.mark.parametrize("family", list(FAMILIES))
+def test_compile_decode_step_static_is_one_graph_for_prompts_of_every_length(family):
+    """`compile_decode_step(static=True)` (a GPU's default) on the CPU with the eager backend: generate()'s own
+    static cache, transformers' auto-compile, the dynamic cache's ids; one graph for both prompt lengths (BART-gen:
+    one per source length, its cross-attention cache being the source's size)."""
+    build, make_batch, all_lengths = FAMILIES[family]
+    model = build()
+    expected = {lengths: generate(model, *make_batch(lengths), "greedy") for lengths in all_lengths}
+    model.compile_decode_step(static=True, backend="eager")
+    assert model.generation_config.cache_implementation == "static"
+    torch._dynamo.reset()
+    counters.clear()
+    for lengths, dynamic in expected.items():
+        compiled = generate(model, *make_batch(lengths), "greedy")
+        assert torch.equal(compiled, dynamic), f"{family} {lengths}: the compiled static decode's tokens differ"
+    graphs = len({make_batch(lengths)[0].shape[1] for lengths in all_lengths}) if family == "bart_gen" else 1
+    assert counters["stats"]["unique_graphs"] == graphs, f"decode steps compiled {dict(counters['stats'])} graphs"
+    assert counters["stats"]["calls_captured"] > 0, "nothing was compiled: the test would prove nothing"
+
+
+def test_compile_decode_step_chooses_the_static_path_on_accelerators_for_configurations_that_take_it():
+    choose = fast_decoding.decodes_with_static_cache
+    cuda, cpu = torch.device("cuda"), torch.device("cpu")
+    glm = tiny_model().config
+    assert choose(cuda, glm) and not choose(cpu, glm)
+    assert not choose(cuda, tiny_model(pre_seq_len=2).config)  # P-tuning needs the dynamic cache
+    assert choose(cuda, sparse_model().config) and choose(cuda, bart_model().config)
+    assert not choose(cuda, sparse_model(is_sparse=1).config) and not choose(cuda, sparse_model(is_sparse=2).config)
+    model = tiny_model()
+    model.compile_decode_step(backend="eager")  # on the CPU: the dynamic-shape path, generate()'s cache untouched
+    assert model.generation_config.cache_implementation is None
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("family", list(FAMILIES))
+def test_compile_decode_step_on_a_gpu_uses_cuda_graphs_and_gives_the_eager_ids(family):
+    if not torch.cuda.is_available():
+        pytest.skip("needs CUDA")
+    torch.backends.cuda.matmul.allow_tf32 = False
+    build, make_batch, all_lengths = FAMILIES[family]
+    model = build().cuda()
+    batches = {lengths: [t.cuda() for t in make_batch(lengths)] for lengths in all_lengths}
+    expected = {lengths: generate(model, *inputs, "greedy") for lengths, inputs in batches.items()}
+    model.compile_decode_step()
+    assert model.generation_config.compile_config.mode == "reduce-overhead"
+    torch._dynamo.reset()
+    counters.clear()
+    for lengths, inputs in batches.items():
+        assert torch.equal(generate(model, *inputs, "greedy"), expected[lengths]), f"{family} {lengths}"
+    graphs = len({inputs[0].shape[1] for inputs in batches.values()}) if family == "bart_gen" else 1
+    assert counters["stats"]["unique_graphs"] == graphs, f"decode steps compiled {dict(counters['stats'])} graphs"
 
 
 def test_static_cache_refusals_name_the_problem():

@@ -7,10 +7,12 @@ Both models are built on the device from a config with random weights (no downlo
 (hidden 4096, 28 layers, 32 heads, MLP 16384, vocabulary 130528: 6.17B parameters), native GLM-4 with a gated MLP
 narrowed to hold as many weights. Cases, per-token decode time with the prefill excluded (as in glm.py), batch 1
 and 16, prompt 128:
-- ours eager `generate()`; ours after `model.compile_decode_step()`; ours with `cache_implementation="static"`
-  (transformers compiles the step itself: one graph, CUDA graphs; compile time reported);
+- ours eager `generate()`; ours after `model.compile_decode_step()` (on a GPU: a static cache, one graph of fixed
+  shapes, CUDA graphs); ours with `cache_implementation="static"` (transformers' default auto-compile; compile
+  time reported);
 - native eager; native with `cache_implementation="static"` (the same auto-compile);
 - prefill: one forward over a 2048-token prompt (ms per call);
+- recompiles: the graphs the compiled decode step holds after prompts of 37 to 500 tokens (`graphs_per_prompt_length`);
 - peak memory of each, and the fraction of the copy bandwidth (measured in the same run) that batch-1 decoding
   reaches: weight bytes / (ms per token * bandwidth).
 Writes `gpu.json` into --out (default benchmarks/results/). The README's GPU table is written from it by hand.
@@ -41,6 +43,23 @@ def static_generator_for(model, ids):
         return lambda: model.generate(input_ids=ids, attention_mask=mask, cache_implementation="static", **kwargs)
 
     return make
+
+
+def graphs_per_prompt_length(model, device: str) -> dict:
+    """After the compiled model has decoded a 128-token prompt: how many graphs torch.compile has added after each
+    of a sweep of prompt lengths (8 new tokens each; generate()'s static cache comes in sizes 256, 512, ...: lengths up
+    to 247 share the first graph, 300 and 500 take the 512-slot one), and the seconds each call took."""
+    import torch
+    from torch._dynamo.utils import counters
+
+    sweep, before = {}, counters["stats"]["unique_graphs"]
+    for length in (37, 100, 200, 247, 300, 500):
+        start = time.time()
+        generator_for(model, prompt(1, length, device))(8)()
+        if device == "cuda":
+            torch.cuda.synchronize()
+        sweep[length] = dict(new_graphs=counters["stats"]["unique_graphs"] - before, s=round(time.time() - start, 2))
+    return dict(case="recompiles b=1", model="ours compile_decode_step", after_prompt_length=sweep)
 
 
 def peak_mib(fn, device: str) -> float:
@@ -82,6 +101,8 @@ def run(sizes: dict, device: str, new_tokens: int, repeats: int, batches: tuple[
             compile_s = time.time() - start
             ms.update(decode_ms_per_token({"ours compile_decode_step": generator_for(compiled, ids)}, new_tokens,
                                           repeats, device))  # fmt: skip
+            if batch == 1:
+                rows.append(graphs_per_prompt_length(compiled, device))
             del compiled
             for name, (median, spread) in ms.items():
                 row = dict(case=f"decode b={batch}", model=name, ms_per_token=round(median, 3), spread=round(spread, 3),
