@@ -374,9 +374,9 @@ def static_cache_slots(needed: int, limit: int | None) -> int:
 def decodes_with_static_cache(device: torch.device, config) -> bool:
     """Whether `compile_decode_step()` takes the static path (a static cache, one graph of fixed shapes, CUDA graphs
     through transformers' auto-compile) by default: on an accelerator, for a configuration that takes a static cache
-    (not GLM's P-tuning, `pre_seq_len`, nor sparse GPT-2's sparse modes, `is_sparse` 1 or 2). On the CPU the
+    (not GLM's P-tuning, `pre_seq_len`, nor sparse GPT-2's training mode, `is_sparse=1`). On the CPU the
     dynamic-shape path is faster (no CUDA graphs to gain; the oneDNN switch of `fast_cpu_gemv` around the graph)."""
-    return device.type != "cpu" and not getattr(config, "pre_seq_len", None) and not getattr(config, "is_sparse", 0)
+    return device.type != "cpu" and not getattr(config, "pre_seq_len", None) and getattr(config, "is_sparse", 0) != 1
 
 
 class CompiledDecoding:

@@ -64,7 +64,13 @@ from .model_checks import (
     padding_mask,
     reads_values,
 )
-from .sparse_attention import SparsePlan, plan_sparse_attention, sparse_window_attention
+from .sparse_attention import (
+    SparsePlan,
+    plan_sparse_attention,
+    plan_static_cache_step,
+    sparse_window_attention,
+    static_image_mask,
+)
 from .transformers_compat import (
     LayerOutputs,
     base_outputs,
@@ -205,6 +211,8 @@ class GPT2SparseAttention(nn.Module):
         attn_weights = None
         if sparse is not None and sparse.step_masks is not None:  # mode 2, one new token: a dense masked softmax
             attention_mask, sparse = sparse.step_masks[self.layer_idx], None
+        elif sparse is not None and sparse.key_length is not None:  # a static cache's prompt: the filled slots
+            key, value = key[:, :, : sparse.key_length], value[:, :, : sparse.key_length]
         if sparse is None:
             attention_interface = attention_function(self, query, key, eager_attention_forward)
             attn_output, attn_weights = attention_interface(
@@ -278,9 +286,7 @@ class GPT2SparsePreTrainedModel(CheckedLoading, PreTrainedModel):
     _supports_sdpa = True
     _supports_flash_attn = False
     _supports_flex_attn = False
-    _can_compile_fullgraph = (
-        True  # mode 0 with a static cache (cache_implementation="static"): transformers' auto-compile
-    )
+    _can_compile_fullgraph = True  # modes 0 and 2 with a static cache (cache_implementation="static")
 
     def _init_weights(self, module: nn.Module) -> None:
         std = self.config.init_method_std
@@ -366,7 +372,7 @@ class GPT2SparseModel(GPT2SparsePreTrainedModel):
         image_mask: bool [batch, key_length], True where a key (cache or memory included) is an image token
             (default `input_ids < config.num_image_tokens`); mode 2 samples pivots among cached keys with it.
         generator: a torch.Generator that makes pivot sampling reproducible.
-        cache_position: [seq], the slots of a `StaticCache` (mode 0) this call writes (generate() passes them).
+        cache_position: [seq], the slots of a `StaticCache` (modes 0, 2) this call writes (generate() passes them).
         """
         past_key_values = take_cache(past_key_values, kwargs, fixed_size_ok=True)
         check_unused_kwargs(kwargs, type(self).__name__)
@@ -420,9 +426,9 @@ class GPT2SparseModel(GPT2SparsePreTrainedModel):
             if use_cache and past_key_values is None:
                 past_key_values = DynamicCache(config=config)
             if is_fixed_size(past_key_values):
-                if mode != 0:  # the window and the sampled pivots follow the cache length, read on the host
+                if mode == 1:  # training: the whole sequence in one call
                     raise ValueError(
-                        f"is_sparse={mode} needs the default dynamic cache; a StaticCache takes is_sparse=0"
+                        "is_sparse=1 needs the default dynamic cache; a StaticCache takes is_sparse=0 or 2"
                     )
                 check_static_cache(
                     past_key_values, cache_position, config.max_position_embeddings, "max_position_embeddings"
@@ -504,6 +510,11 @@ class GPT2SparseModel(GPT2SparsePreTrainedModel):
         (window, pivots per layer, their bias; `sparse_attention.plan_sparse_attention`, modes 1 and 2)."""
         if mode == 0:
             return self._dense_mask(slots, k_len, past_len, key_mask, sep), None
+        if past_len is None:  # a static cache (mode 2): k_len is all its slots
+            plan = plan_static_cache_step(
+                self.config, mode, input_ids, bsz, slots, k_len, key_mask, pivot_idx, image_mask, generator
+            )
+            return None, plan
         plan = plan_sparse_attention(
             self.config, mode, input_ids, bsz, len(slots), past_len, key_mask, pivot_idx, image_mask, generator,
             slots.device,
@@ -588,13 +599,19 @@ class GPT2SparseLMHeadModel(GPT2SparsePreTrainedModel, CompiledDecoding, Generat
     ) -> dict:
         past = generation_cache(self.config, past_key_values, dict(kwargs, cache=cache), fixed_size_ok=True)
         if is_fixed_size(past):
-            return fixed_size_step_inputs(input_ids, past, kwargs)
-        model_inputs = super().prepare_inputs_for_generation(input_ids, **cache_field(past), **kwargs)
+            model_inputs = fixed_size_step_inputs(input_ids, past, kwargs)
+        else:
+            model_inputs = super().prepare_inputs_for_generation(input_ids, **cache_field(past), **kwargs)
         mode = model_inputs.get("is_sparse")
         mode = self.config.is_sparse if mode is None else mode
-        if mode == 2 and model_inputs.get("image_mask") is None and model_inputs.get("pivot_idx") is None:
+        if mode == 2 and model_inputs.get("pivot_idx") is None:
             # Sparse inference samples pivots among cached positions: tell it which of them are image tokens.
-            model_inputs["image_mask"] = input_ids < self.config.num_image_tokens
+            image_mask = model_inputs.get("image_mask")
+            if image_mask is None:
+                image_mask = input_ids < self.config.num_image_tokens
+            if is_fixed_size(past):
+                image_mask = static_image_mask(image_mask, input_ids.shape[1], fixed_cache_size(past))
+            model_inputs["image_mask"] = image_mask
         return model_inputs
 
     @can_return_tuple

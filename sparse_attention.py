@@ -18,7 +18,8 @@ Two implementations, chosen by `sparse_window_attention` (the one dispatch point
   masks are built once per forward and reused by every layer (the pivot part once per distinct pivot tensor).
 - A decoding step of mode 2 (one new query against a cache): a plain masked softmax. The window and the pivots
   become one bool mask over the keys per layer (`decode_step_masks`), computed on the device from the pivot count,
-  so nothing on the step waits for the device; the model then runs its dense attention with that mask.
+  so nothing on the step waits for the device; the model then runs its dense attention with that mask. With a
+  static cache the mask covers all its slots, from the step's slot (`plan_static_cache_step`).
 - Everywhere else (the CPU, attention dropout, several queries): a kernel that never builds an s x s matrix either.
   Each (batch, head) row goes a step of query blocks at a time, every block against its own key window (an
   overlapping strided view of the keys, so each product is one plain GEMM with no copies) plus the pivots left of
@@ -59,6 +60,7 @@ class SparsePlan:
     pivots: list[torch.Tensor]
     block_masks: dict = field(default_factory=dict)
     step_masks: list[torch.Tensor] | None = None  # a mode-2 decode step: per layer, bool [B, 1, 1, K] (True: attend)
+    key_length: int | None = None  # a static cache's prompt: the keys are its first key_length slots
 
 
 def sparse_window_attention(
@@ -786,21 +788,32 @@ def sample_pivots(
     is_image: torch.Tensor,
     num_pivots: int,
     generator: torch.Generator | None = None,
+    draw_width: int = 0,
 ) -> torch.Tensor:
     """Every text position plus a uniform sample of image positions, `num_pivots` per row, sorted.
 
     is_text / is_image: [B, L] bool (padding in neither). Returns LongTensor [B, num_pivots]. The caller checks
-    that every row has enough candidates (see `check_pivot_candidates`).
+    that every row has enough candidates (see `check_pivot_candidates`). `draw_width`: see `_pivot_keys`.
     """
-    keys = _pivot_keys(is_text, is_image, generator)
+    keys = _pivot_keys(is_text, is_image, generator, draw_width)
     return keys.topk(num_pivots, dim=-1, largest=False).indices.sort(dim=-1).values
 
 
-def _pivot_keys(is_text: torch.Tensor, is_image: torch.Tensor, generator: torch.Generator | None) -> torch.Tensor:
+def _pivot_keys(
+    is_text: torch.Tensor, is_image: torch.Tensor, generator: torch.Generator | None, draw_width: int = 0
+) -> torch.Tensor:
     """[B, L] sort keys, the pivots first: text (-1), then images in random order (noise in [0, 1)), never anything
-    else (2)."""
+    else (2). The noise is drawn [B, max(L, draw_width)] and cut to L columns, so callers that pass the same
+    `draw_width` (the model's positions) give a key the same noise whatever L they look at: a decode step over all
+    the slots of a static cache picks the pivots a dynamic cache's step (or the uncached forward) picks."""
+    if generator is not None and torch.compiler.is_compiling():
+        raise ValueError(
+            "generator= cannot drive the pivot sampling of a compiled step (torch.compile does not trace a "
+            "torch.Generator): leave it out and seed with torch.manual_seed, or decode without compiling"
+        )
     rand_device = generator.device if generator is not None else is_text.device
-    noise = torch.rand(is_text.shape, generator=generator, device=rand_device).to(is_text.device)
+    shape = (is_text.shape[0], max(is_text.shape[1], draw_width))
+    noise = torch.rand(shape, generator=generator, device=rand_device)[:, : is_text.shape[1]].to(is_text.device)
     return torch.where(is_text, -1.0, torch.where(is_image, noise, 2.0))
 
 
@@ -881,6 +894,46 @@ def plan_sparse_attention(
     return SparsePlan(window_start, block, span, pivot_bias, key_mask, per_layer)
 
 
+def plan_static_cache_step(
+    config,
+    mode: int,
+    input_ids: torch.Tensor | None,
+    bsz: int,
+    slots: torch.Tensor,
+    n_slots: int,
+    key_mask: torch.Tensor | None,
+    pivot_idx: torch.Tensor | None,
+    image_mask: torch.Tensor | None,
+    generator: torch.Generator | None,
+) -> SparsePlan:
+    """Mode 2 with a static cache of `n_slots` slots, this call's queries at `slots` (`cache_position`): a decode
+    step's masks over all the slots, from its slot on the device (`decode_step_masks`); a prompt's plan over the
+    filled slots (their count read on the host, prompts only), with `key_length` so that the attention uses those."""
+    if len(slots) == 1:
+        masks = decode_step_masks(config, bsz, n_slots, key_mask, pivot_idx, image_mask, generator, slots.device, slots)
+        return SparsePlan(slots, 1, 1, 0.0, key_mask, [], step_masks=masks)
+    past_len = int(slots[0])
+    k_len = past_len + len(slots)
+    key_mask = key_mask[:, :k_len] if key_mask is not None else None
+    plan = plan_sparse_attention(
+        config, mode, input_ids, bsz, len(slots), past_len, key_mask, pivot_idx, image_mask, generator, slots.device
+    )
+    plan.key_length = k_len
+    return plan
+
+
+def static_image_mask(image_mask: torch.Tensor, length: int, n_slots: int) -> torch.Tensor:
+    """Mode 2's `image_mask` for a generate() step with a static cache of `n_slots` slots: that wide on every step
+    (the slots after the sequence are never pivot candidates), from a mask covering the `length` tokens so far."""
+    if not isinstance(image_mask, torch.Tensor) or image_mask.dim() != 2 or image_mask.shape[1] < length:
+        shape = tuple(image_mask.shape) if isinstance(image_mask, torch.Tensor) else type(image_mask).__name__
+        raise ValueError(
+            f"image_mask must be a bool tensor [batch, key_length] covering the {length} positions so far, got {shape}"
+        )
+    image_mask = image_mask[:, :n_slots].bool()
+    return F.pad(image_mask, (0, n_slots - image_mask.shape[1]))
+
+
 def check_pivot_idx_shape(pivot_idx: torch.Tensor, bsz: int) -> None:
     if pivot_idx.dim() != 2 or pivot_idx.shape[0] not in (1, bsz):
         raise ValueError(f"pivot_idx must be a LongTensor [batch={bsz}, n], got shape {tuple(pivot_idx.shape)}")
@@ -897,37 +950,44 @@ def decode_step_masks(
     image_mask: torch.Tensor | None,
     generator: torch.Generator | None,
     device: torch.device,
+    last: torch.Tensor | None = None,
 ) -> list[torch.Tensor]:
-    """Mode 2's attention for one new query (position k_len - 1) as a bool mask [B, 1, 1, k_len] per layer: the
-    last t*w keys plus the pivots left of them, padding excluded. Built on the device with no host read.
+    """Mode 2's attention for one new query as a bool mask [B, 1, 1, k_len] per layer: the last t*w keys plus the
+    pivots left of them, padding excluded. Built on the device with no host read. The query sits at `last`: by
+    default k_len - 1 (a dynamic cache); with a static cache, `last` is the step's slot (a device tensor) and the
+    k_len keys are all the cache's slots, those after `last` empty.
 
     The pivots are the caller's `pivot_idx` (the positions it lists, its range checked on the prompt's call) or
     sampled as `_sample_pivots` samples them, with the same random numbers, so the same generator picks the same
     keys: every text token and the image tokens of lowest noise, as many as CogView's count, which is computed
     here as a tensor. The one difference: where a row has fewer candidates than that count (text and image tokens
     together), it takes them all; the prompt's call raises instead (a check here would wait for the device)."""
-    limit = max(0, k_len - config.query_window * config.key_window_times)
+    span = config.query_window * config.key_window_times
     keys = torch.arange(k_len, device=device)
-    visible = (keys >= limit).expand(bsz, k_len)
-    own = keys == k_len - 1  # the query's own key, visible even if marked as padding (no row is empty)
-    if limit and pivot_idx is not None:
+    last = k_len - 1 if last is None else last.reshape(())
+    limit = (last + 1 - span).clamp(min=0) if isinstance(last, torch.Tensor) else max(0, last + 1 - span)
+    before = keys < limit  # the pivot candidates: left of the window
+    visible = ((keys >= limit) & (keys <= last)).expand(bsz, k_len)
+    own = keys == last  # the query's own key, visible even if marked as padding (no row is empty)
+    if pivot_idx is not None:
         check_pivot_idx_shape(pivot_idx, bsz)
-        chosen = (pivot_idx.to(device)[:, :, None] == keys[:limit]).any(1)  # [B|1, limit]
-        visible = visible | F.pad(chosen, (0, k_len - limit))
+        visible = visible | (pivot_idx.to(device)[:, :, None] == keys).any(1) & before  # [B|1, k_len]
     valid = key_mask if key_mask is not None else torch.ones(bsz, k_len, dtype=torch.bool, device=device)
-    if not limit or pivot_idx is not None:
+    static = isinstance(limit, torch.Tensor)  # no shortcut on its value, no host read
+    if (not static and limit == 0) or pivot_idx is not None:
         return [(visible & valid | own)[:, None, None]] * config.num_layers
-    is_image = _image_positions(config, image_mask, None, bsz, limit, 0, device)
-    is_text, is_image = valid[:, :limit] & ~is_image, valid[:, :limit] & is_image
-    max_text, n_left = is_text.sum(-1).max(), valid[:, :limit].sum(-1).min()
+    is_image = _image_positions(config, image_mask, None, bsz, k_len if static else limit, 0, device)
+    is_image = F.pad(is_image, (0, k_len - is_image.shape[1]))  # the keys from `limit` on are no candidates
+    is_text, is_image = valid & before & ~is_image, valid & before & is_image
+    max_text, n_left = is_text.sum(-1).max(), (valid & before).sum(-1).min()
     ratio = config.num_pivot / config.max_position_embeddings
     count = max_text + ((n_left - max_text) * ratio).floor().clamp(min=0).long()  # CogView's; see _sample_pivots
     masks = []
     for _ in range(config.num_layers):
-        order = _pivot_keys(is_text, is_image, generator).argsort(dim=-1)
-        ranks = torch.empty_like(order).scatter_(1, order, torch.arange(limit, device=device).expand_as(order))
+        order = _pivot_keys(is_text, is_image, generator, config.max_position_embeddings).argsort(dim=-1)
+        ranks = torch.empty_like(order).scatter_(1, order, torch.arange(k_len, device=device).expand_as(order))
         pivots = (ranks < count) & (is_text | is_image)
-        masks.append(((visible | F.pad(pivots, (0, k_len - limit))) & valid | own)[:, None, None])
+        masks.append(((visible | pivots) & valid | own)[:, None, None])
     return masks
 
 
@@ -964,7 +1024,8 @@ def _sample_pivots(
     check_pivot_candidates(is_text, is_image, n_pivots, mode)
     if n_pivots == 0:
         return [empty] * config.num_layers, 0
-    per_layer = [sample_pivots(is_text, is_image, n_pivots, generator) for _ in range(config.num_layers)]
+    draw = config.max_position_embeddings  # the noise of decode_step_masks: the same pivots for the same generator
+    per_layer = [sample_pivots(is_text, is_image, n_pivots, generator, draw) for _ in range(config.num_layers)]
     return per_layer, n_pivots
 
 

@@ -132,7 +132,7 @@ def test_counter_sees_a_sync():
     assert counts.get("item") == steps == 2
 
 
-@pytest.mark.parametrize("family", ["glm-chatglm", "glm-glm", "gpt2_sparse-0"])
+@pytest.mark.parametrize("family", list(FAMILIES))
 def test_no_host_sync_in_static_cache_decode_steps(family):
     """With `cache_implementation="static"` the step's slots come as `cache_position`: the forward reads nothing
     (a fixed-size cache's length lives on the device, and reading it would be a sync per token)."""

@@ -384,6 +384,32 @@ def test_decode_step_masks_see_what_the_sampled_plan_lets_the_last_query_see(see
     assert step.pivots == [] and all(torch.equal(a, b) for a, b in zip(step.step_masks, masks))
 
 
+@pytest.mark.parametrize("seed", range(4))
+def test_decode_step_masks_over_a_static_caches_slots_equal_the_dynamic_ones(seed):
+    """A static cache's step (query at slot `last`, a device tensor; all N slots as keys, those after `last` empty)
+    sees the dynamic step's keys with the same generator: the same noise per key (drawn max_position_embeddings
+    wide) and no slot after the query. Sampled and given pivots, with padding."""
+    rng = random.Random(seed)
+    w, t, bsz = rng.choice([2, 3, 4]), rng.choice([1, 2]), rng.choice([1, 3])
+    k_len = rng.randint(1, 40)  # from inside the window to well past it
+    n_slots = k_len + rng.randint(1, 20)
+    config = _cogview_config(w, t, num_pivot=rng.choice([8, 32]))
+    image_mask = torch.rand(bsz, n_slots, generator=torch.Generator().manual_seed(seed)) < 0.8
+    key_mask = torch.ones(bsz, n_slots, dtype=torch.bool)
+    key_mask[-1, : rng.randint(0, 3)] = False
+    given = torch.tensor([[0, 3, 17, 30]])
+    for pivots in (None, given):
+        dynamic = sa.decode_step_masks(
+            config, bsz, k_len, key_mask[:, :k_len], pivots, image_mask, torch.Generator().manual_seed(seed), "cpu"
+        )
+        static = sa.decode_step_masks(
+            config, bsz, n_slots, key_mask, pivots, image_mask, torch.Generator().manual_seed(seed), "cpu",
+            last=torch.tensor([k_len - 1]),
+        )  # fmt: skip
+        for layer, (d, s) in enumerate(zip(dynamic, static)):
+            assert torch.equal(s[..., :k_len], d) and not s[..., k_len:].any(), f"layer {layer}, pivots {pivots}"
+
+
 def test_decode_step_masks_with_given_pivots_and_too_few_candidates():
     """Given pivots: those left of the window count, the others (not reached yet, up to max_position_embeddings)
     stay invisible. Sampled: a row with fewer candidates than CogView's count takes them all (the full call would

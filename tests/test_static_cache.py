@@ -6,8 +6,9 @@ With a static cache the keys and values live in buffers of `max_cache_len` slots
 sparse GPT-2's causal one) is built over all of them from `cache_position` (the step's slots), so every decode step
 has the same shapes and `torch.compile(fullgraph=True)` (what transformers' auto-compile uses, with CUDA graphs on a
 GPU) traces it once. Here the compile runs on the CPU with the `eager` backend (no C++ toolchain needed): the graph
-count is what a GPU run would capture. Sparse GPT-2's sparse modes (their window and pivots follow the cache length)
-refuse a static cache clearly. BART-gen's self-attention cache is static and its cross-attention cache holds the
+count is what a GPU run would capture. Sparse GPT-2's mode 2 (sparse inference) builds each decode step's window and
+pivots over all the slots from the step's slot, with the dynamic cache's random numbers (the same pivots, the same
+ids); mode 1 (training) refuses a static cache clearly. BART-gen's self-attention cache is static and its cross-attention cache holds the
 source's keys (generate() sizes it to the source).
 
 generate() sizes its own static cache in buckets (`fast_decoding.static_cache_slots`: powers of two from 256, at most
@@ -84,6 +85,8 @@ FAMILIES = {
     ),
     "glm-glm": (lambda attn="sdpa": tiny_model(variant="glm", attn_implementation=attn), batch, ((4, 2), (9, 1))),
     "gpt2_sparse": (sparse_model, sparse_batch, ((9, 5), (3, 12))),
+    # mode 2 (sparse inference): prompts past the 8-key window, so that pivots are drawn at every step
+    "gpt2_sparse-mode2": (lambda attn="sdpa": sparse_model(attn, is_sparse=2), sparse_batch, ((40, 30), (20, 45))),
     "bart_gen": (bart_model, bart_batch, ((7, 4), (3, 9))),
 }
 COMPILED = [name for name in FAMILIES if name != "bart_gen"]  # BART: a graph per source length (cross-attention)
@@ -139,7 +142,7 @@ def test_compiled_static_decode_is_one_graph_for_every_token_and_prompt_length(f
     model = build()
     expected = {lengths: generate(model, *make_batch(lengths), "greedy") for lengths in all_lengths}
     compile_on_cpu(model)
-    cache = StaticCache(config=model.config, max_cache_len=40)
+    cache = StaticCache(config=model.config, max_cache_len=64)
     for lengths, dynamic in expected.items():
         cache.reset()
         compiled = generate(model, *make_batch(lengths), "greedy", past_key_values=cache)
@@ -231,7 +234,7 @@ def test_compile_decode_step_chooses_the_static_path_on_accelerators_for_configu
     assert choose(cuda, glm) and not choose(cpu, glm)
     assert not choose(cuda, tiny_model(pre_seq_len=2).config)  # P-tuning needs the dynamic cache
     assert choose(cuda, sparse_model().config) and choose(cuda, bart_model().config)
-    assert not choose(cuda, sparse_model(is_sparse=1).config) and not choose(cuda, sparse_model(is_sparse=2).config)
+    assert choose(cuda, sparse_model(is_sparse=2).config) and not choose(cuda, sparse_model(is_sparse=1).config)
     model = tiny_model()
     model.compile_decode_step(backend="eager")  # on the CPU: the dynamic-shape path, generate()'s cache untouched
     assert model.generation_config.cache_implementation is None
@@ -252,7 +255,9 @@ def test_compile_decode_step_on_a_gpu_uses_cuda_graphs_and_gives_the_eager_ids(f
     torch._dynamo.reset()
     counters.clear()
     for lengths, inputs in batches.items():
-        assert torch.equal(generate(model, *inputs, "greedy"), expected[lengths]), f"{family} {lengths}"
+        ids = generate(model, *inputs, "greedy")
+        if family != "gpt2_sparse-mode2":  # inductor draws mode 2's pivots with random numbers of its own
+            assert torch.equal(ids, expected[lengths]), f"{family} {lengths}"
     graphs = len({inputs[0].shape[1] for inputs in batches.values()}) if family == "bart_gen" else 1
     assert counters["stats"]["unique_graphs"] == graphs, f"decode steps compiled {dict(counters['stats'])} graphs"
 
@@ -312,10 +317,21 @@ def test_sparse_gpt2_static_cache_refusals_name_the_problem():
     with pytest.raises(ValueError, match="exceeds max_position_embeddings"):
         too_long = StaticCache(config=model.config, max_cache_len=model.config.max_position_embeddings + 1)
         model(input_ids=ids, past_key_values=too_long, cache_position=torch.arange(ids.shape[1]))
-    for mode in (1, 2):  # a fresh model each: 4.57's generate() cannot reuse the static cache of a failed call
-        with pytest.raises(ValueError, match=f"is_sparse={mode} needs the default dynamic cache"):
-            sparse_model().generate(
-                ids, attention_mask=mask, max_new_tokens=2, is_sparse=mode, cache_implementation="static"
-            )
+    with pytest.raises(ValueError, match="is_sparse=1 needs the default dynamic cache"):
+        sparse_model().generate(ids, attention_mask=mask, max_new_tokens=2, is_sparse=1, cache_implementation="static")
+    with pytest.raises(ValueError, match=r"image_mask must be .* covering the 9 positions so far, got \(2, 5\)"):
+        sparse_model().generate(  # a fresh model each: 4.57's generate() cannot reuse the static cache of a failed call
+            ids, attention_mask=mask, max_new_tokens=2, is_sparse=2, image_mask=mask[:, :5].bool(),
+            cache_implementation="static",
+        )  # fmt: skip
     with pytest.raises(ValueError, match="sep .* needs the default dynamic cache"):
         model(input_ids=ids, past_key_values=cache, cache_position=torch.arange(ids.shape[1]), sep=2)
+
+
+def test_sparse_mode2_compiled_step_refuses_a_generator_by_name():
+    """torch.compile cannot trace a torch.Generator: the pivot draw says so instead of an opaque tracing error."""
+    model = sparse_model(is_sparse=2)
+    model.compile_decode_step(static=True, backend="eager")
+    torch._dynamo.reset()
+    with pytest.raises(Exception, match="generator= cannot drive the pivot sampling of a compiled step"):
+        generate(model, *sparse_batch((40, 30)), "greedy", generator=torch.Generator().manual_seed(0))
