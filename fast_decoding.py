@@ -390,8 +390,9 @@ class CompiledDecoding:
 
         - Static: generate() uses a static cache (`generation_config.cache_implementation = "static"`, sized in
           buckets by `static_cache_slots`) and transformers' own auto-compile (`generation_config.compile_config`:
-          `fullgraph=True, dynamic=False`, and `mode="reduce-overhead"`, CUDA graphs, with inductor on a GPU). Every
-          decode step has the cache's shapes: one graph per cache size and batch size, none per token.
+          `fullgraph=True, dynamic=False`; with inductor, CUDA graphs on a GPU, what `mode="reduce-overhead"` sets,
+          and eager's random numbers). Every decode step has the cache's shapes: one graph per cache size and batch
+          size, none per token.
         - Dynamic (the CPU's): `torch.compile(dynamic=True, fullgraph=True)` around the forward, one graph for all
           cache lengths. Why not a plain `torch.compile(model.forward)`: the batch-1 bf16 CPU step switches oneDNN
           off (`fast_cpu_gemv`), a process-wide flag that a compiled graph cannot set; here it is set around the
@@ -426,9 +427,11 @@ class CompiledDecoding:
         self.forward = forward
 
     def _compile_static_decoding(self, compile_kwargs: dict) -> None:
-        backend = compile_kwargs.get("backend", "inductor")
-        cuda_graphs = backend == "inductor" and self.device.type == "cuda"
-        defaults = dict(fullgraph=True, dynamic=False, mode="reduce-overhead" if cuda_graphs else None)
+        defaults = dict(fullgraph=True, dynamic=False, mode=None)
+        if compile_kwargs.get("backend", "inductor") == "inductor" and "mode" not in compile_kwargs:
+            # mode="reduce-overhead" as options (torch takes one or the other): CUDA graphs on a GPU, and eager's
+            # random numbers (`fallback_random`), so that sparse GPT-2's mode-2 pivot draw gives the eager ids
+            defaults["options"] = {"triton.cudagraphs": self.device.type == "cuda", "fallback_random": True}
         compile_config = CompileConfig(**{**defaults, **compile_kwargs})
         compile_config._compile_all_devices = True  # transformers compiles on a GPU only unless told (a forced CPU run)
         self.generation_config.cache_implementation = "static"
