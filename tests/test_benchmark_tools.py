@@ -153,11 +153,13 @@ def test_gpu_benchmark_dry_run_on_the_cpu(tmp_path):
     dry run goes through every case (fresh process: it compiles) and writes every row."""
     script = REPO_ROOT / "scripts" / "benchmarks" / "gpu.py"
     run = subprocess.run(
-        [sys.executable, str(script), "--tiny", "--device", "cpu", "--out", str(tmp_path)],
+        [sys.executable, str(script), "--tiny", "--device", "cpu", "--glm-10b", "--out", str(tmp_path)],
         capture_output=True, text=True, timeout=600, cwd=script.parent,
     )  # fmt: skip
     assert run.returncode == 0, run.stderr[-3000:]
-    rows = json.loads((tmp_path / "gpu.json").read_text())["rows"]
+    results = json.loads((tmp_path / "gpu.json").read_text())
+    assert {name: result["variant"] for name, result in results.items()} == {"chatglm-6b": "chatglm", "glm-10b": "glm"}
+    rows = results["chatglm-6b"]["rows"]
     decode = {(row["case"], row["model"]) for row in rows if row["case"].startswith("decode")}
     models = ("ours eager", "native eager", "native static+compile", "ours static+compile", "ours compile_decode_step")
     assert decode == {(f"decode b={b}", model) for b in (1, 2) for model in models}
