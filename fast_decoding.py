@@ -283,6 +283,7 @@ def fast_cpu_gemv(
         and mems is None
         and cache is not None
         and (is_fixed_size(cache) or cache.get_seq_length() > 0)  # a static cache's length would cost a sync
+        and isinstance(weight, torch.Tensor)  # (a quantized module's `weight` may be a method)
         and weight.device.type == "cpu"
         and weight.dtype == torch.bfloat16
         and not torch.compiler.is_compiling()

@@ -289,6 +289,17 @@ def test_onednn_is_switched_off_exactly_for_batch1_bf16_decode_steps(dtype, batc
     assert torch.backends.mkldnn.enabled
 
 
+def test_a_head_whose_weight_is_a_method_keeps_onednn():
+    """A quantized LM head (torch.ao's dynamic int8 Linear, applied by a user after loading) exposes `weight()` as a
+    method: the batch-1 step leaves oneDNN as it is instead of failing on `weight.device`."""
+    model = tiny_model().to(torch.bfloat16)
+    with torch.no_grad():
+        step = _decode_step_inputs(model, 1)
+    context = fast_decoding().fast_cpu_gemv(step["input_ids"], step["past_key_values"], lambda: None)
+    with context:
+        assert torch.backends.mkldnn.enabled
+
+
 def test_onednn_flag_is_restored_when_the_step_raises():
     model = tiny_model().to(torch.bfloat16)
     with torch.no_grad():
