@@ -31,6 +31,7 @@ from collections.abc import Callable, Iterator
 from contextlib import AbstractContextManager, contextmanager, nullcontext
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 from transformers import CompileConfig
 from transformers.cache_utils import Cache, DynamicCache, DynamicLayer, EncoderDecoderCache
@@ -355,21 +356,45 @@ def _onednn(enabled: bool) -> Iterator[None]:
         torch.backends.mkldnn.enabled = previous
 
 
-# generate()'s static caches come in these sizes (see `static_cache_slots`)
+# generate()'s static caches come in sizes from this many slots (see `static_cache_slots`), an encoder-decoder's
+# sources (its cross-attention cache) in lengths from SOURCE_MIN_LENGTH (see `static_source_inputs`)
 STATIC_CACHE_MIN_SLOTS = 256
+SOURCE_MIN_LENGTH = 64
 
 
-def static_cache_slots(needed: int, limit: int | None) -> int:
+def static_cache_slots(needed: int, limit: int | None, smallest: int = STATIC_CACHE_MIN_SLOTS) -> int:
     """How many slots the static cache generate() creates has, for a call that needs `needed` (prompt plus new
-    tokens): the next power of two from 256, at most the model's `limit` of positions (unless more are needed: the
-    model's own check then names the problem). A compiled static decode step has the shape of the cache, so every
-    new size is a new graph: with sizes 256, 512, 1024, 2048 a 2048-position model traces at most four graphs, for
-    every prompt length, instead of one per length; the cost is up to twice the slots the call needs (attention
+    tokens): the next power of two from `smallest`, at most the model's `limit` of positions (unless more are needed:
+    the model's own check then names the problem). A compiled static decode step has the shape of the cache, so
+    every new size is a new graph: with sizes 256, 512, 1024, 2048 a 2048-position model traces at most four graphs,
+    for every prompt length, instead of one per length; the cost is up to twice the slots the call needs (attention
     reads them all, masked)."""
     if limit is not None and needed > limit:
         return needed
-    slots = max(STATIC_CACHE_MIN_SLOTS, 1 << max(needed - 1, 0).bit_length())
+    slots = max(smallest, 1 << max(needed - 1, 0).bit_length())
     return slots if limit is None else min(slots, limit)
+
+
+def static_source_inputs(model, inputs: torch.Tensor | None, kwargs: dict) -> tuple[torch.Tensor | None, dict]:
+    """An encoder-decoder's generate() arguments with the source right-padded to a bucket length (`static_cache_slots`
+    from 64; the padding masked out, so the encoder's outputs for the real tokens and the generated ids stay the
+    same) when generate() will create a static cache: its cross-attention cache has the source's length, and a
+    compiled decode step would otherwise trace a graph per source length. Anything else passes unchanged: another
+    cache, a cache or encoder outputs given, embeddings instead of ids."""
+    config = kwargs.get("generation_config") or model.generation_config
+    implementation = kwargs.get("cache_implementation", config.cache_implementation)
+    given = any(kwargs.get(name) is not None for name in ("encoder_outputs", "inputs_embeds", *CACHE_NAMES))
+    ids = inputs if inputs is not None else kwargs.get("input_ids")
+    if implementation != "static" or given or not isinstance(ids, torch.Tensor) or ids.dim() != 2:
+        return inputs, kwargs
+    extra = static_cache_slots(ids.shape[1], model.config.max_position_embeddings, SOURCE_MIN_LENGTH) - ids.shape[1]
+    mask = kwargs.get("attention_mask")
+    mask = torch.ones_like(ids) if mask is None else mask
+    kwargs = {**kwargs, "attention_mask": F.pad(mask, (0, extra), value=0)}
+    ids = F.pad(ids, (0, extra), value=model.config.pad_token_id)
+    if inputs is not None:
+        return ids, kwargs
+    return None, {**kwargs, "input_ids": ids}
 
 
 def decodes_with_static_cache(device: torch.device, config) -> bool:
@@ -382,7 +407,8 @@ def decodes_with_static_cache(device: torch.device, config) -> bool:
 
 class CompiledDecoding:
     """Mixin of the generation classes (before `GenerationMixin` among the bases): `model.compile_decode_step()`,
-    and generate()'s static caches sized by `static_cache_slots`."""
+    and generate()'s static caches sized by `static_cache_slots` (an encoder-decoder's sources padded to a bucket
+    length by `static_source_inputs`)."""
 
     def compile_decode_step(self, static: bool | None = None, **compile_kwargs) -> None:
         """Run every later one-token decoding step (what `generate()` calls per new token) compiled, in one of two ways
@@ -437,6 +463,11 @@ class CompiledDecoding:
         compile_config._compile_all_devices = True  # transformers compiles on a GPU only unless told (a forced CPU run)
         self.generation_config.cache_implementation = "static"
         self.generation_config.compile_config = compile_config
+
+    def generate(self, inputs: torch.Tensor | None = None, *args, **kwargs):
+        if self.config.is_encoder_decoder:  # a static cache: sources in a few lengths (`static_source_inputs`)
+            inputs, kwargs = static_source_inputs(self, inputs, kwargs)
+        return super().generate(inputs, *args, **kwargs)
 
     # generate()'s static cache, sized by `static_cache_slots`: transformers 4.57-5.4 create it in `_get_cache`, 5.5+
     # in `_prepare_static_cache`, each given `max_cache_len` by keyword (tests/test_static_cache.py checks the size

@@ -89,7 +89,7 @@ FAMILIES = {
     "gpt2_sparse-mode2": (lambda attn="sdpa": sparse_model(attn, is_sparse=2), sparse_batch, ((40, 30), (20, 45))),
     "bart_gen": (bart_model, bart_batch, ((7, 4), (3, 9))),
 }
-COMPILED = [name for name in FAMILIES if name != "bart_gen"]  # BART: a graph per source length (cross-attention)
+COMPILED = [name for name in FAMILIES if name != "bart_gen"]  # BART: one StaticCache cannot serve every source
 
 
 def generate(model, ids, mask, mode: str, **kwargs):
@@ -207,11 +207,30 @@ def test_generate_grows_its_static_cache_a_bucket_at_a_time():
     assert slots == [256, 256, 512, 512]
 
 
+def test_bart_sources_are_padded_to_a_bucket_length_for_a_static_cache():
+    """BART-gen with 512 positions: sources of 7 and 30 tokens become 64 (masked padding on the right), 70 becomes
+    128, and generate() sizes the cross-attention cache to that; a dynamic cache keeps the source as it is. The ids
+    are those of the unpadded source either way."""
+    torch.manual_seed(0)
+    config = bart_config(max_position_embeddings=512)
+    model = spread_weights(repo_module("modeling_bart_gen").BartGenForConditionalGeneration(config).eval(), seed=9)
+    compat = repo_module("transformers_compat")
+    for lengths, bucket in (((7, 4), 64), ((30, 9), 64), ((70, 12), 128)):
+        ids, mask = bart_batch(lengths)
+        dynamic = generate(model, ids, mask, "greedy")
+        static = generate(model, ids, mask, "greedy", cache_implementation="static", return_dict_in_generate=True)
+        cross = compat.output_cache(static).cross_attention_cache
+        assert cross.layers[0].max_cache_len == bucket, f"source lengths {lengths}"
+        assert torch.equal(static.sequences, dynamic), f"source lengths {lengths}"
+    inputs, kwargs = fast_decoding.static_source_inputs(model, ids, {"attention_mask": mask})
+    assert inputs is ids and kwargs == {"attention_mask": mask}  # no static cache asked for: unchanged
+
+
 @pytest.mark.parametrize("family", list(FAMILIES))
 def test_compile_decode_step_static_is_one_graph_for_prompts_of_every_length(family):
     """`compile_decode_step(static=True)` (a GPU's default) on the CPU with the eager backend: generate()'s own
     static cache, transformers' auto-compile, the dynamic cache's ids; one graph for both prompt lengths (BART-gen:
-    one per source length, its cross-attention cache being the source's size)."""
+    both sources padded to one bucket length, the size of its cross-attention cache)."""
     build, make_batch, all_lengths = FAMILIES[family]
     model = build()
     expected = {lengths: generate(model, *make_batch(lengths), "greedy") for lengths in all_lengths}
@@ -222,8 +241,7 @@ def test_compile_decode_step_static_is_one_graph_for_prompts_of_every_length(fam
     for lengths, dynamic in expected.items():
         compiled = generate(model, *make_batch(lengths), "greedy")
         assert torch.equal(compiled, dynamic), f"{family} {lengths}: the compiled static decode's tokens differ"
-    graphs = len({make_batch(lengths)[0].shape[1] for lengths in all_lengths}) if family == "bart_gen" else 1
-    assert counters["stats"]["unique_graphs"] == graphs, f"decode steps compiled {dict(counters['stats'])} graphs"
+    assert counters["stats"]["unique_graphs"] == 1, f"decode steps compiled {dict(counters['stats'])} graphs"
     assert counters["stats"]["calls_captured"] > 0, "nothing was compiled: the test would prove nothing"
 
 
@@ -256,8 +274,7 @@ def test_compile_decode_step_on_a_gpu_uses_cuda_graphs_and_gives_the_eager_ids(f
     counters.clear()
     for lengths, inputs in batches.items():
         assert torch.equal(generate(model, *inputs, "greedy"), expected[lengths]), f"{family} {lengths}"
-    graphs = len({inputs[0].shape[1] for inputs in batches.values()}) if family == "bart_gen" else 1
-    assert counters["stats"]["unique_graphs"] == graphs, f"decode steps compiled {dict(counters['stats'])} graphs"
+    assert counters["stats"]["unique_graphs"] == 1, f"decode steps compiled {dict(counters['stats'])} graphs"
 
 
 def test_static_cache_refusals_name_the_problem():
