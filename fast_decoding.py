@@ -391,7 +391,7 @@ def static_source_inputs(model, inputs: torch.Tensor | None, kwargs: dict) -> tu
     mask = kwargs.get("attention_mask")
     mask = torch.ones_like(ids) if mask is None else mask
     kwargs = {**kwargs, "attention_mask": F.pad(mask, (0, extra), value=0)}
-    ids = F.pad(ids, (0, extra), value=model.config.pad_token_id)
+    ids = F.pad(ids, (0, extra), value=model.config.pad_token_id or 0)  # (masked: any id would do)
     if inputs is not None:
         return ids, kwargs
     return None, {**kwargs, "input_ids": ids}
