@@ -168,3 +168,23 @@ def test_gpu_benchmark_dry_run_on_the_cpu(tmp_path):
     assert list(sweep) == ["37", "100", "200", "247", "300", "500"]
     assert all(entry["new_graphs"] == 0 for entry in sweep.values()), sweep  # the CPU's dynamic-shape graph
     assert {row["model"] for row in rows if row["case"].startswith("prefill")} == {"ours", "native"}
+
+
+@pytest.mark.slow
+def test_gpu_quantization_benchmark_dry_run_on_the_cpu(tmp_path):
+    """scripts/benchmarks/gpu_quant.py, like gpu.py, goes through its cases on the CPU (int8; int4 is CUDA-only)."""
+    pytest.importorskip("torchao")
+    script = REPO_ROOT / "scripts" / "benchmarks" / "gpu_quant.py"
+    run = subprocess.run(
+        [sys.executable, str(script), "--tiny", "--device", "cpu", "--out", str(tmp_path)],
+        capture_output=True, text=True, timeout=600, cwd=script.parent,
+    )  # fmt: skip
+    assert run.returncode == 0, run.stderr[-3000:]
+    rows = json.loads((tmp_path / "gpu_quant.json").read_text())["rows"]
+    cases = {(row["case"], row["scheme"]) for row in rows}
+    for case in ("weights and memory", "decode b=1, generate()", "decode b=1, compile_decode_step()"):
+        assert {(case, "bf16"), (case, "int8")} <= cases
+    assert ("skipped", "int4") in cases
+    (int8,) = [row for row in rows if row["case"] == "weights and memory" and row["scheme"] == "int8"]
+    (bf16,) = [row for row in rows if row["case"] == "weights and memory" and row["scheme"] == "bf16"]
+    assert int8["weight_mib"] < bf16["weight_mib"] and 0 <= int8["ids_equal_to_bf16"] <= 1
