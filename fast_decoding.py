@@ -33,7 +33,6 @@ from contextlib import AbstractContextManager, contextmanager, nullcontext
 import torch
 import torch.nn.functional as F
 from torch import nn
-from transformers import CompileConfig
 from transformers.cache_utils import Cache, DynamicCache, DynamicLayer, EncoderDecoderCache
 
 from .transformers_compat import CACHE_NAMES, is_fixed_size, registered_attention
@@ -399,10 +398,22 @@ def static_source_inputs(model, inputs: torch.Tensor | None, kwargs: dict) -> tu
 
 def decodes_with_static_cache(device: torch.device, config) -> bool:
     """Whether `compile_decode_step()` takes the static path (a static cache, one graph of fixed shapes, CUDA graphs
-    through transformers' auto-compile) by default: on an accelerator, for a configuration that takes a static cache
-    (not GLM's P-tuning, `pre_seq_len`, nor sparse GPT-2's training mode, `is_sparse=1`). On the CPU the
-    dynamic-shape path is faster (no CUDA graphs to gain; the oneDNN switch of `fast_cpu_gemv` around the graph)."""
+    on a GPU) by default: on an accelerator, for a configuration that takes a static cache (not GLM's P-tuning,
+    `pre_seq_len`, nor sparse GPT-2's training mode, `is_sparse=1`). The CPU keeps the dynamic-shape path: there are
+    no CUDA graphs to gain (the 110M bf16 GLM at batch 1, generate(): 14.9 ms per token dynamic, 15.0 static, 15.4
+    eager), and a dynamic cache holds only the positions in use."""
     return device.type != "cpu" and not getattr(config, "pre_seq_len", None) and getattr(config, "is_sparse", 0) != 1
+
+
+def static_compile_options(device: torch.device, compile_kwargs: dict) -> dict:
+    """`torch.compile`'s arguments for a static decode step: one graph of fixed shapes (`fullgraph=True,
+    dynamic=False`); with inductor (and no `mode` of the caller's), CUDA graphs on a GPU, what `mode="reduce-overhead"`
+    sets, given as options (torch takes one or the other) together with eager's random numbers (`fallback_random`),
+    so that sparse GPT-2's mode-2 pivot draw inside the graph gives the eager ids."""
+    options = dict(fullgraph=True, dynamic=False)
+    if compile_kwargs.get("backend", "inductor") == "inductor" and "mode" not in compile_kwargs:
+        options["options"] = {"triton.cudagraphs": device.type == "cuda", "fallback_random": True}
+    return options
 
 
 class CompiledDecoding:
@@ -410,31 +421,34 @@ class CompiledDecoding:
     and generate()'s static caches sized by `static_cache_slots` (an encoder-decoder's sources padded to a bucket
     length by `static_source_inputs`)."""
 
-    def compile_decode_step(self, static: bool | None = None, **compile_kwargs) -> None:
-        """Run every later one-token decoding step (what `generate()` calls per new token) compiled, in one of two ways
-        (`static`; by default the static one on a GPU, see `decodes_with_static_cache`). `compile_kwargs` go to
-        `torch.compile`. Prompts, and the first step of an encoder-decoder, run eagerly.
+    _decodes_static = False  # set by compile_decode_step(static=True): generate() then creates a static cache
 
-        - Static: generate() uses a static cache (`generation_config.cache_implementation = "static"`, sized in
-          buckets by `static_cache_slots`) and transformers' own auto-compile (`generation_config.compile_config`:
-          `fullgraph=True, dynamic=False`; with inductor, CUDA graphs on a GPU, what `mode="reduce-overhead"` sets,
-          and eager's random numbers). Every decode step has the cache's shapes: one graph per cache size and batch
-          size, none per token.
-        - Dynamic (the CPU's): `torch.compile(dynamic=True, fullgraph=True)` around the forward, one graph for all
-          cache lengths. Why not a plain `torch.compile(model.forward)`: the batch-1 bf16 CPU step switches oneDNN
-          off (`fast_cpu_gemv`), a process-wide flag that a compiled graph cannot set; here it is set around the
-          graph. (On the 110M bf16 GLM, compiling the forward alone was slower than eager: 21.6 vs 15.4 ms per
-          token.) The first compiled call, which traces, keeps oneDNN on: inductor sets up its CPU weight-only int8
-          lowering (a torchao int8 linear -> torch's int8 matrix-vector kernel) at the first compilation of the
-          process, and only if oneDNN is on then; without it a torchao int8 model runs its eager path, a bf16 copy
-          of every weight per call.
+    def compile_decode_step(self, static: bool | None = None, **compile_kwargs) -> None:
+        """Run every later one-token decoding step (what `generate()` calls per new token, in every decoding mode:
+        greedy, sampling, beam search) compiled, in one of two ways (`static`; by default the static one on a GPU,
+        see `decodes_with_static_cache`). `compile_kwargs` go to `torch.compile`. Prompts run eagerly.
+
+        - Static: generate() creates a static cache unless given a cache or a `cache_implementation` (sized in
+          buckets by `static_cache_slots`), and the step compiles with `static_compile_options`: one graph per cache
+          size and batch size (an encoder-decoder's first step, which projects the source, one more), none per
+          token, CUDA graphs on a GPU. transformers' own auto-compile is turned off for these calls
+          (`disable_compile`): it would compile a second graph around this one, and for sampling and greedy only.
+        - Dynamic (the CPU's): `torch.compile(dynamic=True, fullgraph=True)`, one graph for all cache lengths.
+
+        Why not a plain `torch.compile(model.forward)`: the batch-1 bf16 CPU step switches oneDNN off
+        (`fast_cpu_gemv`), a process-wide flag that a compiled graph cannot set; here it is set around the graph.
+        (On the 110M bf16 GLM, compiling the forward alone was slower than eager: 21.6 vs 15.4 ms per token.) The
+        first compiled call, which traces, keeps oneDNN on: inductor sets up its CPU weight-only int8 lowering (a
+        torchao int8 linear -> torch's int8 matrix-vector kernel) at the first compilation of the process, and only
+        if oneDNN is on then; without it a torchao int8 model runs its eager path, a bf16 copy of every weight per
+        call.
         """
         if static is None:
             static = decodes_with_static_cache(self.device, self.config)
-        if static:
-            return self._compile_static_decoding(compile_kwargs)
+        options = static_compile_options(self.device, compile_kwargs) if static else dict(dynamic=True, fullgraph=True)
+        self._decodes_static = static
         eager = self.forward
-        compiled = torch.compile(eager, **{"dynamic": True, "fullgraph": True, **compile_kwargs})
+        compiled = torch.compile(eager, **{**options, **compile_kwargs})
         weight = self.get_output_embeddings().weight
         traced = False
 
@@ -453,19 +467,15 @@ class CompiledDecoding:
 
         self.forward = forward
 
-    def _compile_static_decoding(self, compile_kwargs: dict) -> None:
-        defaults = dict(fullgraph=True, dynamic=False, mode=None)
-        if compile_kwargs.get("backend", "inductor") == "inductor" and "mode" not in compile_kwargs:
-            # mode="reduce-overhead" as options (torch takes one or the other): CUDA graphs on a GPU, and eager's
-            # random numbers (`fallback_random`), so that sparse GPT-2's mode-2 pivot draw gives the eager ids
-            defaults["options"] = {"triton.cudagraphs": self.device.type == "cuda", "fallback_random": True}
-        compile_config = CompileConfig(**{**defaults, **compile_kwargs})
-        compile_config._compile_all_devices = True  # transformers compiles on a GPU only unless told (a forced CPU run)
-        self.generation_config.cache_implementation = "static"
-        self.generation_config.compile_config = compile_config
-
     def generate(self, inputs: torch.Tensor | None = None, *args, **kwargs):
-        if self.config.is_encoder_decoder:  # a static cache: sources in a few lengths (`static_source_inputs`)
+        """generate(), with a static cache after `compile_decode_step(static=True)` (unless the call chooses its
+        cache), and an encoder-decoder's source in a few lengths for a static cache (`static_source_inputs`)."""
+        chosen = kwargs.get("use_cache") is False or any(
+            kwargs.get(name) is not None for name in ("cache_implementation", *CACHE_NAMES)
+        )
+        if self._decodes_static and not chosen:
+            kwargs = {**kwargs, "cache_implementation": "static", "disable_compile": True}
+        if self.config.is_encoder_decoder:
             inputs, kwargs = static_source_inputs(self, inputs, kwargs)
         return super().generate(inputs, *args, **kwargs)
 

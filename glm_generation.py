@@ -27,7 +27,7 @@ from transformers.generation import LogitsProcessor, LogitsProcessorList, TextIt
 from .configuration_glm import GLMConfig
 from .glm_inputs import build_position_ids
 from .model_checks import check_generate_inputs
-from .transformers_compat import fixed_cache_size, generation_cache, is_fixed_size, pad_to_cache
+from .transformers_compat import fixed_cache_size, generation_cache, is_fixed_size, pad_to_cache, step_tensor
 
 
 class GLMGenerationMixin:
@@ -82,9 +82,9 @@ class GLMGenerationMixin:
         else:  # (right padding was refused by generate() itself, once)
             position_ids = build_position_ids(input_ids, attention_mask, self.config, validate=past_length == 0)
             step_position_ids, step_mask = position_ids[..., past_length:], attention_mask
-        model_inputs = {  # contiguous: slices of the growing sequence would give a compiled step new strides
-            "input_ids": input_ids[:, past_length:].contiguous(),
-            "position_ids": step_position_ids.contiguous(),
+        model_inputs = {  # fresh strides: slices of the growing sequence would make a compiled step trace again
+            "input_ids": step_tensor(input_ids[:, past_length:]),
+            "position_ids": step_tensor(step_position_ids),
             "past_key_values": past_key_values,
             "attention_mask": step_mask,
         }

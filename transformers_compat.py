@@ -109,6 +109,13 @@ def pad_to_cache(mask: torch.Tensor | None, cache_size: int) -> torch.Tensor | N
     return F.pad(mask, (0, cache_size - mask.shape[-1]), value=1 if mask.dim() == 2 else 0)
 
 
+def step_tensor(tensor: torch.Tensor) -> torch.Tensor:
+    """A copy of a step input with a fresh tensor's strides: a slice of generate()'s growing sequence has new strides
+    every token, and `.contiguous()` returns a slice with size-1 dimensions ([1, 1] at batch 1) as it is, so a step
+    compiled with fixed shapes would trace again every token."""
+    return tensor.clone(memory_format=torch.contiguous_format)
+
+
 def fixed_size_step_inputs(input_ids: torch.Tensor, cache: Cache, kwargs: dict, decoder: bool = False) -> dict:
     """A model's inputs for one generate() step with a fixed-size cache (`StaticCache`), built here rather than by
     transformers (whose versions differ in how they slice, position and mask such a step): the new ids, their slots
@@ -121,7 +128,7 @@ def fixed_size_step_inputs(input_ids: torch.Tensor, cache: Cache, kwargs: dict, 
     prefix = "decoder_" if decoder else ""
     mask = kwargs.get(f"{prefix}attention_mask")
     inputs = {
-        f"{prefix}input_ids": input_ids[:, past_length:].contiguous(),
+        f"{prefix}input_ids": step_tensor(input_ids[:, past_length:]),
         "cache_position": torch.arange(past_length, length, device=input_ids.device),
         f"{prefix}attention_mask": pad_to_cache(mask, fixed_cache_size(cache)),
         CACHE_NAME: cache,
@@ -131,7 +138,7 @@ def fixed_size_step_inputs(input_ids: torch.Tensor, cache: Cache, kwargs: dict, 
         positions = mask.long().cumsum(-1) - 1 if mask is not None else torch.arange(length, device=input_ids.device)
         positions = positions.clamp(min=0).expand(input_ids.shape[0], -1)
     if positions is not None:
-        inputs["position_ids"] = positions[:, past_length:].contiguous()
+        inputs["position_ids"] = step_tensor(positions[:, past_length:])
     skipped = {"cache_position", "next_sequence_length", "is_first_iteration", "labels", *CACHE_NAMES}
     inputs.update({k: v for k, v in kwargs.items() if k not in skipped and k not in inputs})
     return inputs
