@@ -152,11 +152,13 @@ def test_compiled_static_decode_is_one_graph_for_every_token_and_prompt_length(f
     assert counters["stats"]["calls_captured"] > 0, "nothing was compiled: the test would prove nothing"
 
 
+@pytest.mark.parametrize("rows", [2, 1])
 @pytest.mark.parametrize("variant", VARIANTS)
-def test_cache_implementation_static_compiles_once_per_generate(variant):
-    """generate()'s own StaticCache (prompt + max_new_tokens slots): no recompilation from one token to the next."""
+def test_cache_implementation_static_compiles_once_per_generate(variant, rows):
+    """generate()'s own StaticCache with transformers' auto-compile: no recompilation from one token to the next
+    (at batch 1 too, where a step's ids sliced from the sequence would change strides every token)."""
     model = tiny_model(variant=variant)
-    ids, mask = batch()
+    ids, mask = batch() if rows == 2 else (torch.tensor([prompt([5, 6, 7, 8]) + [9]]), None)
     dynamic = generate(model, ids, mask, "greedy")
     compile_on_cpu(model)
     assert torch.equal(generate(model, ids, mask, "greedy", cache_implementation="static"), dynamic)
