@@ -405,6 +405,9 @@ def decodes_with_static_cache(device: torch.device, config) -> bool:
     return device.type != "cpu" and not getattr(config, "pre_seq_len", None) and getattr(config, "is_sparse", 0) != 1
 
 
+DYNAMIC_COMPILE_OPTIONS = dict(dynamic=True, fullgraph=True)  # one decode-step graph for every cache length
+
+
 def static_compile_options(device: torch.device, compile_kwargs: dict) -> dict:
     """`torch.compile`'s arguments for a static decode step: one graph of fixed shapes (`fullgraph=True,
     dynamic=False`); with inductor (and no `mode` of the caller's), CUDA graphs on a GPU, what `mode="reduce-overhead"`
@@ -433,7 +436,9 @@ class CompiledDecoding:
           size and batch size (an encoder-decoder's first step, which projects the source, one more), none per
           token, CUDA graphs on a GPU. transformers' own auto-compile is turned off for these calls
           (`disable_compile`): it would compile a second graph around this one, and for sampling and greedy only.
-        - Dynamic (the CPU's): `torch.compile(dynamic=True, fullgraph=True)`, one graph for all cache lengths.
+        - Dynamic (the CPU's): `torch.compile(dynamic=True, fullgraph=True)`, one graph for all cache lengths. A
+          call that chooses a dynamic cache after the static path was set up runs this one too (a fixed-shape graph
+          would be traced again for every token).
 
         Why not a plain `torch.compile(model.forward)`: the batch-1 bf16 CPU step switches oneDNN off
         (`fast_cpu_gemv`), a process-wide flag that a compiled graph cannot set; here it is set around the graph.
@@ -445,25 +450,24 @@ class CompiledDecoding:
         """
         if static is None:
             static = decodes_with_static_cache(self.device, self.config)
-        options = static_compile_options(self.device, compile_kwargs) if static else dict(dynamic=True, fullgraph=True)
         self._decodes_static = static
         eager = self.forward
-        compiled = torch.compile(eager, **{**options, **compile_kwargs})
         weight = self.get_output_embeddings().weight
-        traced = False
+        steps = {}  # the compiled step per kind of cache (static or not), each created at its first call
 
         @functools.wraps(eager)  # generate() reads forward's signature
         def forward(*args, **kwargs):
-            nonlocal traced
             ids = kwargs.get("decoder_input_ids", kwargs.get("input_ids"))
             if ids is None or ids.shape[1] != 1:
                 return eager(*args, **kwargs)
-            if not traced:  # the trace, with oneDNN on (see above)
-                traced = True
-                return compiled(*args, **kwargs)
             cache = next((kwargs[name] for name in CACHE_NAMES if kwargs.get(name) is not None), None)
+            fixed = static and is_fixed_size(cache)  # a call that chose a dynamic cache takes the dynamic shapes
+            if fixed not in steps:  # the trace, with oneDNN on (see above)
+                options = static_compile_options(self.device, compile_kwargs) if fixed else DYNAMIC_COMPILE_OPTIONS
+                steps[fixed] = torch.compile(eager, **{**options, **compile_kwargs})
+                return steps[fixed](*args, **kwargs)
             with fast_cpu_gemv(ids, cache, weight, kwargs.get("mems")):
-                return compiled(*args, **kwargs)
+                return steps[fixed](*args, **kwargs)
 
         self.forward = forward
 

@@ -93,11 +93,10 @@ FAMILIES = {
 COMPILED = [name for name in FAMILIES if name != "bart_gen"]  # BART: one StaticCache cannot serve every source
 
 
-def generate(model, ids, mask, mode: str, **kwargs):
+def generate(model, ids, mask, mode: str, new_tokens: int = 8, **kwargs):
     torch.manual_seed(0)
-    return model.generate(
-        input_ids=ids, attention_mask=mask, max_new_tokens=8, min_new_tokens=8, **MODES[mode], **kwargs
-    )
+    lengths = dict(max_new_tokens=new_tokens, min_new_tokens=new_tokens)
+    return model.generate(input_ids=ids, attention_mask=mask, **lengths, **MODES[mode], **kwargs)
 
 
 @pytest.mark.parametrize("attn", ["sdpa", "eager"])
@@ -273,13 +272,20 @@ def test_compile_decode_step_static_at_batch_1_does_not_trace_per_token(family):
 
 
 def test_compile_decode_step_static_leaves_a_callers_cache_choice_alone():
+    """A call that chooses a dynamic cache gets one, decoded by a dynamic-shape graph: the fixed-shape one would be
+    traced again per token (and, with `fullgraph=True`, fail at torch's recompile limit)."""
     model = tiny_model()
-    model.compile_decode_step(static=True, backend="eager")
     ids, mask = batch()
-    dynamic = generate(model, ids, mask, "greedy", cache_implementation="dynamic", return_dict_in_generate=True)
+    expected = generate(model, ids, mask, "greedy", new_tokens=16)
+    model.compile_decode_step(static=True, backend="eager")
+    torch._dynamo.reset()
+    counters.clear()
+    dynamic = generate(model, ids, mask, "greedy", 16, cache_implementation="dynamic", return_dict_in_generate=True)
     assert not isinstance(output_cache(dynamic), StaticCache)
+    assert torch.equal(dynamic.sequences, expected)
+    assert 0 < counters["stats"]["unique_graphs"] <= 2, f"15 decode steps compiled {dict(counters['stats'])} graphs"
     given = StaticCache(config=model.config, max_cache_len=40)
-    assert torch.equal(generate(model, ids, mask, "greedy", past_key_values=given), dynamic.sequences)
+    assert torch.equal(generate(model, ids, mask, "greedy", 16, past_key_values=given), dynamic.sequences)
     assert model.generation_config.cache_implementation is None  # nothing saved with the model changes
 
 
