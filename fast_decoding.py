@@ -451,7 +451,7 @@ class CompiledDecoding:
         if static is None:
             static = decodes_with_static_cache(self.device, self.config)
         self._decodes_static = static
-        eager = self.forward
+        eager = self.__dict__.setdefault("_uncompiled_forward", self.forward)  # a second call replaces the first
         weight = self.get_output_embeddings().weight
         steps = {}  # the compiled step per kind of cache (static or not), each created at its first call
 

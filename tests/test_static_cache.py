@@ -289,6 +289,18 @@ def test_compile_decode_step_static_leaves_a_callers_cache_choice_alone():
     assert model.generation_config.cache_implementation is None  # nothing saved with the model changes
 
 
+def test_compile_decode_step_called_again_replaces_the_first():
+    """A second call compiles the model's own forward again (not the first call's compiled wrapper around it)."""
+    model = tiny_model()
+    ids, mask = batch()
+    expected = generate(model, ids, mask, "greedy")
+    model.compile_decode_step(static=True, backend="eager")
+    model.compile_decode_step(static=False, backend="eager")
+    assert model.forward.__wrapped__ == type(model).forward.__get__(model)
+    assert not model._decodes_static
+    assert torch.equal(generate(model, ids, mask, "greedy"), expected)
+
+
 def test_compile_decode_step_chooses_the_static_path_on_accelerators_for_configurations_that_take_it():
     choose = fast_decoding.decodes_with_static_cache
     cuda, cpu = torch.device("cuda"), torch.device("cpu")
